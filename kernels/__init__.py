@@ -1,0 +1,1 @@
+"""Metal and CUDA attention kernel sources (package data: mozgach_mlx.kernels)."""

@@ -1,0 +1,31 @@
+"""mozgach-mlx: long-context QLoRA fine-tuning of many adapters over one base, on MLX."""
+
+from . import backend as _backend
+
+# Must run before anything imports mlx.core (see backend.py).
+_backend.load_fast_blas()
+
+from .errors import (  # noqa: E402
+    AdapterError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    KernelError,
+    MozgachError,
+    TokenizerError,
+    TrainingError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "KernelError",
+    "MozgachError",
+    "TokenizerError",
+    "TrainingError",
+    "__version__",
+]

@@ -1,0 +1,119 @@
+"""Which backend MLX runs on, the fast CPU BLAS, and which attention kernels exist.
+
+Importing this module must not import ``mlx.core`` before :func:`load_fast_blas` ran:
+the ``mlx[cpu]`` wheel links a slow reference BLAS (~3-5 GFLOP/s fp32 GEMM measured on
+the 2-core dev machine) and the dynamic linker binds ``cblas_sgemm`` to the first
+library that exports it. Loading an optimized CBLAS (OpenBLAS) with ``RTLD_GLOBAL``
+*before* ``mlx.core`` makes MLX use it (~130-180 GFLOP/s on the same machine; see
+benchmarks/RESULTS.md).
+
+Environment:
+    MOZGACH_BLAS   path of a CBLAS shared library to load, or ``none`` to keep MLX's own.
+    MOZGACH_ATTENTION   force an attention path: ``blockwise``, ``metal``, ``cuda``,
+                        ``reference`` (read by :mod:`mozgach_mlx.attention`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+# Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial), Fedora, Homebrew-on-Linux.
+_BLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+)
+
+_blas_path: str | None = None
+_blas_reason: str = "not attempted"
+
+
+def _find_blas() -> str | None:
+    env = os.environ.get("MOZGACH_BLAS")
+    if env:
+        return None if env.lower() == "none" else env
+    for cand in _BLAS_CANDIDATES:
+        if Path(cand).exists():
+            return cand
+    name = ctypes.util.find_library("openblas")
+    return name
+
+
+def load_fast_blas() -> str | None:
+    """Load an optimized CBLAS globally so MLX's CPU GEMM uses it. Idempotent.
+
+    Returns the path loaded, or None (not Linux, none installed, disabled, or
+    ``mlx.core`` was imported first). Never raises: the slow BLAS is still correct.
+    """
+    global _blas_path, _blas_reason
+    if _blas_path is not None or _blas_reason != "not attempted":
+        return _blas_path
+    if not sys.platform.startswith("linux"):
+        _blas_reason = "not Linux (macOS uses Accelerate/Metal)"
+        return None
+    path = _find_blas()
+    if path is None:
+        _blas_reason = ("no OpenBLAS found; install it (Debian/Ubuntu: apt install "
+                        "libopenblas0-pthread) or set MOZGACH_BLAS=/path/libopenblas.so")
+        return None
+    if "mlx.core" in sys.modules:
+        _blas_reason = "mlx.core was imported before mozgach_mlx; import mozgach_mlx first"
+        warnings.warn(f"mozgach_mlx: fast BLAS not loaded: {_blas_reason}", stacklevel=3)
+        return None
+    try:
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        _blas_reason = f"could not load {path}: {e}"
+        warnings.warn(f"mozgach_mlx: {_blas_reason}", stacklevel=3)
+        return None
+    _blas_path = path
+    _blas_reason = "loaded"
+    return path
+
+
+def blas_status() -> tuple[str | None, str]:
+    """(path of the loaded fast BLAS or None, why)."""
+    return _blas_path, _blas_reason
+
+
+@lru_cache(maxsize=1)
+def backend() -> str:
+    """``"metal"``, ``"cuda"`` or ``"cpu"``: where MLX's default GPU stream runs."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def kernels_available() -> dict[str, bool]:
+    """Which attention implementations can run here (the GPU ones still self-check)."""
+    b = backend()
+    return {"reference": True, "blockwise": True, "metal": b == "metal", "cuda": b == "cuda"}
+
+
+def info() -> dict:
+    """Everything a bug report needs about the compute backend."""
+    import mlx.core as mx
+
+    path, reason = blas_status()
+    return {
+        "backend": backend(),
+        "mlx_version": mx.__version__,
+        "default_device": str(mx.default_device()),
+        "cpu_blas": path or f"bundled reference BLAS ({reason})",
+        "kernels": kernels_available(),
+    }

@@ -1,0 +1,79 @@
+"""Atomic file output: every file that matters is written to a temp file in the same
+directory, fsynced, then renamed over the target, so a crash leaves either the old or
+the new file, never a torn one."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``target``; on success fsync it and rename onto target.
+
+    The temp name keeps the target's suffix, so writers that check extensions
+    (``mx.save_safetensors`` appends ``.safetensors`` otherwise) write exactly there.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save_safetensors(target: str | os.PathLike, arrays: dict, metadata: dict | None = None) -> None:
+    """``mx.save_safetensors`` through a temp file (arrays: name -> mx.array)."""
+    import mlx.core as mx
+
+    with atomic_path(target) as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
