@@ -1,0 +1,35 @@
+import json
+
+import mlx.core as mx
+import pytest
+
+from mozgach_mlx.io import atomic_path, atomic_save_safetensors, atomic_write_json, sha256_file
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "m.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{partial")
+            raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_safetensors_roundtrip_and_hash(tmp_path):
+    target = tmp_path / "w.safetensors"
+    atomic_save_safetensors(target, {"x": mx.arange(6).reshape(2, 3).astype(mx.float32)})
+    back = mx.load(str(target))
+    assert back["x"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    h1 = sha256_file(target)
+    atomic_save_safetensors(target, {"x": mx.arange(6).reshape(2, 3).astype(mx.float32)})
+    assert sha256_file(target) == h1  # deterministic bytes: resume verification relies on it
