@@ -1,0 +1,228 @@
+"""The ``mozgach`` command line: train | eval | generate | plan.
+
+One source of defaults: the dataclasses (:class:`RunConfig`, :class:`TrainConfig`,
+:class:`LoRAConfig`). Every click option defaults to ``None`` and only overrides what the
+user actually gave; precedence is CLI > YAML (``--config``) > the built-in default preset
+(only for the built-in default run: tiny model + synthetic corpus) > dataclass defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError, MozgachError
+
+
+@dataclass
+class RunConfig:
+    """What a fleet run is over: base model, data, output, which domains."""
+
+    model: str = field(default="tiny", metadata={"help": "base model: 'tiny', a local HF dir or a Hub repo id"})
+    data: str | None = field(default=None, metadata={
+        "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
+                "default: the built-in synthetic 108-domain corpus"})
+    out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
+    domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
+    n_domains: int = field(default=108, metadata={"help": "domains in the built-in synthetic corpus"})
+    quantize: str = field(default="4", metadata={"help": "base quantization: 4, 8 or none"})
+    group_size: int = field(default=64, metadata={"help": "quantization group size: 32, 64 or 128"})
+    rope_scaling: str | None = field(default=None, metadata={
+        "help": "RoPE scaling for long context: linear, dynamic, yarn or llama3"})
+    rope_factor: float | None = field(default=None, metadata={"help": "RoPE scaling factor (e.g. 8)"})
+    max_position_embeddings: int | None = field(default=None, metadata={
+        "help": "override the model's max_position_embeddings"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    @property
+    def builtin_default(self) -> bool:
+        return self.model == "tiny" and self.data is None
+
+    def quant_bits(self) -> int | None:
+        if str(self.quantize).lower() in ("none", "0", "no", "off"):
+            return None
+        if str(self.quantize) not in ("4", "8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: use 4, 8 or none")
+        return int(self.quantize)
+
+    def rope_dict(self) -> dict | None:
+        if self.rope_scaling is None:
+            if self.rope_factor is not None:
+                raise ConfigError("--rope-factor given without --rope-scaling; add e.g. --rope-scaling linear")
+            return None
+        if self.rope_factor is None:
+            raise ConfigError(f"--rope-scaling {self.rope_scaling} needs --rope-factor F (e.g. 8)")
+        return {"type": self.rope_scaling, "factor": float(self.rope_factor)}
+
+
+# Short schedules for the built-in default (tiny model, 108 synthetic domains): tuned so
+# the whole run finishes in <= 10 minutes on 2 CPU cores (see README, benchmarks).
+DEFAULT_RUN_TRAIN = {
+    "learning_rate": 3e-3, "warmup_steps": 4, "max_steps": 24, "grad_accumulation": 1,
+    "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
+    "grad_checkpoint": False,
+}
+DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
+
+
+def _field_options(cls, prefix: str = "", skip: tuple = ()):
+    """click options for a dataclass's scalar fields, all defaulting to None."""
+    opts = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + prefix + f.name.replace("_", "-")
+        typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        help_ = f.metadata.get("help", "")
+        if typ == "bool":
+            opts.append(click.option(flag + "/--no-" + prefix + f.name.replace("_", "-"),
+                                     prefix + f.name, default=None, help=help_))
+        elif "tuple" in typ:
+            opts.append(click.option(flag, prefix + f.name, default=None, help=help_ + " (comma-separated)"))
+        else:
+            ptype = float if "float" in typ else int if "int" in typ else str
+            opts.append(click.option(flag, prefix + f.name, type=ptype, default=None, help=help_))
+    return opts
+
+
+def _apply(opts):
+    def deco(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+    return deco
+
+
+def _load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"--config {path}: file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: invalid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    return data
+
+
+def build_configs(cli: dict, yaml_cfg: dict):
+    """Merge CLI > YAML > preset > defaults into (RunConfig, TrainConfig)."""
+    from .lora import LoRAConfig
+    from .trainer import TrainConfig
+
+    run_names = {f.name for f in dataclasses.fields(RunConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"lora"}
+    lora_names = {f.name for f in dataclasses.fields(LoRAConfig)}
+
+    y_run = {k: v for k, v in yaml_cfg.items() if k not in ("train", "lora")}
+    unknown = set(y_run) - run_names
+    if unknown:
+        raise ConfigError(f"--config: unknown top-level key(s) {sorted(unknown)}; "
+                          f"valid: {sorted(run_names)} plus 'train:' and 'lora:' sections")
+    y_train, y_lora = yaml_cfg.get("train") or {}, yaml_cfg.get("lora") or {}
+    for sect, names, given in (("train", train_names, y_train), ("lora", lora_names, y_lora)):
+        bad = set(given) - names
+        if bad:
+            raise ConfigError(f"--config: unknown key(s) {sorted(bad)} in '{sect}:'; valid: {sorted(names)}")
+
+    c_run = {k: v for k, v in cli.items() if k in run_names and v is not None}
+    run = RunConfig(**{**y_run, **c_run})
+    preset_train = DEFAULT_RUN_TRAIN if run.builtin_default else {}
+    preset_lora = DEFAULT_RUN_LORA if run.builtin_default else {}
+    c_train = {k: v for k, v in cli.items() if k in train_names and v is not None}
+    c_lora = {k[len("lora_"):]: v for k, v in cli.items()
+              if k.startswith("lora_") and k[len("lora_"):] in lora_names and v is not None}
+    if isinstance(c_lora.get("targets"), str):
+        c_lora["targets"] = tuple(t.strip() for t in c_lora["targets"].split(",") if t.strip())
+    lcfg = {**preset_lora, **y_lora, **c_lora}
+    if "targets" in lcfg:
+        lcfg["targets"] = tuple(lcfg["targets"])
+    tcfg = TrainConfig(**{**preset_train, **y_train, **c_train}, lora=LoRAConfig(**lcfg))
+    if run.quiet:
+        tcfg.progress = False
+    return run, tcfg
+
+
+def _lora_cli_options():
+    from .lora import LoRAConfig
+
+    return _field_options(LoRAConfig, prefix="lora_")
+
+
+def _train_cli_options():
+    from .trainer import TrainConfig
+
+    return _field_options(TrainConfig, skip=("lora", "progress"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """mozgach: long-context QLoRA fine-tuning of many LoRA experts over one base."""
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+@main.command("train")
+@click.option("--config", "config_path", default=None, help="YAML file with run keys, 'train:' and 'lora:'")
+@_apply(_field_options(RunConfig))
+@_apply(_train_cli_options())
+@_apply(_lora_cli_options())
+def train_cmd(config_path: str | None, **cli: Any) -> None:
+    """Train one adapter per domain over one base (the 108 by default)."""
+    try:
+        from .run import run_fleet
+
+        run, tcfg = build_configs(cli, _load_yaml(config_path))
+        code = run_fleet(run, tcfg)
+    except MozgachError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command("eval")
+@click.option("--out", required=True, help="the run directory to evaluate")
+@click.option("--max-batches", type=int, default=None, help="validation batches per domain")
+@click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
+def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> None:
+    """Per domain: base loss, own adapter's loss, best other adapter's loss; routing accuracy."""
+    try:
+        from .run import eval_run
+
+        code = eval_run(out, max_batches=max_batches, route_samples=route_samples)
+    except MozgachError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command("generate")
+@click.option("--out", default=None, help="a run directory: its base and adapters")
+@click.option("--model", default=None, help="base model (default: the run's)")
+@click.option("--adapter", default=None, help="adapter name or directory (default: none = base)")
+@click.option("--prompt", required=True)
+@click.option("--max-tokens", type=int, default=64)
+@click.option("--temperature", type=float, default=0.0)
+def generate_cmd(out, model, adapter, prompt, max_tokens, temperature) -> None:
+    """Generate text with the base or one adapter."""
+    try:
+        from .run import generate_text
+
+        click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt,
+                                 max_tokens=max_tokens, temperature=temperature))
+    except MozgachError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":
+    main()

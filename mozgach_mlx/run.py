@@ -1,0 +1,144 @@
+"""What the CLI commands do, as plain functions (``mozgach train | eval | generate``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+BUILTIN_DATA_DIR = "builtin_data"
+
+
+def _load_base(run):
+    from . import models
+
+    return models.load(run.model, rope_scaling=run.rope_dict(),
+                       max_position_embeddings=run.max_position_embeddings,
+                       quantize=run.quant_bits(), group_size=run.group_size)
+
+
+def _data_dir(run) -> Path:
+    """The user's ``--data``, or the built-in corpus materialised inside the run dir."""
+    if run.data is not None:
+        return Path(run.data)
+    from . import synthetic
+
+    path = Path(run.out) / BUILTIN_DATA_DIR
+    synthetic.write_corpus(path, n_domains=run.n_domains)
+    return path
+
+
+def run_fleet(run, tcfg) -> int:
+    """Train the selected domains; print the summary table. Exit code 1 if any failed."""
+    import dataclasses
+
+    from . import data as data_mod
+    from .fleet import adapter_dir_name, base_identity, parse_domains, train_fleet
+
+    out = Path(run.out)
+    domains = data_mod.discover_domains(_data_dir(run))
+    ids = parse_domains(run.domains, [d.id for d in domains])
+    selected = [d for d in domains if d.id in ids]
+    model, tok = _load_base(run)
+    data_mod.check_context(tcfg.max_seq_length, model.args)
+
+    bar = None
+    if not run.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(selected), desc="adapters", unit="adapter", dynamic_ncols=True)
+
+    def on_event(kind: str, info: dict) -> None:
+        if bar is None:
+            if kind == "failed":
+                print(f"{info['name']} ({info['domain']}): FAILED: {info['error']}", file=sys.stderr)
+            return
+        if kind in ("done", "skip", "failed"):
+            bar.update(1)
+        if kind == "failed":
+            bar.write(f"{info['name']} ({info['domain']}): FAILED: {info['error']}")
+        bar.set_postfix_str(f"{info['name']} {kind}")
+
+    run_config = {"run": {k: v for k, v in dataclasses.asdict(run).items() if k not in ("quiet", "domains")}}
+    try:
+        res = train_fleet(model, tok, selected, tcfg, out, base=base_identity(model, run.model),
+                          run_config=run_config, on_event=on_event)
+    finally:
+        if bar is not None:
+            bar.close()
+    adapters = res.manifest["adapters"]
+    rows = [adapters.get(adapter_dir_name(d.id), {"domain": d.name}) | {"name": adapter_dir_name(d.id)}
+            for d in selected]
+    print(summary_table(rows))
+    n_beat = sum(1 for r in rows if _beats(r))
+    print(f"{len(res.done)} trained, {len(res.skipped)} already done, {len(res.failed)} failed; "
+          f"{n_beat}/{len(rows)} adapters beat the base on their own held-out data. Output: {out}")
+    return 0 if res.ok else 1
+
+
+def _beats(r: dict) -> bool:
+    v, b = r.get("valid_loss"), r.get("base_valid_loss")
+    return v is not None and b is not None and v < b
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def summary_table(rows: list[dict]) -> str:
+    head = (f"| {'adapter':<15} | {'domain':<26} | {'status':<7} | {'base':>6} | {'valid':>6} | "
+            f"{'beats':>5} | {'steps':>5} | {'tokens':>8} | {'sec':>6} | {'peak GB':>7} |")
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['name']:<15} | {str(r.get('domain', ''))[:26]:<26} | {r.get('status', '-'):<7} | "
+            f"{_fmt(r.get('base_valid_loss'), '6.3f')} | {_fmt(r.get('valid_loss'), '6.3f')} | "
+            f"{('yes' if _beats(r) else 'no'):>5} | {_fmt(r.get('steps'), '5d')} | "
+            f"{_fmt(r.get('tokens'), '8d')} | {_fmt(r.get('seconds'), '6.1f')} | "
+            f"{_fmt(r.get('peak_memory_gb'), '7.3f')} |")
+    return "\n".join(lines)
+
+
+def _read_manifest(out: str | Path) -> dict:
+    path = Path(out) / "manifest.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: no manifest; is --out a run directory made by `mozgach train`?")
+    return json.loads(path.read_text())
+
+
+def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | None = None) -> int:
+    """Print per-domain base / own / best-other losses and the routing accuracy of a run."""
+    from .evaluate import evaluate_run
+
+    report = evaluate_run(out, max_batches=max_batches, route_samples=route_samples)
+    print(report.table())
+    return 0 if report.all_own_best else 1
+
+
+def generate_text(*, out: str | None, model: str | None, adapter: str | None, prompt: str,
+                  max_tokens: int, temperature: float) -> str:
+    from . import models
+    from .bank import AdapterBank
+
+    if out is not None:
+        manifest = _read_manifest(out)
+        run = manifest["config"]["run"]
+        model = model or run["model"]
+        quant = None if str(run.get("quantize")).lower() == "none" else int(run["quantize"])
+        base, tok = models.load(model, quantize=quant, group_size=run.get("group_size", 64))
+    else:
+        base, tok = models.load(model or "tiny")
+    dirs = []
+    if adapter is not None:
+        p = Path(adapter)
+        if not p.exists() and out is not None:
+            p = Path(out) / adapter
+        if not p.exists():
+            raise ConfigError(f"--adapter {adapter}: no such adapter directory")
+        dirs = [p]
+    bank = AdapterBank(base, tok, dirs)
+    return bank.generate(prompt, adapter=dirs[0].name if dirs else None, max_tokens=max_tokens,
+                         temperature=temperature)

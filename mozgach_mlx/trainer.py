@@ -1,0 +1,427 @@
+"""Train one LoRA adapter: AdamW, warmup + decay, gradient accumulation, clipping,
+validation, atomic checkpoints and exact resume.
+
+The trainer is a function with injected parts (``loss_fn``, ``callback``), configured by
+one dataclass whose field metadata is the CLI help (see cli.py).
+
+Memory: the model runs with per-block gradient checkpointing (``model.grad_checkpoint``),
+the MLP in chunks along the sequence (``model.mlp_chunk``) and a chunked loss that never
+builds (L, vocab) logits, so a step's peak memory grows linearly in the sequence length.
+
+Resume: every ``save_every`` optimizer steps the adapter, the optimizer state and
+``state.json`` (step, data position, loss history) are written atomically under
+``out_dir/checkpoint``; ``state.json`` is written last and names the step-tagged weight
+files, so a crash mid-save leaves the previous checkpoint intact. Dropout randomness is
+derived from (seed, micro-step), so a resumed run reproduces the uninterrupted run's
+losses exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import data as data_mod
+from . import lora
+from . import loss as loss_mod
+from .errors import ConfigError, TrainingError
+from .io import atomic_save_safetensors, atomic_write_json
+from .lora import LoRAConfig
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+LOG_FILE = "train_log.jsonl"
+RESULT_FILE = "result.json"
+
+
+def _help(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines one adapter's training run. Defaults are the seed's."""
+
+    learning_rate: float = field(default=2e-4, metadata=_help("peak learning rate (AdamW)"))
+    warmup_steps: int = field(default=100, metadata=_help("linear warmup, in optimizer steps"))
+    lr_schedule: str = field(default="cosine", metadata=_help("decay after warmup: cosine|linear|constant"))
+    min_lr_ratio: float = field(default=0.0, metadata=_help("final lr as a fraction of the peak"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
+    batch_size: int = field(default=1, metadata=_help("sequences per micro-batch"))
+    grad_accumulation: int = field(default=4, metadata=_help("micro-batches per optimizer step"))
+    max_grad_norm: float = field(default=0.3, metadata=_help("clip the global gradient norm (0 = off)"))
+    epochs: int = field(default=3, metadata=_help("passes over the training data"))
+    max_steps: int | None = field(default=None, metadata=_help("optimizer steps; overrides --epochs"))
+    max_seq_length: int = field(default=2048, metadata=_help("tokens per training sequence"))
+    pack: bool = field(default=True, metadata=_help("pack short documents up to max_seq_length"))
+    window_overlap: int = field(default=0, metadata=_help("overlap between windows of long documents"))
+    skip_bad_lines: bool = field(default=False, metadata=_help("skip malformed JSONL lines instead of failing"))
+    seed: int = field(default=0, metadata=_help("seed for adapter init, shuffling and dropout"))
+    eval_every: int = field(default=200, metadata=_help("validate every N optimizer steps (0 = only at end)"))
+    eval_batches: int | None = field(default=None, metadata=_help("validation batches (None = all)"))
+    save_every: int = field(default=100, metadata=_help("checkpoint every N optimizer steps (0 = only at end)"))
+    grad_checkpoint: bool = field(default=True, metadata=_help("recompute each block in the backward pass"))
+    mlp_chunk: int | None = field(default=None, metadata=_help("evaluate the MLP in chunks of N positions"))
+    loss_chunk: int = field(default=1024, metadata=_help("positions per chunk of lm_head + cross-entropy"))
+    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**self.lora)
+        checks = [
+            ("learning_rate", self.learning_rate > 0, "a positive number"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("lr_schedule", self.lr_schedule in ("cosine", "linear", "constant"), "cosine, linear or constant"),
+            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accumulation", self.grad_accumulation >= 1, ">= 1"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
+            ("max_seq_length", self.max_seq_length >= 2, ">= 2"),
+            ("loss_chunk", self.loss_chunk >= 1, ">= 1"),
+            ("mlp_chunk", self.mlp_chunk is None or self.mlp_chunk >= 1, ">= 1 or None"),
+            ("save_every", self.save_every >= 0, ">= 0"),
+            ("eval_every", self.eval_every >= 0, ">= 0"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: it must be {want}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig field(s) {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change the optimisation trajectory (not logging knobs)."""
+        d = self.to_dict()
+        for k in ("progress", "eval_every", "eval_batches", "save_every"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    steps: int
+    tokens: int
+    train_loss: float
+    valid_loss: float | None
+    valid_ppl: float | None
+    seconds: float
+    peak_memory_gb: float
+    losses: list[float]
+    resumed_from: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup from 0 to the peak
+    over ``warmup_steps``, then cosine/linear decay to ``min_lr_ratio * peak`` at the end."""
+    peak = cfg.learning_rate
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return peak
+    span = max(1, total_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = peak * cfg.min_lr_ratio
+    if cfg.lr_schedule == "linear":
+        return floor + (peak - floor) * (1.0 - t)
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg: TrainConfig):
+    """Sum of token losses and the token count (chunked lm_head + cross-entropy)."""
+    return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk)
+
+
+def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
+             loss_fn: Callable = default_loss) -> tuple[float, int]:
+    """Mean token loss over ``seqs`` (in order, no dropout); returns (loss, tokens)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i, (x, y, m) in enumerate(data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=0,
+                                                      shuffle=False)):
+            if max_batches is not None and i >= max_batches:
+                break
+            s, n = loss_fn(model, x, y, m, cfg)
+            mx.eval(s, n)
+            total += s.item()
+            count += int(n.item())
+    finally:
+        if was_training:
+            model.train()
+    if count == 0:
+        return float("nan"), 0
+    return total / count, count
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _ckpt_dir(out_dir: Path) -> Path:
+    return out_dir / CHECKPOINT_DIR
+
+
+def _save_checkpoint(out_dir: Path, model, opt: optim.Optimizer, state: dict) -> None:
+    ck = _ckpt_dir(out_dir)
+    ck.mkdir(parents=True, exist_ok=True)
+    step = state["step"]
+    adapter_name = f"adapter-{step:07d}.safetensors"
+    opt_name = f"optimizer-{step:07d}.safetensors"
+    atomic_save_safetensors(ck / adapter_name, lora.trainable(model))
+    atomic_save_safetensors(ck / opt_name, dict(tree_flatten(opt.state)))
+    state = {**state, "adapter_file": adapter_name, "optimizer_file": opt_name}
+    atomic_write_json(ck / STATE_FILE, state)  # the commit point
+    for old in ck.glob("*.safetensors"):
+        if old.name not in (adapter_name, opt_name):
+            old.unlink()
+
+
+def load_checkpoint_state(out_dir: str | Path) -> dict | None:
+    """The committed checkpoint state of a run directory, or None if there is none."""
+    path = _ckpt_dir(Path(out_dir)) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{path}: corrupt checkpoint state ({e}); delete {path.parent} to restart "
+                            "this adapter from scratch") from e
+
+
+def _restore_checkpoint(out_dir: Path, model, opt: optim.Optimizer, state: dict) -> None:
+    ck = _ckpt_dir(out_dir)
+    try:
+        weights = mx.load(str(ck / state["adapter_file"]))
+        opt_state = mx.load(str(ck / state["optimizer_file"]))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise TrainingError(f"{ck}: cannot read checkpoint files ({e}); delete {ck} to restart "
+                            "this adapter from scratch") from e
+    expected = lora.trainable(model)
+    if set(weights) != set(expected):
+        raise TrainingError(f"{ck}: checkpoint parameters do not match the model's adapter "
+                            f"(e.g. {sorted(set(weights) ^ set(expected))[:3]}); delete {ck} to restart")
+    model.load_weights(list(weights.items()), strict=False)
+    opt.state = tree_unflatten(list(opt_state.items()))
+
+
+def _read_log(out_dir: Path, upto_step: int) -> list[dict]:
+    """Log records of a previous attempt up to the checkpointed step (later ones are replayed)."""
+    path = out_dir / LOG_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash
+        if rec.get("step", 0) <= upto_step:
+            records.append(rec)
+    return records
+
+
+class _Log:
+    """Append-only JSONL log; rewritten atomically on resume to drop replayed steps."""
+
+    def __init__(self, path: Path, keep: list[dict]) -> None:
+        from .io import atomic_write_text
+
+        self.path = path
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        self._f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def _resolve_data(data: Any, tok, cfg: TrainConfig) -> dict:
+    if isinstance(data, dict) and "train" in data:
+        return data
+    return data_mod.load_dataset(data, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
+                                 overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+
+
+def _micro_batches(train, cfg: TrainConfig, epoch: int, start: int) -> Iterator:
+    return data_mod.batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start)
+
+
+def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir: str | Path = "adapter",
+                  *, loss_fn: Callable = default_loss, callback: Callable[[dict], None] | None = None,
+                  resume: bool = True, save_formats: str = "both") -> TrainResult:
+    """Train one LoRA adapter on ``data`` and save it to ``out_dir``.
+
+    Args:
+        model: a mozgach model (LoRA is applied with ``cfg.lora`` if it has none yet).
+        tok: its tokenizer.
+        data: a dataset path (dir with train/valid JSONL, or one JSONL file) or a dict
+            ``{"train": seqs, "valid": seqs}`` of already tokenized sequences.
+        cfg: the training configuration (defaults: the seed's).
+        out_dir: where the adapter, checkpoints and logs go.
+        loss_fn: ``(model, inputs, targets, mask, cfg) -> (loss_sum, n_tokens)``.
+        callback: called with a dict after every optimizer step and evaluation.
+        resume: continue from ``out_dir/checkpoint`` if it exists and matches ``cfg``.
+        save_formats: adapter layouts to write: ``peft``, ``mlx-lm`` or ``both``.
+
+    Returns:
+        TrainResult with the loss history, validation loss/perplexity, tokens and timing.
+    """
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = _resolve_data(data, tok, cfg)
+    train, valid = splits["train"], splits.get("valid")
+    if not train:
+        raise ConfigError("the training split is empty after tokenization; check the data path and format")
+
+    if getattr(model, "lora_config", None) is None:
+        lora.apply(model, cfg.lora)
+    lora.reset(model, seed=cfg.seed)
+    model.grad_checkpoint = cfg.grad_checkpoint
+    model.mlp_chunk = cfg.mlp_chunk
+
+    n_micro = math.ceil(len(train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accumulation)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    opt = optim.AdamW(learning_rate=lr_at(0, cfg, total_steps), weight_decay=cfg.weight_decay)
+    opt.init(model.trainable_parameters())
+
+    step, epoch, pos, tokens, losses = 0, 0, 0, 0, []
+    resumed_from = 0
+    state = load_checkpoint_state(out_dir) if resume else None
+    if state is not None:
+        if state.get("fingerprint") != cfg.fingerprint():
+            raise TrainingError(f"{out_dir}: a checkpoint from a different configuration exists; use the "
+                                f"same config to resume, or delete {_ckpt_dir(out_dir)} to start over")
+        _restore_checkpoint(out_dir, model, opt, state)
+        step, epoch, pos = state["step"], state["epoch"], state["position"]
+        tokens, losses = state["tokens"], list(state["losses"])
+        resumed_from = step
+    log = _Log(out_dir / LOG_FILE, _read_log(out_dir, step) if state is not None else [])
+
+    model.train()
+    grad_fn = mx.value_and_grad(model, lambda m, x, y, k: loss_fn(m, x, y, k, cfg))
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    bar = _progress(cfg, total_steps, step)
+    valid_loss = None
+    batches = _micro_batches(train, cfg, epoch, pos)
+    try:
+        while step < total_steps:
+            acc, step_loss, step_tokens = None, 0.0, 0
+            for micro in range(cfg.grad_accumulation):
+                try:
+                    x, y, m = next(batches)
+                except StopIteration:
+                    epoch, pos = epoch + 1, 0
+                    batches = _micro_batches(train, cfg, epoch, pos)
+                    x, y, m = next(batches)
+                pos += 1
+                # Dropout keys from (seed, micro-step): exact replay after resume.
+                mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
+                (s, n), g = grad_fn(model, x, y, m)
+                acc = g if acc is None else tree_map(mx.add, acc, g)
+                mx.eval(s, n, acc)
+                step_loss += s.item()
+                step_tokens += int(n.item())
+                if pos >= n_micro:  # epoch boundary inside an optimizer step
+                    epoch, pos = epoch + 1, 0
+                    batches = _micro_batches(train, cfg, epoch, pos)
+            if step_tokens == 0:
+                raise TrainingError("an optimizer step saw no target tokens (all masked); check the data's "
+                                    "prompt/completion masking")
+            loss_value = step_loss / step_tokens
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}; lower the learning "
+                                    f"rate or check the data. The last good checkpoint is kept in "
+                                    f"{_ckpt_dir(out_dir)}")
+            grads = tree_map(lambda g, n=step_tokens: g / n, acc)
+            if cfg.max_grad_norm > 0:
+                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+            else:
+                gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+            opt.learning_rate = lr_at(step, cfg, total_steps)
+            opt.update(model, grads)
+            mx.eval(model.trainable_parameters(), opt.state)
+            step += 1
+            tokens += step_tokens
+            losses.append(loss_value)
+            elapsed = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, cfg, total_steps),
+                   "grad_norm": float(gnorm.item()), "tokens": tokens, "epoch": epoch,
+                   "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
+            if cfg.eval_every and valid and step % cfg.eval_every == 0 and step < total_steps:
+                valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, loss_fn)
+                rec["valid_loss"] = valid_loss
+            log.write(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(tokens - _tok0(state)) / elapsed:.0f}",
+                                peak=f"{mx.get_peak_memory() / 1e9:.2f}GB")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                _save_checkpoint(out_dir, model, opt, {
+                    "step": step, "epoch": epoch, "position": pos, "tokens": tokens, "losses": losses,
+                    "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
+            if callback is not None:
+                callback(rec)
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    if valid:
+        valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, loss_fn)
+    seconds = time.perf_counter() - t0
+    result = TrainResult(
+        out_dir=str(out_dir), steps=step, tokens=tokens,
+        train_loss=float(np.mean(losses[-max(1, steps_per_epoch):])) if losses else float("nan"),
+        valid_loss=valid_loss, valid_ppl=math.exp(valid_loss) if valid_loss is not None else None,
+        seconds=seconds, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
+        resumed_from=resumed_from)
+    lora.save(model, out_dir, format=save_formats)
+    atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
+    return result
+
+
+def _tok0(state: dict | None) -> int:
+    return state["tokens"] if state else 0
+
+
+def _progress(cfg: TrainConfig, total: int, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", leave=False, dynamic_ncols=True)
