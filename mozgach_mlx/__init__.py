@@ -5,6 +5,7 @@ from . import backend as _backend
 # Must run before anything imports mlx.core (see backend.py).
 _backend.load_fast_blas()
 
+from . import models, quant  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
@@ -15,6 +16,7 @@ from .errors import (  # noqa: E402
     TokenizerError,
     TrainingError,
 )
+from .models import ModelArgs, load, save  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,8 +26,13 @@ __all__ = [
     "ConfigError",
     "DataError",
     "KernelError",
+    "ModelArgs",
     "MozgachError",
     "TokenizerError",
     "TrainingError",
     "__version__",
+    "load",
+    "models",
+    "quant",
+    "save",
 ]

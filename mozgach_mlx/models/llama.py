@@ -59,7 +59,7 @@ class ModelArgs:
                  "num_attention_heads", "vocab_size")
 
     @classmethod
-    def from_dict(cls, config: dict, *, source: str = "config") -> ModelArgs:
+    def from_dict(cls, config: dict, *, source: str = "config.json") -> ModelArgs:
         """Build from a config dict; unknown keys are kept in ``extra`` (and written back
         on save), missing required keys raise ConfigError naming them."""
         if not isinstance(config, dict):
@@ -78,7 +78,12 @@ class ModelArgs:
             if known.get("rope_scaling") is None and (rp.get("rope_type") or rp.get("type")) not in (
                     None, "default"):
                 known["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
-        return cls(**known, extra=extra)
+        try:
+            return cls(**known, extra=extra)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:  # a field of the wrong JSON type reached arithmetic
+            raise ConfigError(f"{source}: invalid field value ({e})") from None
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:

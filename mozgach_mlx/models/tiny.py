@@ -1,8 +1,9 @@
 """The built-in tiny model: a seeded random-init Llama over the byte tokenizer.
 
 Usable anywhere a model path is (``mz.load("tiny")``): the README's first command, the
-examples and most tests. 2.84 M parameters: d=256, 4 layers, 8 query heads / 2 KV
-heads of dim 32 (GQA), SwiGLU 688, tied embeddings, vocab 259 (``ByteTokenizer``).
+examples and most tests. 3.08 M parameters: d=256, 4 layers, 8 query heads / 2 KV
+heads of dim 32 (GQA), SwiGLU 768 (a multiple of every quantization group size), tied
+embeddings, vocab 259 (``ByteTokenizer``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 256,
     "num_hidden_layers": 4,
-    "intermediate_size": 688,
+    "intermediate_size": 768,
     "num_attention_heads": 8,
     "num_key_value_heads": 2,
     "head_dim": 32,
