@@ -1,22 +1,78 @@
-"""Attention: a naive reference and the public ``flash_attention`` entry point.
+"""Attention: a naive reference, the pure-MLX blockwise (flash-style) path and the dispatcher.
 
-PLACEHOLDER until the blockwise implementation lands (issue 3): ``flash_attention``
-currently calls the O(L^2) reference.
+``flash_attention`` is the one entry point the model calls (looked up at call time). It
+computes ``softmax(scale * q k^T + mask) v`` without ever building an (L, L) array, in the
+forward *and* the backward pass:
+
+* forward: queries in blocks of ``block_q`` rows; for each block an online softmax runs
+  over key blocks of ``block_k`` columns (FlashAttention), keeping only the running row
+  max ``m``, row sum ``l`` and the output accumulator. It saves the output and the
+  per-row logsumexp ``lse = m + log(l)`` -- O(L) -- for the backward.
+* backward (``mx.custom_function`` VJP, FlashAttention-2): per block pair it recomputes
+  ``P = exp(S - lse)``, then ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - Delta)``
+  with ``Delta = rowsum(dO * O)``, ``dQ += dS K``, ``dK += dS^T Q``.
+* causal / sliding-window masks: key blocks that are fully masked for a query block are
+  skipped (never computed); only blocks crossing the mask boundary are masked.
+* GQA: q has H heads, k/v have Hkv (H % Hkv == 0). The ``rep = H // Hkv`` query heads
+  that share a KV head are stacked as rows of one matrix, so K/V are never repeated and
+  dK/dV come out already summed over the group.
+
+MLX is lazy, and the order in which a big graph is evaluated decides which temporaries
+are alive at once. Every block step therefore takes its K/V slice through ``mx.depends``
+on the previous step's results: whatever order MLX picks, a block's scores exist only
+while that block is processed, so peak memory is O(L * D) + one block (measured in
+tests/test_attention.py and benchmarks/bench_attention.py).
+
+Numerics: inputs of any float dtype are computed in float32 (fp32 accumulation); the
+output has the dtype of ``q`` and the gradients the dtypes of q, k, v.
+
+Environment: ``MOZGACH_ATTENTION`` = ``blockwise`` | ``metal`` | ``cuda`` | ``reference``
+forces a path (forcing a GPU kernel that cannot run here raises :class:`KernelError`).
+Unset: the GPU kernel of the current backend if it passed its first-use self-check,
+otherwise ``blockwise``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from functools import lru_cache
 
 import mlx.core as mx
 
+from .errors import ConfigError, KernelError
+
+# A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
+# row that is fully masked inside one key block (possible with windows) cannot produce
+# inf - inf = nan; its pollution is cancelled by the exp(m_old - m_new) == 0 rescale
+# once a block with a visible key arrives (every row sees at least its own key).
+_NEG = -1e30
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
+
+# Default block sizes for the pure-MLX path, chosen by benchmarks/bench_attention.py on
+# the 2-core CPU box (see benchmarks/RESULTS.md): large blocks amortise the per-op
+# overhead of MLX's graph; the working set is O(block_q * rep * block_k) per KV head.
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 1024
+
+_VALID_PATHS = ("blockwise", "metal", "cuda", "reference")
+
+
+# --------------------------------------------------------------------------- reference
+
 
 def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
-                        causal: bool = True) -> mx.array:
+                        causal: bool = True, block_size: int | None = None,
+                        window: int | None = None) -> mx.array:
     """Naive softmax(q k^T * scale) v in fp32. Tests only: materialises (B, H, L, L).
 
     Shapes: q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0. With ``causal`` and
     Lq < Lk the queries are the last Lq positions (bottom-right aligned mask).
+    ``window`` (sliding window, in positions): query i sees key j only if
+    ``i - j < window`` (and ``j - i < window`` when not causal). ``block_size`` is
+    accepted for signature compatibility and ignored.
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -26,16 +82,357 @@ def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float |
     kf = k.astype(mx.float32)[:, :, None]  # (B, Hkv, 1, Lk, D)
     vf = v.astype(mx.float32)[:, :, None]
     s = (qf * scale) @ kf.swapaxes(-1, -2)  # (B, Hkv, rep, Lq, Lk)
+    qi = mx.arange(Lk - Lq, Lk)[:, None]
+    ki = mx.arange(Lk)[None, :]
     if causal:
-        qi = mx.arange(Lk - Lq, Lk)[:, None]
-        ki = mx.arange(Lk)[None, :]
         s = mx.where(ki <= qi, s, -mx.inf)
+    if window is not None:
+        visible = (qi - ki) < window
+        if not causal:
+            visible = visible & ((ki - qi) < window)
+        s = mx.where(visible, s, -mx.inf)
     p = mx.softmax(s, axis=-1)
     o = p @ vf  # (B, Hkv, rep, Lq, D)
     return o.reshape(B, H, Lq, D).astype(q.dtype)
 
 
+# --------------------------------------------------------------------------- blockwise
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _block_kind(qa: int, qb: int, ka: int, kb: int, causal: bool, window: int | None) -> str:
+    """"skip" (every pair masked), "full" (none masked) or "mask" for query rows
+    [qa, qb) against key columns [ka, kb)."""
+    if causal and ka > qb - 1:
+        return "skip"
+    if window is not None:
+        if qa - (kb - 1) >= window:
+            return "skip"
+        if not causal and ka - (qb - 1) >= window:
+            return "skip"
+    if causal and kb - 1 > qa:
+        return "mask"
+    if window is not None:
+        if (qb - 1) - ka >= window:
+            return "mask"
+        if not causal and (kb - 1) - qa >= window:
+            return "mask"
+    return "full"
+
+
+def _visible(qpos: mx.array, kpos: mx.array, causal: bool, window: int | None) -> mx.array:
+    """Boolean (R, C) visibility for query positions (R, 1) and key positions (1, C)."""
+    vis = None
+    if causal:
+        vis = kpos <= qpos
+    if window is not None:
+        w = (qpos - kpos) < window
+        if not causal:
+            w = w & ((kpos - qpos) < window)
+        vis = w if vis is None else vis & w
+    return vis
+
+
+def _positions(qa: int, qb: int, rep: int, ka: int, kb: int) -> tuple[mx.array, mx.array]:
+    # Rows of a query block are (head-in-group, position) pairs, head-major.
+    qpos = mx.tile(mx.arange(qa, qb, dtype=mx.int32), (rep,))[:, None]  # (rep*n, 1)
+    kpos = mx.arange(ka, kb, dtype=mx.int32)[None, :]  # (1, C)
+    return qpos, kpos
+
+
+# Elementwise parts. On the CPU, MLX's own exp runs ~40 M elements/s here (the x86 wheel
+# is built without FMA, so its polynomial calls a software fma per term), 20-30x slower
+# than any other elementwise op and the dominant cost of attention. We work in base 2
+# (scores pre-multiplied by log2(e)) and evaluate 2**y with the same Cephes polynomial
+# MLX uses, as plain multiplies/adds that MLX's compiled CPU kernels vectorise, and
+# 2**floor(y) by writing the float exponent bits (relative error ~2e-7). MLX's CPU
+# compiler splits graphs deeper than ~11 ops and multi-output kernels measured ~4x
+# slower, so the pieces are separate single-output compiled functions.
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_EXP2_C = (1.0, 6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2,
+           9.618437357674640e-3, 1.339887440266574e-3, 1.535336188319500e-4)
+
+
+@mx.compile
+def _exp2_frac(y):
+    return y - (y - 0.5).astype(mx.int32).astype(mx.float32)  # in (-0.5, 0.5]
+
+
+@mx.compile
+def _exp2_bits(y):
+    # IEEE-754 bits of 2**n, n = round(y) (y >= -126 so 2**n is a normal float).
+    n = (y - 0.5).astype(mx.int32).astype(mx.float32)
+    return ((n + 127.0) * 8388608.0).astype(mx.int32)
+
+
+@mx.compile
+def _exp2_poly(f, pow2n):
+    c0, c1, c2, c3, c4, c5, c6 = _EXP2_C
+    f2 = f * f
+    lo = (c0 + c1 * f) + f2 * (c2 + c3 * f)
+    hi = (c4 + c5 * f) + c6 * f2
+    return (lo + (f2 * f2) * hi) * pow2n
+
+
+def _exp2(y: mx.array) -> mx.array:
+    """2**y for y <= ~0; values below 2**-126 come out as ~1e-38 instead of 0."""
+    if mx.default_device() != mx.cpu:
+        return mx.exp(y * _LN2)
+    # The clamp stays outside the compiled kernels: min/max/where inside MLX's generated
+    # CPU loops measured 3-5x slower (not vectorised), a separate maximum is not.
+    y = mx.maximum(y, -126.0)
+    return _exp2_poly(_exp2_frac(y), _exp2_bits(y).view(mx.float32))
+
+
+@mx.compile
+def _mask_scores(s, vis):
+    return mx.where(vis, s, _NEG)
+
+
+@mx.compile
+def _dscores(p, dp, delta):
+    return p * (dp - delta)
+
+
+@mx.compile
+def _finish(acc, m, lsum):
+    return acc / lsum, m + mx.log2(lsum)
+
+
+def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
+    """(o (B, H, L, D) in q.dtype, lse2 (B, Hkv, rep, L) float32: the logsumexp in base 2,
+    log2(sum_j 2**s2_j), of the base-2 scores s2 = log2(e) * scale * q.k)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    q5 = q.reshape(B, Hkv, rep, L, D)
+    kf = k.astype(mx.float32)
+    vf = v.astype(mx.float32)
+    o_parts, lse_parts = [], []
+    dep: list[mx.array] = []
+    for qa, qb in _spans(L, bq):
+        n = qb - qa
+        # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows.
+        # Scores in base 2: s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
+        qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, rep * n, D)
+        m = lsum = acc = None
+        for ka, kb in _spans(L, bk):
+            kind = _block_kind(qa, qb, ka, kb, causal, window)
+            if kind == "skip":
+                continue
+            kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+            if dep:
+                kj, vj = mx.depends([kj, vj], dep)
+            s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, rep*n, C)
+            if kind == "mask":
+                s = _mask_scores(s, _visible(*_positions(qa, qb, rep, ka, kb), causal, window))
+            m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, rep*n, 1)
+            if m is not None:
+                m_new = mx.maximum(m, m_new)
+            p = _exp2(s - m_new)
+            if m is None:
+                lsum = p.sum(axis=-1, keepdims=True)
+                acc = p @ vj  # (B, Hkv, rep*n, D)
+            else:
+                alpha = _exp2(m - m_new)
+                lsum = lsum * alpha + p.sum(axis=-1, keepdims=True)
+                acc = acc * alpha + p @ vj
+            m = m_new
+            dep = [m, lsum, acc]
+        o_i, lse_i = _finish(acc, m, lsum)
+        o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
+        lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
+        dep = [o_parts[-1], lse_parts[-1]]
+    o = mx.concatenate(o_parts, axis=3) if len(o_parts) > 1 else o_parts[0]
+    lse = mx.concatenate(lse_parts, axis=3) if len(lse_parts) > 1 else lse_parts[0]
+    return o.reshape(B, H, L, D), lse
+
+
+def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
+    """(dq, dk, dv) in the dtypes of (q, k, v)."""
+    B, H, L, D = q.shape
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    q5 = q.reshape(B, Hkv, rep, L, D)
+    o5 = o.reshape(B, Hkv, rep, L, D)
+    do5 = do.reshape(B, Hkv, rep, L, D)
+    kf = k.astype(mx.float32)
+    vf = v.astype(mx.float32)
+    kspans = _spans(L, bk)
+    dk_acc: list[mx.array | None] = [None] * len(kspans)
+    dv_acc: list[mx.array | None] = [None] * len(kspans)
+    dq_parts = []
+    dep: list[mx.array] = []
+    for qa, qb in _spans(L, bq):
+        n = qb - qa
+        R = rep * n
+        qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, R, D)
+        doi = do5[:, :, :, qa:qb].astype(mx.float32)
+        delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
+        doi = doi.reshape(B, Hkv, R, D)
+        delta = delta.reshape(B, Hkv, R, 1)
+        lse_i = lse[:, :, :, qa:qb].reshape(B, Hkv, R, 1)
+        dqi = None
+        for j, (ka, kb) in enumerate(kspans):
+            kind = _block_kind(qa, qb, ka, kb, causal, window)
+            if kind == "skip":
+                continue
+            kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+            if dep:
+                kj, vj = mx.depends([kj, vj], dep)
+            s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+            p = _exp2(s - lse_i)  # P = exp(S - lse), recomputed
+            if kind == "mask":
+                p = mx.where(_visible(*_positions(qa, qb, rep, ka, kb), causal, window), p, 0.0)
+            dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
+            dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+            ds = _dscores(p, dp, delta)
+            dqc = ds @ kj  # (B, Hkv, R, D)
+            dkj = ds.swapaxes(-1, -2) @ qi  # (B, Hkv, C, D); qi carries scale * log2(e)
+            dqi = dqc if dqi is None else dqi + dqc
+            dk_acc[j] = dkj if dk_acc[j] is None else dk_acc[j] + dkj
+            dv_acc[j] = dvj if dv_acc[j] is None else dv_acc[j] + dvj
+            dep = [dqi, dk_acc[j], dv_acc[j]]
+        dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(q.dtype))
+        dep = [dq_parts[-1]] + [a for a in dep if a is not dqi]
+    for j, (ka, kb) in enumerate(kspans):
+        if dk_acc[j] is None:  # keys no query can see (only possible with odd windows)
+            dk_acc[j] = mx.zeros((B, Hkv, kb - ka, D), mx.float32)
+            dv_acc[j] = mx.zeros((B, Hkv, kb - ka, D), mx.float32)
+    dq = mx.concatenate(dq_parts, axis=3) if len(dq_parts) > 1 else dq_parts[0]
+    dk = (mx.concatenate(dk_acc, axis=2) if len(dk_acc) > 1 else dk_acc[0]) * _LN2
+    dv = mx.concatenate(dv_acc, axis=2) if len(dv_acc) > 1 else dv_acc[0]
+    return dq.reshape(B, H, L, D), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@lru_cache(maxsize=64)
+def _blockwise_fn(scale: float, causal: bool, window: int | None, bq: int, bk: int):
+    """One differentiable function per static configuration."""
+
+    @mx.custom_function
+    def attn(q, k, v):
+        return _blockwise_forward(q, k, v, scale, causal, window, bq, bk)
+
+    @attn.vjp
+    def attn_vjp(primals, cotangents, outputs):
+        q, k, v = primals
+        do = cotangents[0]
+        o, lse = outputs
+        return _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk)
+
+    return attn
+
+
+def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
+                        causal: bool = True, block_size: int | tuple[int, int] | None = None,
+                        window: int | None = None) -> mx.array:
+    """Pure-MLX flash attention, O(L) memory in forward and backward. Runs on every backend.
+
+    Shapes: q (B, H, L, D); k, v (B, Hkv, L, D), H % Hkv == 0 -> (B, H, L, D), q.dtype.
+    ``block_size``: query-block rows (int) or ``(block_q, block_k)``; default
+    ``(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)``.
+    """
+    scale = _check(q, k, v, scale, window)
+    bq, bk = _block_sizes(block_size)
+    o, _ = _blockwise_fn(scale, bool(causal), window, bq, bk)(q, k, v)
+    return o
+
+
+def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    if block_size is None:
+        return DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K
+    if isinstance(block_size, int):
+        bq, bk = block_size, max(block_size, DEFAULT_BLOCK_K)
+    else:
+        bq, bk = (int(x) for x in block_size)
+    if bq < 1 or bk < 1:
+        raise ConfigError(f"attention block_size must be positive, got {block_size!r}.")
+    return bq, bk
+
+
+def _check(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: int | None) -> float:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ConfigError(f"attention expects q, k, v of shape (B, H, L, D); got {q.shape}, "
+                          f"{k.shape}, {v.shape}.")
+    B, H, L, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2] != L or k.shape[3] != D:
+        raise ConfigError(f"attention: k {k.shape} and v {v.shape} must be (B, Hkv, L, D) "
+                          f"matching q {q.shape}.")
+    if H % k.shape[1] != 0:
+        raise ConfigError(f"attention: query heads {H} must be a multiple of KV heads {k.shape[1]}.")
+    if window is not None and window < 1:
+        raise ConfigError(f"attention window must be >= 1 or None, got {window}.")
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------- dispatcher
+
+
 def flash_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
-                    causal: bool = True, block_size: int | None = None) -> mx.array:
-    """Public attention entry point. q (B, H, L, D); k, v (B, Hkv, L, D)."""
-    return reference_attention(q, k, v, scale=scale, causal=causal)
+                    causal: bool = True, block_size: int | tuple[int, int] | None = None,
+                    window: int | None = None) -> mx.array:
+    """Public attention entry point: O(L) memory forward and backward, differentiable.
+
+    Shapes: q (B, H, L, D); k, v (B, Hkv, L, D) with H % Hkv == 0 -> (B, H, L, D) in
+    q.dtype. ``scale`` defaults to 1/sqrt(D); ``causal`` masks keys after the query;
+    ``window`` limits each query to the last ``window`` positions (itself included).
+    The path is chosen by :func:`attention_path` (env ``MOZGACH_ATTENTION``).
+    """
+    path = attention_path(q)
+    if path == "reference":
+        return reference_attention(q, k, v, scale=scale, causal=causal, window=window)
+    if path in ("metal", "cuda"):
+        from . import kernels_gpu
+
+        if kernels_gpu.supports(q, k, v, window):
+            return kernels_gpu.attention(q, k, v, scale=_check(q, k, v, scale, window),
+                                         causal=causal, window=window)
+    return blockwise_attention(q, k, v, scale=scale, causal=causal, block_size=block_size,
+                               window=window)
+
+
+def attention_path(q: mx.array | None = None) -> str:
+    """Which implementation :func:`flash_attention` uses now.
+
+    ``MOZGACH_ATTENTION`` forces one (a GPU kernel that is not available raises
+    :class:`KernelError`; one that fails its self-check warns and falls back). Unset,
+    the current backend's GPU kernel is used if its first-use self-check passes.
+    """
+    from . import backend
+
+    forced = os.environ.get("MOZGACH_ATTENTION", "").strip().lower()
+    if forced and forced not in _VALID_PATHS:
+        raise ConfigError(f"MOZGACH_ATTENTION={forced!r} is not one of {', '.join(_VALID_PATHS)}.")
+    if forced in ("blockwise", "reference"):
+        return forced
+    avail = backend.kernels_available()
+    if forced in ("metal", "cuda"):
+        if not avail[forced]:
+            raise KernelError(f"MOZGACH_ATTENTION={forced} but MLX runs on the "
+                              f"{backend.backend()} backend here; unset it or use blockwise.")
+        return forced if _gpu_kernel_ok(forced) else "blockwise"
+    for kind in ("metal", "cuda"):
+        if avail[kind] and _gpu_kernel_ok(kind):
+            return kind
+    return "blockwise"
+
+
+_self_check: dict[str, bool] = {}
+
+
+def _gpu_kernel_ok(kind: str) -> bool:
+    """First-use self-check of the GPU kernel against blockwise (values and grads)."""
+    if kind not in _self_check:
+        from . import kernels_gpu
+
+        ok, why = kernels_gpu.self_check(kind)
+        _self_check[kind] = ok
+        if not ok:
+            warnings.warn(f"mozgach_mlx: the {kind} attention kernel failed its self-check "
+                          f"({why}); using the blockwise MLX path instead.", stacklevel=3)
+    return _self_check[kind]
