@@ -1,0 +1,406 @@
+"""LoRA layers, apply/reset/remove/fuse, and the PEFT / mlx-lm adapter files.
+
+Independent references: a numpy LoRA forward (``x W^T + s x A B``), mlx-lm's own
+``linear_to_lora_layers`` / ``load_adapters`` / ``LoRALinear.fuse`` on a twin mlx-lm model,
+and the PEFT key layout written out by hand.
+"""
+
+import json
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mozgach_mlx as mz
+from mozgach_mlx import lora, quant
+from mozgach_mlx.errors import AdapterError, ConfigError
+from mozgach_mlx.lora import LoRAConfig, LoRALinear
+from mozgach_mlx.models import Model, ModelArgs
+from mozgach_mlx.tokenizer import ByteTokenizer
+
+X = mx.array([[1, 5, 9, 200, 17, 3, 3, 250, 41, 7, 0, 100]])
+
+
+def small_config(**kw) -> dict:
+    cfg = {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 259, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256, "tie_word_embeddings": False,
+    }  # fmt: skip
+    cfg.update(kw)
+    return cfg
+
+
+def small_model(seed=0, **kw) -> Model:
+    """A seeded random model; norm weights random too, so training them is visible."""
+    m = Model(ModelArgs.from_dict(small_config(**kw)))
+    rng = np.random.default_rng(seed)
+    m.load_weights(
+        [
+            (k, mx.array(rng.normal(1.0 if "norm" in k else 0.0, 0.1, v.shape).astype(np.float32)))
+            for k, v in tree_flatten(m.parameters())
+        ]
+    )
+    m.eval()
+    return m
+
+
+def randomize_adapters(model, seed=1):
+    """Give every trainable tensor a random value (an 'trained' adapter with B != 0)."""
+    rng = np.random.default_rng(seed)
+    model.load_weights(
+        [(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)) + v) for k, v in lora.trainable(model).items()],
+        strict=False,
+    )
+
+
+def maxdiff(a, b) -> float:
+    return float(mx.abs(a - b).max())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_seed():
+    c = LoRAConfig()
+    assert (c.r, c.alpha, c.dropout, c.targets) == (16, 32.0, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert c.scale == 2.0
+    assert LoRAConfig(r=16, alpha=32, rslora=True).scale == 32 / 4
+    assert LoRAConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"r": 0}, "r"),
+        ({"r": 2.5}, "r"),
+        ({"alpha": -1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"targets": ()}, "targets"),
+        ({"targets": ("q_proj", "q_proj")}, "targets"),
+        ({"targets": ("q proj",)}, "targets"),
+        ({"rslora": "yes"}, "rslora"),
+        ({"num_layers": 0}, "num_layers"),
+    ],
+)
+def test_config_validation(kw, field):
+    with pytest.raises(ConfigError, match=f"LoRAConfig.{field}"):
+        LoRAConfig(**kw)
+
+
+def test_config_from_dict_rejects_typos():
+    with pytest.raises(ConfigError, match="rank"):
+        LoRAConfig.from_dict({"rank": 8})
+
+
+# ----------------------------------------------------------------------------- layer
+
+
+def test_lora_linear_matches_numpy_reference():
+    base = nn.Linear(24, 40, bias=True)
+    layer = LoRALinear(base, r=4, alpha=12, dropout=0.0)
+    layer.lora_b = mx.random.normal((4, 40)) * 0.1
+    x = mx.random.normal((2, 5, 24))
+    xn, w, b = np.array(x), np.array(base.weight), np.array(base.bias)
+    a, bb = np.array(layer.lora_a), np.array(layer.lora_b)
+    ref = xn @ w.T + b + (12 / 4) * (xn @ a @ bb)
+    assert np.abs(np.array(layer(x)) - ref).max() < 1e-5
+    # rsLoRA: alpha / sqrt(r)
+    rs = LoRALinear(base, r=4, alpha=12, rslora=True)
+    assert rs.scale == 12 / math.sqrt(4)
+    assert layer.lora_a.shape == (24, 4) and layer.lora_b.shape == (4, 40)
+    assert float(mx.abs(rs.lora_a).max()) <= 1 / math.sqrt(24)
+    assert not mx.any(rs.lora_b).item()
+
+
+@pytest.mark.parametrize("cls", [nn.QuantizedLinear, quant.QuantizedLinear])
+def test_lora_wraps_quantized_and_fuses(cls):
+    dense = nn.Linear(64, 32)
+    q = cls.from_linear(dense, 32, 4)
+    layer = LoRALinear(q, r=4, alpha=8)
+    assert (layer.input_dims, layer.output_dims) == (64, 32)
+    x = mx.random.normal((3, 64))
+    assert maxdiff(layer(x), q(x)) == 0.0  # B = 0
+    layer.lora_b = mx.random.normal((4, 32)) * 0.1
+    wq = mx.dequantize(q.weight, q.scales, q.biases, group_size=32, bits=4)
+    ref = x @ wq.T + q.bias + 2.0 * (x @ layer.lora_a @ layer.lora_b)
+    assert maxdiff(layer(x), ref) < 1e-4
+    dq = layer.fuse(dequantize=True)
+    assert type(dq) is nn.Linear and maxdiff(dq(x), ref) < 1e-4
+    rq = layer.fuse()
+    assert type(rq) is cls and rq.bits == 4 and rq.group_size == 32
+    assert maxdiff(rq(x), ref) < 0.1 * float(mx.abs(ref).max())  # re-quantization error only
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+def test_untrained_adapter_changes_nothing():
+    m = small_model()
+    before = m(X)
+    lora.apply(m, LoRAConfig(targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    m.train()  # dropout active: still exact, because B = 0
+    assert mx.array_equal(m(X), before).item()
+
+
+def test_trainable_paths_equal_mlx_lm():
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    cfg = small_config()
+    ours = small_model()
+    theirs = llama.Model(llama.ModelArgs.from_dict(cfg))
+    theirs.freeze()
+    keys = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+    linear_to_lora_layers(theirs, 2, {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": keys})
+    lora.apply(ours, LoRAConfig(r=8, alpha=16, targets=("q_proj", "v_proj", "down_proj"), num_layers=2))
+    want = {k: v.shape for k, v in tree_flatten(theirs.trainable_parameters())}
+    got = {k: v.shape for k, v in lora.trainable(ours).items()}
+    assert got == want
+    assert "model.layers.2.mlp.down_proj.lora_a" in got and "model.layers.0.self_attn.q_proj.lora_a" not in got
+    assert ours.model.layers[2].self_attn.q_proj.scale == 2.0
+
+
+def test_all_linear_and_bad_targets():
+    m = small_model()
+    lora.apply(m, LoRAConfig(targets=("all-linear",), r=2))
+    assert len(lora.trainable(m)) == 3 * 7 * 2
+    with pytest.raises(ConfigError, match="already has LoRA"):
+        lora.apply(m, LoRAConfig())
+    m2 = small_model()
+    with pytest.raises(ConfigError, match="qq_proj.*available"):
+        lora.apply(m2, LoRAConfig(targets=("q_proj", "qq_proj")))
+    with pytest.raises(ConfigError, match="num_layers is 9"):
+        lora.apply(m2, LoRAConfig(num_layers=9))
+    assert not lora.trainable(m2) or len(lora.trainable(m2)) == sum(1 for _ in tree_flatten(m2.parameters()))
+
+
+def test_norms_and_embeddings_train_and_reset():
+    m = small_model(tie_word_embeddings=True)
+    base_logits = m(X)
+    lora.apply(m, LoRAConfig(train_embeddings=True, train_norms=True, num_layers=1), seed=3)
+    names = set(lora.trainable(m))
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" in names
+    assert "model.layers.2.input_layernorm.weight" in names
+    assert "model.layers.1.input_layernorm.weight" not in names  # outside the last 1 block
+    a0 = m.model.layers[2].self_attn.q_proj.lora_a
+    randomize_adapters(m)
+    assert maxdiff(m(X), base_logits) > 1e-3
+    lora.reset(m, seed=3)
+    assert mx.array_equal(m(X), base_logits).item()
+    assert mx.array_equal(m.model.layers[2].self_attn.q_proj.lora_a, a0).item()  # same seed, same init
+    randomize_adapters(m)
+    lora.remove(m)
+    assert not lora.trainable(m) and not hasattr(m, "lora_config")
+    assert mx.array_equal(m(X), base_logits).item()
+
+
+def test_quantized_embedding_cannot_train():
+    m = small_model(tie_word_embeddings=True)
+    quant.quantize_model(m, 4, 32, quantize_embeddings=True)
+    with pytest.raises(ConfigError, match="train_embeddings"):
+        lora.apply(m, LoRAConfig(train_embeddings=True))
+
+
+def test_gradients_reach_adapters_through_checkpointed_blocks():
+    from mozgach_mlx.loss import sequence_loss
+
+    m = small_model()
+    lora.apply(m, LoRAConfig(dropout=0.0), seed=0)
+    m.grad_checkpoint = True
+    inputs, targets = X[:, :-1], X[:, 1:]
+    mask = mx.ones(targets.shape)
+
+    def f(model):
+        s, n = sequence_loss(model, inputs, targets, mask, chunk=4)
+        return s / n
+
+    _, grads = nn.value_and_grad(m, f)(m)
+    g = dict(tree_flatten(grads))
+    assert set(g) == set(lora.trainable(m))
+    assert all(float(mx.abs(v).max()) > 0 for k, v in g.items() if k.endswith("lora_b"))
+
+
+def test_fuse_equals_adapter_and_saves_standalone(tmp_path):
+    m = small_model()
+    lora.apply(m, LoRAConfig(targets=("q_proj", "v_proj", "up_proj")))
+    randomize_adapters(m)
+    with_adapter = m(X)
+    lora.fuse(m, out_dir=tmp_path / "fused", tokenizer=ByteTokenizer())
+    assert not any(isinstance(x, LoRALinear) for _, x in m.named_modules())
+    assert maxdiff(m(X), with_adapter) < 1e-4
+    m2, _ = mz.load(tmp_path / "fused")
+    assert maxdiff(m2(X), with_adapter) < 1e-4
+
+
+def test_fuse_quantized_base_equals_mlx_lm_fuse():
+    from mlx_lm.tuner.lora import LoRALinear as TheirLoRA
+
+    m = small_model()
+    quant.quantize_model(m, 4, 32)
+    lora.apply(m, LoRAConfig(r=4, alpha=8, targets=("q_proj",)))
+    randomize_adapters(m)
+    ours = m.model.layers[0].self_attn.q_proj
+    theirs = TheirLoRA.from_base(ours.linear, r=4, scale=2.0)
+    theirs.lora_a, theirs.lora_b = ours.lora_a, ours.lora_b
+    for dq in (False, True):
+        a, b = ours.fuse(dequantize=dq), theirs.fuse(dequantize=dq)
+        assert mx.array_equal(a.weight, b.weight).item()
+    with_adapter = m(X)
+    lora.fuse(m, dequantize=True)
+    assert not any(isinstance(x, nn.QuantizedLinear) for _, x in m.named_modules())
+    assert maxdiff(m(X), with_adapter) < 1e-4
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def trained(seed=1, **cfg_kw):
+    m = small_model()
+    lora.apply(m, LoRAConfig(**cfg_kw))
+    randomize_adapters(m, seed)
+    return m
+
+
+def test_peft_layout_keys_shapes_and_config(tmp_path):
+    m = trained(r=4, alpha=8, dropout=0.05, targets=("q_proj", "down_proj"), num_layers=2)
+    lora.save(m, tmp_path, format="peft", base_model="org/base")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]) == (4, 8.0, 0.05, False)
+    assert cfg["target_modules"] == ["down_proj", "q_proj"] and cfg["base_model_name_or_path"] == "org/base"
+    assert cfg["layers_to_transform"] == [1, 2] and cfg["modules_to_save"] is None
+    w = mx.load(str(tmp_path / "adapter_model.safetensors"))
+    a = w["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
+    b = w["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (4, 64) and b.shape == (64, 4)  # A (r, in), B (out, r)
+    assert w["base_model.model.model.layers.2.mlp.down_proj.lora_A.weight"].shape == (4, 128)
+    assert mx.array_equal(a, m.model.layers[1].self_attn.q_proj.lora_a.T).item()
+    assert len(w) == 2 * 2 * 2
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mlx-lm", "both"])
+@pytest.mark.parametrize("extras", [False, True])
+def test_round_trip(tmp_path, fmt, extras):
+    m = trained(r=4, alpha=12, rslora=True, targets=("q_proj", "gate_proj"), train_norms=extras,
+                train_embeddings=extras)  # fmt: skip
+    want = m(X)
+    if extras and fmt != "peft":
+        with pytest.warns(UserWarning, match="mlx-lm ignores"):
+            lora.save(m, tmp_path, format=fmt)
+    else:
+        lora.save(m, tmp_path, format=fmt)
+    fresh = small_model()
+    lora.load(fresh, tmp_path)
+    assert fresh.lora_config == m.lora_config
+    assert maxdiff(fresh(X), want) < 1e-5
+    # loading again over the same adapter, and over different adapter weights, is exact
+    randomize_adapters(fresh, seed=9)
+    lora.load(fresh, tmp_path)
+    assert maxdiff(fresh(X), want) < 1e-5
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_both_layout_is_readable_by_each_config_reader(tmp_path):
+    m = trained(r=8, alpha=16, targets=("q_proj", "v_proj"))
+    lora.save(m, tmp_path, format="both")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fine_tune_type"] == "lora"
+    assert cfg["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.1,
+                                      "keys": ["self_attn.q_proj", "self_attn.v_proj"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_foreign_configs_without_our_block_convert_scale(tmp_path, rslora):
+    # Adapters written by PEFT or mlx-lm themselves carry no "mozgach" block: the scale
+    # must come from their own fields (PEFT alpha/r or alpha/sqrt(r); mlx-lm scale as is).
+    m = trained(r=4, alpha=6, rslora=rslora, targets=("k_proj", "o_proj"))
+    want = m(X)
+    for fmt in ("peft", "mlx-lm"):
+        d = tmp_path / fmt
+        lora.save(m, d, format=fmt)
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        del cfg["mozgach"]
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        fresh = small_model()
+        lora.load(fresh, d)
+        assert fresh.model.layers[0].self_attn.k_proj.scale == pytest.approx(6 / (2 if rslora else 4))
+        assert maxdiff(fresh(X), want) < 1e-5
+
+
+def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path):
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    m = trained(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), num_layers=2)
+    mz.save(small_model(), ByteTokenizer(), tmp_path / "base")
+    lora.save(m, tmp_path / "ad", format="mlx-lm")
+    theirs, _ = load_model(tmp_path / "base")
+    load_adapters(theirs, str(tmp_path / "ad"))
+    theirs.eval()
+    assert maxdiff(theirs(X), m(X)) < 1e-4
+    theirs_lora = {k for k, _ in tree_flatten(theirs.parameters()) if ".lora_" in k}
+    assert theirs_lora == set(lora.trainable(m))
+
+
+def test_rope_scaling_travels_with_the_adapter(tmp_path):
+    scaling = {"type": "linear", "factor": 4.0}
+    m = small_model(rope_scaling=scaling, max_position_embeddings=1024)
+    lora.apply(m, LoRAConfig(r=4))
+    randomize_adapters(m)
+    want = m(X)
+    lora.save(m, tmp_path, format="mlx-lm")
+    block = json.loads((tmp_path / "adapter_config.json").read_text())["mozgach"]
+    assert block["rope_scaling"] == scaling and block["max_position_embeddings"] == 1024
+    fresh = small_model()  # unscaled base
+    assert maxdiff(fresh(X), small_model(rope_scaling=scaling)(X)) > 1e-3
+    lora.load(fresh, tmp_path)
+    assert fresh.args.rope_scaling == scaling and fresh.args.max_position_embeddings == 1024
+    assert maxdiff(fresh(X), want) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mlx-lm"])
+def test_adapter_for_another_base_is_refused(tmp_path, fmt):
+    other = Model(ModelArgs.from_dict(small_config(hidden_size=32, intermediate_size=64)))
+    lora.apply(other, LoRAConfig(r=4))
+    lora.save(other, tmp_path, format=fmt)
+    m = small_model()
+    before = m(X)
+    with pytest.raises(AdapterError, match=r"model\.layers\.0\.self_attn\.k_proj\.lora_a has shape \(32, 4\) "
+                                           r"but this base model needs \(64, 4\)"):  # fmt: skip
+        lora.load(m, tmp_path)
+    assert not hasattr(m, "lora_config") and mx.array_equal(m(X), before).item()  # nothing changed
+    deeper = Model(ModelArgs.from_dict(small_config(num_hidden_layers=5)))
+    lora.apply(deeper, LoRAConfig(r=4, targets=("q_proj",)))
+    lora.save(deeper, tmp_path / "deep", format=fmt)
+    with pytest.raises(AdapterError, match="layers.3.self_attn.q_proj.lora_a has no place"):
+        lora.load(m, tmp_path / "deep")
+
+
+def test_bad_adapter_dirs(tmp_path):
+    m = small_model()
+    with pytest.raises(AdapterError, match="does not exist"):
+        lora.load(m, tmp_path / "nope")
+    (tmp_path / "a").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json not found"):
+        lora.load(m, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        lora.load(m, tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    with pytest.raises(AdapterError, match="neither"):
+        lora.load(m, tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.bin").write_bytes(b"x")
+    with pytest.raises(AdapterError, match="safetensors"):
+        lora.load(m, tmp_path / "a")
+    with pytest.raises(AdapterError, match="no LoRA adapters"):
+        lora.save(m, tmp_path / "b")
+    lora.apply(m, LoRAConfig())
+    with pytest.raises(ConfigError, match="format"):
+        lora.save(m, tmp_path / "b", format="gguf")
