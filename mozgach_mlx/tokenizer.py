@@ -95,7 +95,8 @@ def load_tokenizer(path: str | Path):
         try:
             spec = json.loads((path / BYTE_TOKENIZER_FILE).read_text())
         except json.JSONDecodeError as e:
-            raise TokenizerError(f"{path / BYTE_TOKENIZER_FILE}: invalid JSON ({e}); delete it or re-save the model") from e
+            raise TokenizerError(f"{path / BYTE_TOKENIZER_FILE}: invalid JSON ({e}); "
+                                 "delete it or re-save the model") from e
         if spec.get("type") != "byte":
             raise TokenizerError(f"{path / BYTE_TOKENIZER_FILE}: unknown type {spec.get('type')!r}; expected 'byte'")
         return ByteTokenizer()

@@ -282,6 +282,11 @@ def save(model: Model, tokenizer, out_dir: str | Path, *, max_shard_bytes: int =
     config = model.args.to_dict()
     config.setdefault("architectures", [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                          "qwen2": "Qwen2ForCausalLM"}[model.args.model_type]])
+    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
+    if floats:  # what the files now hold, not what the checkpoint we loaded held
+        dtype_name = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(floats[0])
+        if dtype_name:
+            config["torch_dtype"] = dtype_name
     config.pop("quantization", None)
     config.pop("quantization_config", None)
     qcfg = quant.quantization_config(model)
