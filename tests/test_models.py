@@ -255,3 +255,30 @@ def test_tiny_model_is_seeded_and_small():
     assert mx.array_equal(m1(x), m2(x))
     m3, _ = tiny_model(seed=1)
     assert not mx.array_equal(m1(x), m3(x))
+
+
+def test_attention_is_looked_up_at_call_time(monkeypatch):
+    from mozgach_mlx import attention
+
+    calls = []
+    real = attention.flash_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape, k.shape, kw))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention, "flash_attention", spy)
+    cfg = tiny_config("mistral", SCALINGS["yarn"], sliding_window=8)
+    m = Model(ModelArgs.from_dict(cfg))
+    x = mx.array([[1, 2, 3, 4, 5, 6]], dtype=mx.int32)
+    m(x)
+    assert len(calls) == 2  # one per layer, the training / prefill path
+    (qs, ks, kw) = calls[0]
+    assert qs == (1, 4, 6, 16) and ks == (1, 2, 6, 16)  # GQA: k/v keep their 2 heads
+    yarn = 0.1 * np.log(4.0) + 1
+    assert kw["causal"] is True and kw["window"] == 8
+    assert kw["scale"] == pytest.approx(yarn**2 / 4.0)  # (attention factor)^2 / sqrt(16)
+    cache = m.make_cache()
+    m(x, cache)
+    m(x[:, :1], cache)  # decoding uses mx.fast.scaled_dot_product_attention
+    assert len(calls) == 4
