@@ -57,6 +57,7 @@ __all__ = [
     "apply",
     "fuse",
     "load",
+    "read",
     "remove",
     "reset",
     "save",
@@ -834,18 +835,20 @@ def _apply_rope(model: nn.Module, block: dict, src: Path) -> None:
         raise AdapterError(f"{src}: cannot apply the adapter's RoPE scaling: {e}") from None
 
 
-def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Load an adapter (PEFT or mlx-lm layout, detected) into ``model``, in place.
+def read(model: nn.Module, adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, mx.array], dict]:
+    """Read an adapter directory (PEFT or mlx-lm layout, detected) and check it against
+    ``model``'s shapes, without changing the model (what :func:`load` and the adapter
+    bank share).
 
-    Applies LoRA with the file's config (replacing adapters the model already has if
-    their config differs), loads the tensors, sets the RoPE scaling the adapter was
-    trained with (``model.set_rope``), and puts the model in eval mode (dropout off), as
-    ``mlx_lm.load`` does; call ``model.train()`` to keep training.
+    Returns:
+        ``(cfg, weights, block)``: the adapter's :class:`LoRAConfig`; its tensors in our
+        naming and layout (``<module path>.lora_a`` (in, r), ``.lora_b`` (r, out), plus
+        trained embedding / norm parameters under their paths); and the config's
+        ``"mozgach"`` block (``scale``, ``rope_scaling``, ``max_position_embeddings``...;
+        ``{}`` for an adapter made elsewhere).
 
     Raises:
-        AdapterError: missing/unreadable files, an unsupported config, or tensors whose
-            names or shapes do not fit this base (naming the tensor and both shapes).
-            Nothing in the model changes when it is raised.
+        AdapterError: as :func:`load`.
     """
     src = Path(adapter_dir)
     if not src.is_dir():
@@ -875,6 +878,24 @@ def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     except ConfigError as e:
         raise AdapterError(f"{src}: the adapter does not fit this model: {e}") from None
     _check(weights, shapes, src, n_blocks)
+    return cfg, weights, block
+
+
+def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load an adapter (PEFT or mlx-lm layout, detected) into ``model``, in place.
+
+    Applies LoRA with the file's config (replacing adapters the model already has if
+    their config differs), loads the tensors, sets the RoPE scaling the adapter was
+    trained with (``model.set_rope``), and puts the model in eval mode (dropout off), as
+    ``mlx_lm.load`` does; call ``model.train()`` to keep training.
+
+    Raises:
+        AdapterError: missing/unreadable files, an unsupported config, or tensors whose
+            names or shapes do not fit this base (naming the tensor and both shapes).
+            Nothing in the model changes when it is raised.
+    """
+    src = Path(adapter_dir)
+    cfg, weights, block = read(model, src)
     _apply_rope(model, block, src)
 
     current = getattr(model, "lora_config", None)
