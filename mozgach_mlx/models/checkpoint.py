@@ -29,7 +29,8 @@ from .tiny import TINY_NAME, tiny_model
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+# model*.safetensors: Mistral repos also ship a duplicate consolidated.safetensors
+HUB_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
