@@ -282,3 +282,5 @@ def test_attention_is_looked_up_at_call_time(monkeypatch):
     m(x, cache)
     m(x[:, :1], cache)  # decoding uses mx.fast.scaled_dot_product_attention
     assert len(calls) == 4
+    Model(ModelArgs.from_dict(tiny_config("llama")))(x)
+    assert calls[-1][2]["window"] is None

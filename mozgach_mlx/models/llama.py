@@ -171,8 +171,7 @@ class Attention(nn.Module):
 
         if offset == 0 and L > 1:
             # training / prefill: the blockwise kernel (looked up now, so it can be swapped)
-            kw = {} if self.window is None else {"window": self.window}
-            o = attn.flash_attention(q, k, v, scale=self.scale, causal=True, **kw)
+            o = attn.flash_attention(q, k, v, scale=self.scale, causal=True, window=self.window)
         else:
             if self.window is not None and offset + L > self.window:
                 mask = causal_mask(L, offset, self.window)
