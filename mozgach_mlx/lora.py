@@ -458,10 +458,14 @@ def reset(model: nn.Module, seed: int | None = None) -> nn.Module:
     mods = _lora_modules(model)
     for (_, m), k in zip(sorted(mods, key=lambda pm: _natural_key(pm[0])), _keys(seed, len(mods)), strict=True):
         m.reset_parameters(k)
+    _restore_base(model)
+    return model
+
+
+def _restore_base(model: nn.Module) -> None:
     state = _base_state(model)
     if state:
         model.update(tree_unflatten(list(state.items())))
-    return model
 
 
 def trainable(model: nn.Module) -> dict[str, mx.array]:
@@ -898,12 +902,11 @@ def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     cfg, weights, block = read(model, src)
     _apply_rope(model, block, src)
 
-    current = getattr(model, "lora_config", None)
-    if current != cfg or not _lora_modules(model):
-        remove(model)
-        apply(model, cfg)
+    if getattr(model, "lora_config", None) == cfg and _lora_modules(model):
+        _restore_base(model)  # same structure: reuse the layers, un-train embeddings / norms
     else:
-        reset(model)  # same structure: restore base embeddings / norms before loading
+        remove(model)
+        apply(model, cfg, seed=0)  # fixed seed: loading leaves MLX's global RNG alone
     params = dict(tree_flatten(model.parameters()))
     model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
     mx.eval(model.parameters())

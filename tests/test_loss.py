@@ -112,11 +112,22 @@ def test_sequence_loss_on_mlx_lm_model():
     assert abs(v.item() - ref.item()) < 1e-4 * ref.item()
 
 
+def test_auto_chunk_keeps_one_buffer_near_128_mib():
+    assert loss.auto_chunk(32000) == 1024 and loss.auto_chunk(128256) == 256
+    assert loss.auto_chunk(152064) == 192 and loss.auto_chunk(128256, batch=4) == 64
+    model = Head(16, 50)
+    h, t, m = _batch(2, 9, 16, 50)
+    v, _ = loss.chunked_cross_entropy(model, h, t, m)  # default chunk
+    assert abs(v.item() - loss.cross_entropy_reference(model, h, t, m)[0].item()) < 1e-4
+
+
 def test_bad_chunk():
     model = Head(8, 10)
     h, t, m = _batch(1, 4, 8, 10)
     with pytest.raises(ConfigError):
         loss.chunked_cross_entropy(model, h, t, m, chunk=0)
+    with pytest.raises(ConfigError):
+        loss.chunked_cross_entropy(model, h, t, m, chunk=2.5)
 
 
 def _peak_of_step(model, L, chunk, d, V):
