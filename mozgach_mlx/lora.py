@@ -592,7 +592,7 @@ def _peft_config(
         "base_model_name_or_path": base_model,
         "revision": None,
         "r": cfg.r,
-        "lora_alpha": cfg.alpha,
+        "lora_alpha": int(cfg.alpha) if cfg.alpha.is_integer() else cfg.alpha,  # PEFT writes ints
         "lora_dropout": cfg.dropout,
         "target_modules": leaf_names,
         "use_rslora": cfg.rslora,
@@ -894,8 +894,7 @@ def load(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     ``mlx_lm.load`` does; call ``model.train()`` to keep training.
 
     Raises:
-        AdapterError: missing/unreadable files, an unsupported config, or tensors whose
-            names or shapes do not fit this base (naming the tensor and both shapes).
+        AdapterError: as :func:`read`, or the adapter's RoPE scaling cannot be applied.
             Nothing in the model changes when it is raised.
     """
     src = Path(adapter_dir)

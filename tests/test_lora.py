@@ -363,13 +363,14 @@ def test_foreign_configs_without_our_block_convert_scale(tmp_path, rslora):
         assert maxdiff(fresh(X), want) < 1e-5
 
 
-def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path):
+@pytest.mark.parametrize("fmt", ["mlx-lm", "both"])
+def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path, fmt):
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
 
     m = trained(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"), num_layers=2)
     mz.save(small_model(), ByteTokenizer(), tmp_path / "base")
-    lora.save(m, tmp_path / "ad", format="mlx-lm")
+    lora.save(m, tmp_path / "ad", format=fmt)
     theirs, _ = load_model(tmp_path / "base")
     load_adapters(theirs, str(tmp_path / "ad"))
     theirs.eval()
