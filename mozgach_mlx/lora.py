@@ -752,7 +752,8 @@ def _cfg_from_mlx(c: dict, n_blocks: int, src: Path) -> LoRAConfig:
     if not isinstance(p, dict) or "rank" not in p or "scale" not in p:
         raise AdapterError(f"{src}: lora_parameters must hold rank and scale (mlx-lm layout).")
     num_layers = c.get("num_layers")
-    if not isinstance(num_layers, int) or num_layers < 0:
+    # mlx-lm adapts model.layers[-max(num_layers, 0):]: 0, negative or >= n means all blocks
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers <= 0:
         num_layers = n_blocks
     try:
         return LoRAConfig(
@@ -760,7 +761,7 @@ def _cfg_from_mlx(c: dict, n_blocks: int, src: Path) -> LoRAConfig:
             alpha=float(p["scale"]) * p["rank"],  # mlx-lm: update = scale * x A B
             dropout=p.get("dropout", 0.0),
             targets=tuple(p.get("keys") or [ALL_LINEAR]),
-            num_layers=min(num_layers, n_blocks) if num_layers < n_blocks else None,
+            num_layers=num_layers if num_layers < n_blocks else None,
         )
     except (ConfigError, TypeError, ValueError) as e:
         raise AdapterError(f"{src}: {e}") from None

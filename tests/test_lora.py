@@ -379,6 +379,58 @@ def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path, fmt):
     assert theirs_lora == set(lora.trainable(m))
 
 
+@pytest.mark.parametrize("num_layers", [2, 0])  # mlx-lm: 0 means every block
+def test_adapter_written_by_mlx_lm_loads_in_ours(tmp_path, num_layers):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model, save_config
+
+    mz.save(small_model(), ByteTokenizer(), tmp_path / "base")
+    theirs, _ = load_model(tmp_path / "base")
+    theirs.freeze()
+    params = {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": None}  # keys None: every linear layer
+    linear_to_lora_layers(theirs, num_layers, params)
+    randomize_adapters(theirs)
+    theirs.eval()
+    d = tmp_path / "theirs"
+    d.mkdir()
+    mx.save_safetensors(str(d / "adapters.safetensors"), dict(tree_flatten(theirs.trainable_parameters())))
+    # as mlx_lm.lora writes it: all its training arguments
+    save_config({"model": str(tmp_path / "base"), "fine_tune_type": "lora", "num_layers": num_layers,
+                 "lora_parameters": params, "learning_rate": 1e-5, "iters": 10, "seed": 0},
+                d / "adapter_config.json")  # fmt: skip
+    ours = small_model()
+    lora.load(ours, d)
+    assert ours.lora_config.r == 4 and ours.lora_config.scale == 20.0
+    assert maxdiff(ours(X), theirs(X)) < 1e-4
+
+
+def test_hand_written_peft_adapter_equals_merged_weights(tmp_path):
+    # A PEFT directory built by hand from PEFT's documented layout; the reference is the
+    # merged model W' = W + (lora_alpha / r) * B @ A (PEFT's merge rule) with no LoRA at all.
+    rng = np.random.default_rng(4)
+    r, alpha = 2, 4
+    merged = small_model()
+    tensors = {}
+    for i in range(3):
+        lin = merged.model.layers[i].self_attn.v_proj
+        A = rng.normal(0, 0.2, (r, 64)).astype(np.float32)  # (r, in)
+        B = rng.normal(0, 0.2, (lin.weight.shape[0], r)).astype(np.float32)  # (out, r)
+        tensors[f"base_model.model.model.layers.{i}.self_attn.v_proj.lora_A.weight"] = mx.array(A)
+        tensors[f"base_model.model.model.layers.{i}.self_attn.v_proj.lora_B.weight"] = mx.array(B)
+        lin.weight = mx.array(np.array(lin.weight) + (alpha / r) * B @ A)
+    mx.save_safetensors(str(tmp_path / "adapter_model.safetensors"), tensors, metadata={"format": "pt"})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "x", "r": r,
+        "lora_alpha": alpha, "lora_dropout": 0.05, "target_modules": ["v_proj"], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+    }))  # fmt: skip
+    ours = small_model()
+    lora.load(ours, tmp_path)
+    assert ours.lora_config == LoRAConfig(r=2, alpha=4, dropout=0.05, targets=("v_proj",))
+    assert maxdiff(ours(X), merged(X)) < 1e-4
+
+
 def test_rope_scaling_travels_with_the_adapter(tmp_path):
     scaling = {"type": "linear", "factor": 4.0}
     m = small_model(rope_scaling=scaling, max_position_embeddings=1024)
