@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
@@ -332,7 +333,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     log = _Log(out_dir / LOG_FILE, _read_log(out_dir, step) if state is not None else [])
 
     model.train()
-    grad_fn = mx.value_and_grad(model, lambda m, x, y, k: loss_fn(m, x, y, k, cfg))
+    grad_fn = nn.value_and_grad(model, lambda x, y, k: loss_fn(model, x, y, k, cfg))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     bar = _progress(cfg, total_steps, step)
@@ -351,7 +352,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
                 pos += 1
                 # Dropout keys from (seed, micro-step): exact replay after resume.
                 mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
-                (s, n), g = grad_fn(model, x, y, m)
+                (s, n), g = grad_fn(x, y, m)
                 acc = g if acc is None else tree_map(mx.add, acc, g)
                 mx.eval(s, n, acc)
                 step_loss += s.item()

@@ -1,0 +1,186 @@
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mozgach_mlx as mz
+from mozgach_mlx import lora, trainer
+from mozgach_mlx.errors import ConfigError, TrainingError
+from mozgach_mlx.trainer import TrainConfig, lr_at, train_adapter
+
+
+def _seqs(texts, tok, L):
+    out = []
+    for t in texts:
+        ids = np.array(tok.encode(t)[: L + 1], dtype=np.int32)
+        out.append((ids, np.ones(len(ids), dtype=bool)))
+    return out
+
+
+def _task(tok, n, L=64, seed=0):
+    """A small learnable task: words drawn from a 4-word vocabulary in a fixed cycle."""
+    rng = np.random.default_rng(seed)
+    words = ["lion", "tiger", "bear", "wolf"]
+    texts = []
+    for _ in range(n):
+        s = int(rng.integers(0, 4))
+        texts.append(" ".join(words[(s + i) % 4] for i in range(L // 4)))
+    return _seqs(texts, tok, L)
+
+
+def _cfg(**kw):
+    base = dict(
+        learning_rate=3e-3,
+        warmup_steps=2,
+        max_steps=6,
+        grad_accumulation=2,
+        batch_size=2,
+        max_seq_length=64,
+        eval_every=0,
+        save_every=2,
+        grad_checkpoint=True,
+        progress=False,
+        lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.1),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_matches_formula():
+    cfg = TrainConfig(learning_rate=1.0, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1)
+    total = 14
+    # warmup: (step+1)/(warmup+1); then 0.1 + 0.9 * 0.5 * (1 + cos(pi * t)), t = (step-4)/10
+    assert lr_at(0, cfg, total) == pytest.approx(1 / 5)
+    assert lr_at(3, cfg, total) == pytest.approx(4 / 5)
+    assert lr_at(4, cfg, total) == pytest.approx(1.0)
+    assert lr_at(9, cfg, total) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, cfg, total) == pytest.approx(0.1)
+    lin = TrainConfig(learning_rate=2.0, warmup_steps=0, lr_schedule="linear")
+    assert lr_at(5, lin, 10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("learning_rate", 0.0), ("grad_accumulation", 0), ("lr_schedule", "step"), ("max_grad_norm", -1.0)]
+)
+def test_bad_config_is_a_one_line_config_error(field, value):
+    with pytest.raises(ConfigError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_defaults_are_the_seeds():
+    c = TrainConfig()
+    assert (c.learning_rate, c.warmup_steps, c.grad_accumulation, c.batch_size, c.max_grad_norm, c.epochs) == (
+        2e-4,
+        100,
+        4,
+        1,
+        0.3,
+        3,
+    )
+    assert (c.lora.r, c.lora.alpha, c.lora.dropout) == (16, 32, 0.1)
+
+
+def test_tiny_model_learns_and_beats_base(tmp_path):
+    model, tok = mz.load("tiny")
+    train, valid = _task(tok, 32, seed=0), _task(tok, 8, seed=1)
+    cfg = _cfg(
+        max_steps=40,
+        grad_accumulation=1,
+        batch_size=4,
+        learning_rate=5e-3,
+        warmup_steps=4,
+        save_every=0,
+        lora=lora.LoRAConfig(r=8, alpha=16, dropout=0.0),
+    )
+    lora.apply(model, cfg.lora)
+    base_loss, _ = trainer.evaluate(model, valid, cfg)  # B = 0: this is the base model
+    res = train_adapter(model, tok, {"train": train, "valid": valid}, cfg, tmp_path / "a")
+    first, last = np.mean(res.losses[:3]), np.mean(res.losses[-3:])
+    assert last < 0.5 * first, (first, last)
+    assert res.valid_loss < 0.5 * base_loss, (base_loss, res.valid_loss)
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "a" / "adapters.safetensors").exists()
+    logged = [json.loads(x) for x in (tmp_path / "a" / trainer.LOG_FILE).read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 41))
+
+
+def _run(tmp_path, name, callback=None, resume=True):
+    model, tok = mz.load("tiny")
+    data = {"train": _task(tok, 10, seed=0), "valid": _task(tok, 3, seed=1)}
+    return train_adapter(model, tok, data, _cfg(), tmp_path / name, callback=callback, resume=resume)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = _run(tmp_path, "full")
+
+    def stop_at_4(rec):
+        if rec["step"] == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(tmp_path, "cut", callback=stop_at_4)
+    state = trainer.load_checkpoint_state(tmp_path / "cut")
+    assert state["step"] == 4
+    resumed = _run(tmp_path, "cut")
+    assert resumed.resumed_from == 4
+    # 10 sequences, batch 2, accumulation 2: the data position crosses an epoch boundary
+    # mid-step, and dropout is on: both must replay exactly.
+    np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6, atol=1e-6)
+    a = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "cut" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.array(a[k]), np.array(b[k]), rtol=1e-6, atol=1e-7)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / trainer.LOG_FILE).read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    def stop_at_2(rec):
+        if rec["step"] == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _run(tmp_path, "x", callback=stop_at_2)
+    model, tok = mz.load("tiny")
+    data = {"train": _task(tok, 10), "valid": None}
+    with pytest.raises(TrainingError, match="different configuration"):
+        train_adapter(model, tok, data, _cfg(learning_rate=1e-3), tmp_path / "x")
+
+
+def test_accumulation_equals_bigger_batch(tmp_path):
+    """Token-weighted accumulation: 2 micro-batches of 1 == 1 batch of 2 (equal lengths)."""
+    model, tok = mz.load("tiny")
+    data = {"train": _task(tok, 4, seed=3), "valid": None}
+    common = dict(max_steps=2, save_every=0, lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0))
+    a = train_adapter(model, tok, data, _cfg(batch_size=1, grad_accumulation=2, **common), tmp_path / "a")
+    wa = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
+    model, tok = mz.load("tiny")
+    b = train_adapter(model, tok, data, _cfg(batch_size=2, grad_accumulation=1, **common), tmp_path / "b")
+    wb = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    np.testing.assert_allclose(a.losses, b.losses, rtol=1e-5)
+    # Adam's m / sqrt(v) turns fp32 rounding of near-zero gradients into O(lr * 1e-3)
+    # differences; the updates themselves are O(lr) = 3e-3 per step.
+    for k in wa:
+        np.testing.assert_allclose(np.array(wa[k]), np.array(wb[k]), rtol=1e-3, atol=2e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    calls = {"n": 0}
+
+    def loss_fn(model, x, y, m, cfg):
+        calls["n"] += 1
+        s, n = trainer.default_loss(model, x, y, m, cfg)
+        return (s * mx.array(float("nan")) if calls["n"] > 8 else s), n  # step 5 = micro 9
+
+    model, tok = mz.load("tiny")
+    data = {"train": _task(tok, 10), "valid": None}
+    with pytest.raises(TrainingError, match="non-finite loss .* step 5"):
+        train_adapter(model, tok, data, _cfg(), tmp_path / "nan", loss_fn=loss_fn)
+    assert trainer.load_checkpoint_state(tmp_path / "nan")["step"] == 4
