@@ -33,3 +33,13 @@ def test_safetensors_roundtrip_and_hash(tmp_path):
     h1 = sha256_file(target)
     atomic_save_safetensors(target, {"x": mx.arange(6).reshape(2, 3).astype(mx.float32)})
     assert sha256_file(target) == h1  # deterministic bytes: resume verification relies on it
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "m.json"
+    atomic_write_json(target, {})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
