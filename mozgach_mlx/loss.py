@@ -42,6 +42,7 @@ logits 754 MiB at L=2K and 3016 MiB at 8K; per-chunk ``mx.checkpoint`` 514 -> 95
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,7 +53,7 @@ from .errors import ConfigError
 __all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "sequence_loss"]
 
 
-def _head(model: nn.Module) -> tuple[nn.Module, callable]:
+def _head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
     """The module holding the output projection and a function ``h -> logits``.
 
     Uses ``model.logits`` when the model has it (our models); otherwise falls back to the
