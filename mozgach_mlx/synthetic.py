@@ -5,11 +5,14 @@ Each domain is a *rule* over its own *alphabet*:
 * The alphabet is 6 printable ASCII symbols chosen for that domain, such that any two
   domains share at most 1 symbol (the alphabets are blocks of a transversal design:
   symbols are points (i, j) of a 6 x 13 grid and a domain's alphabet is a "line"
-  {(i, (s*i + t) mod 13)}; two lines meet in at most one point). A random-init byte-level model can learn
-  which bytes a domain uses within a few dozen LoRA steps, and that alone separates the
-  domains: under another domain's adapter most bytes of a text are ones it learned to
-  make unlikely. This is what makes "its own adapter has the lowest loss" and routing
-  by lowest loss work with a tiny model and a short schedule.
+  {(i, (s*i + t) mod 13)}; two lines meet in at most one point). Words are separated
+  by spaces. A LoRA on a random-init byte-level model learns which bytes a domain uses
+  within about ten steps, and that alone separates the domains: under another domain's
+  adapter nearly every byte of a text is one that adapter never learned to predict.
+  This is what makes "its own adapter has the lowest loss" and routing by lowest loss
+  work with a tiny model and a short schedule. Small alphabets help: attention-only
+  LoRA can only steer the (RMS-normalised) final hidden state, and the logit headroom
+  that buys is shared between the tokens being boosted.
 * The family (12 of them, cycling with the domain id) is a structural rule over the
   alphabet that shows in bigram and longer statistics — something further to learn for
   a longer schedule or a larger model:
@@ -29,8 +32,8 @@ Each domain is a *rule* over its own *alphabet*:
   brackets balanced brackets of two kinds with filler symbols inside
   ======== ================================================================
 
-Held-out (valid) texts are fresh samples of the same rule, never copies of training
-texts. Names are ``NNN_family_V`` (``001_cycle_1``, ``013_cycle_2``, ...): the numeric
+Held-out (valid) texts are fresh samples of the same rule, not copies of training
+texts (checked by the tests). Names are ``NNN_family_V`` (``001_cycle_1``, ``013_cycle_2``, ...): the numeric
 prefix is the domain id under :func:`mozgach_mlx.data.discover_domains`'s numbering.
 
 :func:`write_corpus` materialises the corpus as an ordinary multi-domain data directory
@@ -60,7 +63,7 @@ _TD_PRIME = 13  # transversal design TD(6, 13): 169 alphabets, pairwise sharing 
 # Printable ASCII without space (the word separator) and the two JSON-escaped characters.
 POOL = [chr(c) for c in range(33, 127) if chr(c) not in '"\\']
 CORPUS_FILE = "corpus.json"
-CORPUS_VERSION = 1
+CORPUS_VERSION = 1  # bump whenever generation changes: write_corpus reuses a dir of the same spec
 
 
 @dataclass

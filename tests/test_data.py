@@ -86,6 +86,28 @@ def test_encode_messages_masks_everything_but_assistant():
     assert ids[-1] == EOS
 
 
+class _ChatMLTok(ByteTokenizer):
+    """ChatML template whose end-of-turn marker is the EOS token (like Qwen2-Instruct)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        s = "".join(f"<s>{m['role']}\n{m['content']}<e>\n" for m in messages)
+        return s + ("<s>assistant\n" if add_generation_prompt else "")
+
+    def encode(self, text, add_bos=True):
+        ids = []
+        for k, part in enumerate(text.split("<e>")):
+            ids += ([self.eos_token_id] if k else []) + list(part.encode())
+        return [self.bos_token_id, *ids] if add_bos else ids
+
+
+def test_encode_messages_template_with_own_end_of_turn():
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids, mask = data.encode_record({"messages": msgs}, _ChatMLTok())
+    # the template's end-of-turn (EOS) and newline belong to the assistant span; no extra EOS
+    assert ids.tolist() == [BOS, *b("<s>user\nhi"), EOS, *b("\n<s>assistant\nyo"), EOS, *b("\n"), EOS]
+    assert ids[mask].tolist() == [*b("yo"), EOS, *b("\n")]
+
+
 class _RewritingTemplateTok(ByteTokenizer):
     """A template that changes earlier turns when more follow (like reasoning stripping)."""
 
