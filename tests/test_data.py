@@ -108,6 +108,35 @@ def test_encode_messages_template_with_own_end_of_turn():
     assert ids[mask].tolist() == [*b("yo"), EOS, *b("\n")]
 
 
+def test_encode_messages_with_a_real_hf_tokenizer_and_jinja_template():
+    """The HFTokenizer path: a byte-level BPE fast tokenizer with a ChatML template."""
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mozgach_mlx.tokenizer import HFTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", chat_template=chatml,
+                                 additional_special_tokens=["<|im_start|>"])
+    tok = HFTokenizer(hf)
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"},
+            {"role": "assistant", "content": "ok"}]
+    ids, mask = data.encode_record({"messages": msgs}, tok)
+    assert tok.bos_token_id is None and ids[0] != tok.eos_token_id  # no BOS invented
+    full = tok.encode(tok.apply_chat_template(msgs), add_bos=False)
+    assert ids.tolist() == [*full, tok.eos_token_id]  # template output + separating EOS
+    masked = ids[mask].tolist()
+    assert hf.decode(masked) == "yo<|im_end|>\nok<|im_end|>\n"
+    assert masked.count(tok.eos_token_id) == 2  # the template's own end-of-turn; none inserted
+
+
 class _RewritingTemplateTok(ByteTokenizer):
     """A template that changes earlier turns when more follow (like reasoning stripping)."""
 
