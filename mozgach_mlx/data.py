@@ -31,10 +31,13 @@ throughput, no leakage).
 Domains (:func:`discover_domains`) for training many adapters: a directory with one
 sub-folder per domain (each with ``train.jsonl`` and optionally ``valid.jsonl`` /
 ``test.jsonl``), or one ``NAME.jsonl`` per domain, or one JSONL (file, or ``train.jsonl``
-/ ``valid.jsonl`` of a directory) whose records carry a ``domain`` field. Numbering is
-stable: if every domain name starts with a number (``001_caesar_3``, ``7``, ``12-law``)
-that number is the id (1-based, unique); otherwise domains are sorted by name and
-numbered 1..N.
+/ ``valid.jsonl`` of a directory) whose records carry a ``domain`` field (a record of
+that single file may also carry ``"split": "valid"`` or ``"test"``). Folders whose names
+start with ``.`` or ``_`` are ignored. A ``NAME.jsonl`` domain has no valid split unless
+``valid_fraction`` holds part of it out. Numbering is stable: if every domain name
+starts with a number (``001_caesar_3``, ``7``, ``12-law``) that number is the id
+(1-based, unique); otherwise domains are sorted by name and numbered 1..N, so adding a
+domain renumbers the ones after it -- number them if ids must never move.
 """
 
 from __future__ import annotations

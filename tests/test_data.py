@@ -352,6 +352,8 @@ def test_discover_domain_field(tmp_path):
     assert [TOK.decode(i) for i, _ in ds["train"]] == ["a0", "a1", "a2"]
     assert [TOK.decode(i) for i, _ in ds["valid"]] == ["held"]
     assert data.load_domain(doms[1], TOK, 64)["valid"] is None
+    held = data.load_domain(doms[1], TOK, 64, pack=False, valid_fraction=0.34)
+    assert held["train"].n_records == 2 and held["valid"].n_records == 1
     # the same records as a directory's train.jsonl/valid.jsonl
     write_jsonl(tmp_path / "dir" / "train.jsonl", recs[:-1])
     write_jsonl(tmp_path / "dir" / "valid.jsonl", [recs[-1]])
