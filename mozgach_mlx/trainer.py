@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -413,6 +414,9 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         resumed_from=resumed_from)
     lora.save(model, out_dir, format=save_formats)
     atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
+    # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
+    # a crash before this line just replays the steps after the last checkpoint.
+    shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
     return result
 
 
