@@ -112,9 +112,10 @@ def test_sequence_loss_on_mlx_lm_model():
     assert abs(v.item() - ref.item()) < 1e-4 * ref.item()
 
 
-def test_auto_chunk_keeps_one_buffer_near_128_mib():
-    assert loss.auto_chunk(32000) == 1024 and loss.auto_chunk(128256) == 256
-    assert loss.auto_chunk(152064) == 192 and loss.auto_chunk(128256, batch=4) == 64
+def test_auto_chunk_keeps_one_buffer_near_64_mib():
+    assert loss.auto_chunk(32000) == 512 and loss.auto_chunk(128256) == 128
+    assert loss.auto_chunk(152064) == 64 and loss.auto_chunk(128256, batch=4) == 64
+    assert loss.auto_chunk(259) == 1024
     model = Head(16, 50)
     h, t, m = _batch(2, 9, 16, 50)
     v, _ = loss.chunked_cross_entropy(model, h, t, m)  # default chunk
