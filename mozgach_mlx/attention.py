@@ -54,8 +54,8 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 # Default block sizes for the pure-MLX path, chosen by benchmarks/bench_attention.py on
 # the 2-core CPU box (see benchmarks/RESULTS.md): large blocks amortise the per-op
 # overhead of MLX's graph; the working set is O(block_q * rep * block_k) per KV head.
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_K = 1024
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 512
 
 _VALID_PATHS = ("blockwise", "metal", "cuda", "reference")
 

@@ -11,6 +11,8 @@ Expected values come from two independent references:
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
 
 import mlx.core as mx  # conftest imported mozgach_mlx first (fast BLAS)
 import numpy as np
@@ -158,7 +160,7 @@ def test_float64_ground_truth_agrees_with_reference():
 @pytest.mark.parametrize(
     "H,Hkv,L,D,causal",
     [(4, 1, 17, 64, True), (8, 4, 255, 128, False), (8, 2, 255, 64, True), (1, 1, 1, 64, True),
-     (4, 4, 1000, 64, True)],
+     (2, 1, 1000, 64, True)],
 )
 def test_low_precision_within_2x_reference_error(dtype, H, Hkv, L, D, causal):
     q, k, v, w = _inputs(1, H, Hkv, L, D, dtype=dtype)
@@ -177,18 +179,19 @@ def test_low_precision_within_2x_reference_error(dtype, H, Hkv, L, D, causal):
 
 
 def _peak_fwd_bwd(L, H, Hkv, D, block=None):
-    q, k, v, w = _inputs(1, H, Hkv, L, D)
-    mx.eval(q, k, v, w)
+    """Peak MLX memory (bytes) of one fwd+bwd step, inputs and gradients included."""
 
-    def loss(q, k, v):
+    def loss(q, k, v, w):
         return (A.blockwise_attention(q, k, v, causal=True, block_size=block) * w).sum()
 
     g = mx.grad(loss, argnums=(0, 1, 2))
-    mx.eval(g(q, k, v))  # warm-up: compiled kernels, allocator
+    mx.eval(g(*_inputs(1, H, Hkv, 300, D)))  # warm-up: MLX compiles the fused kernels once
+    q, k, v, w = _inputs(1, H, Hkv, L, D)
+    mx.eval(q, k, v, w)
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
-    out = g(q, k, v)
+    out = g(q, k, v, w)
     mx.eval(out)
     peak = mx.get_peak_memory()
     del out
@@ -207,7 +210,10 @@ def test_peak_memory_linear_in_length():
 @pytest.mark.slow
 def test_peak_memory_64k():
     """The issue's bound: fwd+bwd at L=64K, H=8, D=64, fp32, B=1 under 1.5 GiB, linear from 8K."""
-    peaks = {L: _peak_fwd_bwd(L, 8, 8, 64) for L in (8192, 16384, 32768, 65536)}
+    peaks = {}
+    for L in (8192, 16384, 32768, 65536):
+        peaks[L] = _peak_fwd_bwd(L, 8, 8, 64)
+        print(f"L={L} H=8 Hkv=8 D=64 fp32 fwd+bwd peak {peaks[L] / 2**30:.3f} GiB", flush=True)
     for L in (16384, 32768, 65536):
         assert peaks[L] <= 2.2 * peaks[L // 2], peaks
     assert peaks[65536] < 1.5 * 2**30, peaks
@@ -299,3 +305,89 @@ def test_gpu_kernel_matches_blockwise(kind):
             tol = 1e-4 if dtype == mx.float32 else 2e-2
             for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
                 assert _max_abs(a, b) <= tol * max(1.0, float(mx.abs(b).max())), (name, dtype, L)
+
+
+# ------------------------------------------------------------------ kernel sources
+# The GPU kernels cannot run on the CI machine. These tests compile their sources the way
+# MLX 0.32 wraps them (signature generated from input/output names, template constants),
+# so typos and type errors are caught here; the numerics are checked on first use on the
+# real backend (kernels_gpu.self_check) and by test_gpu_kernel_matches_blockwise.
+
+_KERNELS = {  # section -> (inputs, outputs); "T" is the element type, the rest float
+    "forward": (["q", "k", "v", "params"], ["o", "lse"]),
+    "backward_dq": (["q", "k", "v", "dout", "lse", "delta", "params"], ["dq_out"]),
+    "backward_dkdv": (["q", "k", "v", "dout", "lse", "delta", "params"], ["dk_out", "dv_out"]),
+}
+_FLOAT_ARGS = {"params", "lse", "delta"}
+_CONFIGS = [  # (D, CAUSAL, WINDOW) with L=300, H=8, HKV=2
+    (64, "true", 0), (80, "false", 16), (128, "true", 7)]
+
+
+def _cuda_unit(src, ctypes=("float", "__half", "__nv_bfloat16")):
+    """Kernels as mlx/backend/cuda/custom_kernel.cpp build_kernel() writes them."""
+    out = ["#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>",
+           src["header"], "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;"]
+    for ctype in ctypes:
+        for section, (ins, outs) in _KERNELS.items():
+            for D, causal, window in _CONFIGS[1:]:  # D=80: lanes with dims past D
+                args = [f"    const {'float' if n in _FLOAT_ARGS else ctype}* {n}" for n in ins]
+                args += [f"    {'float' if n in _FLOAT_ARGS else ctype}* {n}" for n in outs]
+                consts = (f"  using T = {ctype};\n  constexpr int D = {D};\n  constexpr int L = 300;\n"
+                          f"  constexpr int H = 8;\n  constexpr int HKV = 2;\n"
+                          f"  constexpr bool CAUSAL = {causal};\n  constexpr int WINDOW = {window};\n")
+                out.append(f"__global__ void k_{section}_{ctype}_{D}(\n" + ",\n".join(args)
+                           + f") {{\n{consts}\n{src[section]}\n}}")
+    out.append("}  // namespace mlx::core::cu")
+    return "\n".join(out)
+
+
+@pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
+def test_cuda_kernel_source_compiles(tmp_path):
+    """nvcc compile check of kernels/attention.cu for float, half and bfloat16 (no GPU needed)."""
+    from mozgach_mlx import kernels_gpu
+
+    cu = tmp_path / "attention_check.cu"
+    cu.write_text(_cuda_unit(kernels_gpu.kernel_source("cuda")))
+    res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-c", str(cu), "-o", str(tmp_path / "a.o")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+_METAL_SHIM = """// Just enough of Metal for a C++ syntax/type check of the kernel bodies.
+#include <cmath>
+#include <cstddef>
+#include <algorithm>
+#define device
+#define constant
+#define thread
+#define kernel
+struct uint3 { unsigned x, y, z; };
+namespace metal { using std::exp; using std::log; }
+using std::max; using std::min;
+inline float simd_sum(float x) { return x; }
+"""
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="g++ not installed")
+def test_metal_kernel_source_type_checks(tmp_path):
+    """The Metal source cannot be compiled here (no Metal toolchain on Linux). This checks the
+    kernel bodies as C++ against a minimal shim of the Metal names they use, in the
+    signature MLX's metal_kernel generates, so undeclared names and type errors are caught."""
+    from mozgach_mlx import kernels_gpu
+
+    src = kernels_gpu.kernel_source("metal")
+    out = [_METAL_SHIM, src["header"]]
+    for section, (ins, outs) in _KERNELS.items():
+        args = [f"const device {'float' if n in _FLOAT_ARGS else 'T'}* {n}" for n in ins]
+        args += [f"device {'float' if n in _FLOAT_ARGS else 'T'}* {n}" for n in outs]
+        args += ["uint3 thread_position_in_grid", "unsigned thread_index_in_simdgroup"]
+        out.append("template <typename T, int D, int L, int H, int HKV, bool CAUSAL, int WINDOW>\n"
+                   f"void k_{section}(" + ", ".join(args) + f") {{\n{src[section]}\n}}")
+        for D, causal, window in _CONFIGS:
+            proto = ", ".join(a.rsplit(" ", 1)[0] for a in args).replace("device ", "").replace("T*", "float*")
+            out.append(f"template void k_{section}<float, {D}, 300, 8, 2, {causal}, {window}>({proto});")
+    f = tmp_path / "attention_check.cpp"
+    f.write_text("\n".join(out))
+    res = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused",
+                          str(f)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-4000:]
