@@ -170,7 +170,14 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
     config = {"train": cfg.to_dict(), **(run_config or {})}
     manifest = Manifest.open(out_dir, base, config)
     result = FleetResult(out_dir=str(out_dir))
-    emit = on_event or (lambda kind, info: None)
+    events = out_dir / "logs" / "fleet.jsonl"
+
+    def emit(kind: str, info: dict) -> None:
+        with open(events, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **info},
+                               default=str) + "\n")
+        if on_event is not None:
+            on_event(kind, info)
 
     if getattr(model, "lora_config", None) is None:
         lora.apply(model, cfg.lora)
@@ -199,7 +206,8 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
             valid = splits.get("valid") or []
             lora.reset(model, seed=dcfg.seed)  # B = 0: the adapter is exactly the base here
             base_loss = evaluate(model, valid, dcfg)[0] if valid else None
-            res = train_adapter(model, tok, splits, dcfg, adir, resume=True)
+            res = train_adapter(model, tok, splits, dcfg, adir, resume=True,
+                                log_path=out_dir / "logs" / f"{name}.jsonl")
         except MozgachError as e:
             manifest.update(name, status="failed", error=f"{type(e).__name__}: {e}")
             result.failed.append(name)

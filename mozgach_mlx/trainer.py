@@ -232,9 +232,8 @@ def _restore_checkpoint(out_dir: Path, model, opt: optim.Optimizer, state: dict)
     opt.state = tree_unflatten(list(opt_state.items()))
 
 
-def _read_log(out_dir: Path, upto_step: int) -> list[dict]:
+def _read_log(path: Path, upto_step: int) -> list[dict]:
     """Log records of a previous attempt up to the checkpointed step (later ones are replayed)."""
-    path = out_dir / LOG_FILE
     if not path.exists():
         return []
     records = []
@@ -281,7 +280,8 @@ def _micro_batches(train, cfg: TrainConfig, epoch: int, start: int) -> Iterator:
 
 def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir: str | Path = "adapter",
                   *, loss_fn: Callable = default_loss, callback: Callable[[dict], None] | None = None,
-                  resume: bool = True, save_formats: str = "both") -> TrainResult:
+                  resume: bool = True, save_formats: str = "both",
+                  log_path: str | Path | None = None) -> TrainResult:
     """Train one LoRA adapter on ``data`` and save it to ``out_dir``.
 
     Args:
@@ -295,6 +295,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         callback: called with a dict after every optimizer step and evaluation.
         resume: continue from ``out_dir/checkpoint`` if it exists and matches ``cfg``.
         save_formats: adapter layouts to write: ``peft``, ``mlx-lm`` or ``both``.
+        log_path: the JSONL step log (default ``out_dir/train_log.jsonl``).
 
     Returns:
         TrainResult with the loss history, validation loss/perplexity, tokens and timing.
@@ -331,7 +332,8 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         step, epoch, pos = state["step"], state["epoch"], state["position"]
         tokens, losses = state["tokens"], list(state["losses"])
         resumed_from = step
-    log = _Log(out_dir / LOG_FILE, _read_log(out_dir, step) if state is not None else [])
+    log_path = Path(log_path) if log_path is not None else out_dir / LOG_FILE
+    log = _Log(log_path, _read_log(log_path, step) if state is not None else [])
 
     model.train()
     grad_fn = nn.value_and_grad(model, lambda x, y, k: loss_fn(model, x, y, k, cfg))

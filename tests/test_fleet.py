@@ -124,6 +124,11 @@ def test_sigkill_mid_adapter_then_resume_gives_identical_files(tmp_path):
     manifest = json.loads((tmp_path / "cut" / "manifest.json").read_text())
     assert manifest["adapters"]["mozgach108_002"]["resumed_from"] >= 2
     assert "1 already done" in out
+    logs = tmp_path / "cut" / "logs"
+    steps = [json.loads(x)["step"] for x in (logs / "mozgach108_002.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # replayed steps are not logged twice
+    events = [json.loads(x)["event"] for x in (logs / "fleet.jsonl").read_text().splitlines()]
+    assert events == ["start", "done", "start", "skip", "start", "done", "start", "done"]
     assert _adapter_hashes(tmp_path / "cut") == _adapter_hashes(tmp_path / "ref")
     # per adapter: PEFT weights, mlx-lm weights, and the adapter_config.json both layouts read
     assert len(_adapter_hashes(tmp_path / "ref")) == 3 * 3
