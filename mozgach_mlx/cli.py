@@ -76,17 +76,17 @@ def _field_options(cls, prefix: str = "", skip: tuple = ()):
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + prefix + f.name.replace("_", "-")
+        dest = prefix + f.name
+        flag = "--" + dest.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         help_ = f.metadata.get("help", "")
         if typ == "bool":
-            opts.append(click.option(flag + "/--no-" + prefix + f.name.replace("_", "-"),
-                                     prefix + f.name, default=None, help=help_))
+            opts.append(click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=help_))
         elif "tuple" in typ:
-            opts.append(click.option(flag, prefix + f.name, default=None, help=help_ + " (comma-separated)"))
+            opts.append(click.option(flag, dest, default=None, help=help_ + " (comma-separated)"))
         else:
             ptype = float if "float" in typ else int if "int" in typ else str
-            opts.append(click.option(flag, prefix + f.name, type=ptype, default=None, help=help_))
+            opts.append(click.option(flag, dest, type=ptype, default=None, help=help_))
     return opts
 
 

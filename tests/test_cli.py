@@ -1,0 +1,66 @@
+import pytest
+from click.testing import CliRunner
+
+from mozgach_mlx.cli import DEFAULT_RUN_TRAIN, build_configs, main
+from mozgach_mlx.errors import ConfigError
+from mozgach_mlx.trainer import TrainConfig
+
+
+def _cli(**kw):
+    """What click passes for the options the user gave (the rest arrive as None)."""
+    return kw
+
+
+def test_builtin_default_uses_the_preset_and_cli_wins_over_yaml():
+    run, t = build_configs(_cli(), {})
+    assert run.builtin_default and run.model == "tiny" and run.data is None
+    assert t.max_steps == DEFAULT_RUN_TRAIN["max_steps"] and t.learning_rate == DEFAULT_RUN_TRAIN["learning_rate"]
+
+    yaml_cfg = {"out": "from_yaml", "train": {"learning_rate": 1e-3, "epochs": 2}, "lora": {"r": 8}}
+    run, t = build_configs(_cli(learning_rate=5e-4, lora_alpha=4.0), yaml_cfg)
+    assert run.out == "from_yaml"
+    assert t.learning_rate == 5e-4  # CLI > YAML
+    assert t.epochs == 2  # YAML > preset/defaults
+    assert (t.lora.r, t.lora.alpha) == (8, 4.0)
+
+
+def test_user_model_gets_the_seed_defaults_not_the_preset():
+    run, t = build_configs(_cli(model="some/dir", data="d"), {})
+    d = TrainConfig()
+    assert (t.learning_rate, t.warmup_steps, t.grad_accumulation, t.max_grad_norm, t.epochs, t.max_steps) == \
+        (d.learning_rate, d.warmup_steps, d.grad_accumulation, d.max_grad_norm, d.epochs, None)
+
+
+def test_lora_targets_from_cli_and_rope_flags():
+    run, t = build_configs(_cli(lora_targets="q_proj, v_proj", rope_scaling="linear", rope_factor=4.0), {})
+    assert t.lora.targets == ("q_proj", "v_proj")
+    assert run.rope_dict() == {"type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("cli,yaml_cfg,match", [
+    ({}, {"bogus": 1}, "unknown top-level key"),
+    ({}, {"train": {"lr": 1}}, "unknown key.*'train:'"),
+    ({"quantize": "3"}, {}, "--quantize"),
+    ({"rope_factor": 2.0}, {}, "without --rope-scaling"),
+    ({"rope_scaling": "linear"}, {}, "needs --rope-factor"),
+    ({"learning_rate": -1.0}, {}, "TrainConfig.learning_rate"),
+])
+def test_bad_options_are_config_errors(cli, yaml_cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        run, _ = build_configs(_cli(**cli), yaml_cfg)
+        run.quant_bits()
+        run.rope_dict()
+
+
+def test_help_lists_the_issue_flags():
+    out = CliRunner().invoke(main, ["train", "--help"]).output
+    for flag in ("--model", "--data", "--out", "--domains", "--max-seq-length", "--rope-scaling", "--rope-factor",
+                 "--quantize", "--lora-r", "--lora-alpha", "--lora-dropout", "--learning-rate", "--seed",
+                 "--quiet", "--config", "--grad-accumulation", "--max-grad-norm", "--epochs"):
+        assert flag in out, flag
+
+
+def test_bad_flag_value_exits_2_with_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "o"), "--quantize", "3", "--quiet"])
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: --quantize '3'")
