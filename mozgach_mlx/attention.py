@@ -34,6 +34,7 @@ otherwise ``blockwise``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -204,6 +205,39 @@ def _finish(acc, m, lsum):
     return acc / lsum, m + mx.log2(lsum)
 
 
+def _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, dep):
+    """Online softmax of one query block over its visible key blocks.
+
+    qi (B, Hkv, R, D) base-2-scaled queries, R = rep * (qb - qa) -> (o (B, Hkv, R, D),
+    lse2 (B, Hkv, R, 1)). ``dep``: arrays the first K/V slice must wait for.
+    """
+    m = lsum = acc = None
+    for ka, kb in _spans(kf.shape[2], bk):
+        kind = _block_kind(qa, qb, ka, kb, causal, window)
+        if kind == "skip":
+            continue
+        kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+        if dep:
+            kj, vj = mx.depends([kj, vj], dep)
+        s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+        if kind == "mask":
+            s = _mask_scores(s, _visible(*_positions(qa, qb, rep, ka, kb), causal, window))
+        m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, R, 1)
+        if m is not None:
+            m_new = mx.maximum(m, m_new)
+        p = _exp2(s - m_new)
+        if m is None:
+            lsum = p.sum(axis=-1, keepdims=True)
+            acc = p @ vj  # (B, Hkv, R, D)
+        else:
+            alpha = _exp2(m - m_new)
+            lsum = lsum * alpha + p.sum(axis=-1, keepdims=True)
+            acc = acc * alpha + p @ vj
+        m = m_new
+        dep = [m, lsum, acc]
+    return _finish(acc, m, lsum)
+
+
 def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
     """(o (B, H, L, D) in q.dtype, lse2 (B, Hkv, rep, L) float32: the logsumexp in base 2,
     log2(sum_j 2**s2_j), of the base-2 scores s2 = log2(e) * scale * q.k)."""
@@ -214,40 +248,18 @@ def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
     kf = k.astype(mx.float32)
     vf = v.astype(mx.float32)
     o_parts, lse_parts = [], []
-    dep: list[mx.array] = []
-    for qa, qb in _spans(L, bq):
-        n = qb - qa
-        # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows.
-        # Scores in base 2: s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
-        qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, rep * n, D)
-        m = lsum = acc = None
-        for ka, kb in _spans(L, bk):
-            kind = _block_kind(qa, qb, ka, kb, causal, window)
-            if kind == "skip":
-                continue
-            kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
-            if dep:
-                kj, vj = mx.depends([kj, vj], dep)
-            s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, rep*n, C)
-            if kind == "mask":
-                s = _mask_scores(s, _visible(*_positions(qa, qb, rep, ka, kb), causal, window))
-            m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, rep*n, 1)
-            if m is not None:
-                m_new = mx.maximum(m, m_new)
-            p = _exp2(s - m_new)
-            if m is None:
-                lsum = p.sum(axis=-1, keepdims=True)
-                acc = p @ vj  # (B, Hkv, rep*n, D)
-            else:
-                alpha = _exp2(m - m_new)
-                lsum = lsum * alpha + p.sum(axis=-1, keepdims=True)
-                acc = acc * alpha + p @ vj
-            m = m_new
-            dep = [m, lsum, acc]
-        o_i, lse_i = _finish(acc, m, lsum)
-        o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
-        lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
-        dep = [o_parts[-1], lse_parts[-1]]
+    lanes = _lanes()
+    deps: list[list[mx.array]] = [[] for _ in lanes]
+    for bi, (qa, qb) in enumerate(_spans(L, bq)):
+        lane, n = bi % len(lanes), qb - qa
+        with _on(lanes[lane]):
+            # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows;
+            # base-2 scores s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
+            qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, rep * n, D)
+            o_i, lse_i = _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, deps[lane])
+            o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
+            lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
+        deps[lane] = [o_parts[-1], lse_parts[-1]]
     o = mx.concatenate(o_parts, axis=3) if len(o_parts) > 1 else o_parts[0]
     lse = mx.concatenate(lse_parts, axis=3) if len(lse_parts) > 1 else lse_parts[0]
     return o.reshape(B, H, L, D), lse
@@ -264,50 +276,82 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
     kf = k.astype(mx.float32)
     vf = v.astype(mx.float32)
     kspans = _spans(L, bk)
-    dk_acc: list[mx.array | None] = [None] * len(kspans)
-    dv_acc: list[mx.array | None] = [None] * len(kspans)
+    lanes = _lanes()
+    # Per lane (stream) dK/dV accumulators, summed at the end: no cross-stream chains.
+    dk_acc: list[list[mx.array | None]] = [[None] * len(kspans) for _ in lanes]
+    dv_acc: list[list[mx.array | None]] = [[None] * len(kspans) for _ in lanes]
     dq_parts = []
-    dep: list[mx.array] = []
-    for qa, qb in _spans(L, bq):
-        n = qb - qa
-        R = rep * n
-        qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, R, D)
-        doi = do5[:, :, :, qa:qb].astype(mx.float32)
-        delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
-        doi = doi.reshape(B, Hkv, R, D)
-        delta = delta.reshape(B, Hkv, R, 1)
-        lse_i = lse[:, :, :, qa:qb].reshape(B, Hkv, R, 1)
-        dqi = None
-        for j, (ka, kb) in enumerate(kspans):
-            kind = _block_kind(qa, qb, ka, kb, causal, window)
-            if kind == "skip":
-                continue
-            kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
-            if dep:
-                kj, vj = mx.depends([kj, vj], dep)
-            s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-            p = _exp2(s - lse_i)  # P = exp(S - lse), recomputed
-            if kind == "mask":
-                p = mx.where(_visible(*_positions(qa, qb, rep, ka, kb), causal, window), p, 0.0)
-            dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
-            dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-            ds = _dscores(p, dp, delta)
-            dqc = ds @ kj  # (B, Hkv, R, D)
-            dkj = ds.swapaxes(-1, -2) @ qi  # (B, Hkv, C, D); qi carries scale * log2(e)
-            dqi = dqc if dqi is None else dqi + dqc
-            dk_acc[j] = dkj if dk_acc[j] is None else dk_acc[j] + dkj
-            dv_acc[j] = dvj if dv_acc[j] is None else dv_acc[j] + dvj
-            dep = [dqi, dk_acc[j], dv_acc[j]]
-        dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(q.dtype))
-        dep = [dq_parts[-1]] + [a for a in dep if a is not dqi]
+    deps: list[list[mx.array]] = [[] for _ in lanes]
+    for bi, (qa, qb) in enumerate(_spans(L, bq)):
+        lane, n = bi % len(lanes), qb - qa
+        dka, dva, dep = dk_acc[lane], dv_acc[lane], deps[lane]
+        with _on(lanes[lane]):
+            R = rep * n
+            qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, R, D)
+            doi = do5[:, :, :, qa:qb].astype(mx.float32)
+            delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
+            doi = doi.reshape(B, Hkv, R, D)
+            delta = delta.reshape(B, Hkv, R, 1)
+            lse_i = lse[:, :, :, qa:qb].reshape(B, Hkv, R, 1)
+            dqi = None
+            for j, (ka, kb) in enumerate(kspans):
+                kind = _block_kind(qa, qb, ka, kb, causal, window)
+                if kind == "skip":
+                    continue
+                kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+                if dep:
+                    kj, vj = mx.depends([kj, vj], dep)
+                s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+                p = _exp2(s - lse_i)  # P = exp(S - lse), recomputed
+                if kind == "mask":
+                    p = mx.where(_visible(*_positions(qa, qb, rep, ka, kb), causal, window), p, 0.0)
+                dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
+                dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+                ds = _dscores(p, dp, delta)
+                dqc = ds @ kj  # (B, Hkv, R, D)
+                dkj = ds.swapaxes(-1, -2) @ qi  # (B, Hkv, C, D); qi carries scale * log2(e)
+                dqi = dqc if dqi is None else dqi + dqc
+                dka[j] = dkj if dka[j] is None else dka[j] + dkj
+                dva[j] = dvj if dva[j] is None else dva[j] + dvj
+                dep = [dqi, dka[j], dva[j]]
+            dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(q.dtype))
+        deps[lane] = [dq_parts[-1]] + [a for a in dep if a is not dqi]
+    dk_parts, dv_parts = [], []
     for j, (ka, kb) in enumerate(kspans):
-        if dk_acc[j] is None:  # keys no query can see (only possible with odd windows)
-            dk_acc[j] = mx.zeros((B, Hkv, kb - ka, D), mx.float32)
-            dv_acc[j] = mx.zeros((B, Hkv, kb - ka, D), mx.float32)
+        dks = [acc[j] for acc in dk_acc if acc[j] is not None]
+        dvs = [acc[j] for acc in dv_acc if acc[j] is not None]
+        if not dks:  # keys no query can see (only possible with odd windows)
+            dks = dvs = [mx.zeros((B, Hkv, kb - ka, D), mx.float32)]
+        dk_parts.append(sum(dks[1:], dks[0]))
+        dv_parts.append(sum(dvs[1:], dvs[0]))
     dq = mx.concatenate(dq_parts, axis=3) if len(dq_parts) > 1 else dq_parts[0]
-    dk = (mx.concatenate(dk_acc, axis=2) if len(dk_acc) > 1 else dk_acc[0]) * _LN2
-    dv = mx.concatenate(dv_acc, axis=2) if len(dv_acc) > 1 else dv_acc[0]
+    dk = (mx.concatenate(dk_parts, axis=2) if len(dk_parts) > 1 else dk_parts[0]) * _LN2
+    dv = mx.concatenate(dv_parts, axis=2) if len(dv_parts) > 1 else dv_parts[0]
     return dq.reshape(B, H, L, D), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# CPU streams the query blocks are spread over (env MOZGACH_ATTENTION_CPU_STREAMS). MLX
+# runs each stream's ops on its own thread and its CPU elementwise kernels are
+# single-threaded, so >1 lets the elementwise work of several query blocks use several
+# cores. Default 1: on the shared 2-core dev box 2 streams measured ~1.6x *slower*
+# (CPU time 5.7 s vs 3.3 s at L=4K, H=8, D=64 -- contention with OpenBLAS's threads);
+# worth re-measuring on an idle many-core machine.
+CPU_STREAMS = int(os.environ.get("MOZGACH_ATTENTION_CPU_STREAMS", "1"))
+
+
+@lru_cache(maxsize=1)
+def _extra_cpu_streams(n: int) -> tuple:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+
+
+def _lanes() -> list:
+    if CPU_STREAMS < 2 or mx.default_device() != mx.cpu:
+        return [None]
+    return [mx.default_stream(mx.cpu), *_extra_cpu_streams(CPU_STREAMS - 1)]
+
+
+def _on(stream):
+    return contextlib.nullcontext() if stream is None else mx.stream(stream)
 
 
 @lru_cache(maxsize=64)
