@@ -58,7 +58,9 @@ def _kernels(kind: str):
 def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
     """Shapes/dtypes the kernels handle (everything else goes to the blockwise path)."""
     return (q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in _FLOAT_TYPES
-            and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2])
+            and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2]
+            # CUDA grids: rows go on grid.y (< 65536 blocks of _ROWS_PER_GROUP rows).
+            and q.shape[2] < 65535 * _ROWS_PER_GROUP)
 
 
 def _template(q, k, causal, window):
@@ -124,7 +126,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = No
     if kind not in ("metal", "cuda"):
         raise ValueError(f"no GPU attention kernel for backend {kind!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    q, k, v = (mx.contiguous(x) for x in (q, k, v))
     o, _ = _kernel_fn(kind, scale, bool(causal), window)(q, k, v)
     return o
 
