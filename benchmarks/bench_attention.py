@@ -3,7 +3,8 @@ vs the naive reference, side by side in one process.
 
 For each sequence length L and head dim D it times one value_and_grad step of
 ``sum(attention(q, k, v) * dO)`` w.r.t. q, k, v (B=1, H query heads, Hkv KV heads, causal,
-fp32) and records MLX's peak memory over that step (``mx.reset_peak_memory`` /
+fp32) -- wall-clock and process CPU time (all threads; steadier than wall time on a
+shared machine) -- and records MLX's peak memory over that step (``mx.reset_peak_memory`` /
 ``mx.get_peak_memory``; inputs are included, they are allocated before the reset).
 Implementations whose L x L scores would not fit (estimated, see ``--max-quadratic-gb``)
 are skipped, so the run cannot swap the machine to death.
@@ -113,9 +114,10 @@ def main(argv=None):
         for impl in args.impls:
             measure(impl, 256, D, H, Hkv, 1)
 
-    header = f"{'L':>6} {'D':>4} | " + " | ".join(f"{i + ' s':>9} {i + ' GiB':>9}" for i in args.impls)
+    header = f"{'L':>6} {'D':>4} | " + " | ".join(
+        f"{i + ' wall':>10} {'cpu':>7} {'GiB':>6}" for i in args.impls)
     if "ours" in args.impls and "sdpa" in args.impls:
-        header += " | speedup vs sdpa"
+        header += " | sdpa/ours wall  cpu"
     print(header)
     rows = []
     for D in args.dims:
@@ -124,15 +126,16 @@ def main(argv=None):
             for impl in args.impls:
                 est_gb = QUADRATIC_FACTOR[impl] * 4 * H * L * L / 1e9
                 if est_gb > args.max_quadratic_gb:
-                    cells.append(f"{'skip':>9} {f'~{est_gb:.0f}GB':>9}")
+                    cells.append(f"{'skip':>10} {f'~{est_gb:.0f}GB':>14}")
                     continue
                 reps = args.repeats if L < 16384 else args.long_repeats
-                t, peak = measure(impl, L, D, H, Hkv, reps)
-                res[impl] = (t, peak)
-                cells.append(f"{t:9.3f} {peak / 2**30:9.3f}")
+                res[impl] = measure(impl, L, D, H, Hkv, reps)
+                t, ct, peak = res[impl]
+                cells.append(f"{t:10.2f} {ct:7.2f} {peak / 2**30:6.3f}")
             line = f"{L:>6} {D:>4} | " + " | ".join(cells)
             if "ours" in res and "sdpa" in res:
-                line += f" | {res['sdpa'][0] / res['ours'][0]:.2f}x"
+                line += (f" | {res['sdpa'][0] / res['ours'][0]:9.2f}x"
+                         f" {res['sdpa'][1] / res['ours'][1]:5.2f}x")
             print(line, flush=True)
             rows.append((L, D, res))
     return rows
