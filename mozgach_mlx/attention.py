@@ -30,8 +30,8 @@ CPU by a vectorisable polynomial ~10x faster than MLX's CPU ``exp`` (see ``_exp2
 
 Environment: ``MOZGACH_ATTENTION`` = ``blockwise`` | ``metal`` | ``cuda`` | ``reference``
 forces a path (forcing a GPU kernel that cannot run here raises :class:`KernelError`).
-Unset: the GPU kernel of the current backend if it passed its first-use self-check,
-otherwise ``blockwise``.
+Unset: the GPU kernel of the current backend if it passed its first-use self-check (and
+a one-off timing against blockwise), otherwise ``blockwise``.
 """
 
 from __future__ import annotations
@@ -463,7 +463,7 @@ def attention_path(q: mx.array | None = None) -> str:
         if not avail[forced]:
             raise KernelError(f"MOZGACH_ATTENTION={forced} but MLX runs on the "
                               f"{backend.backend()} backend here; unset it or use blockwise.")
-        return forced if _gpu_kernel_ok(forced) else "blockwise"
+        return forced if _gpu_kernel_ok(forced, forced=True) else "blockwise"
     for kind in ("metal", "cuda"):
         if avail[kind] and _gpu_kernel_ok(kind):
             return kind
@@ -471,16 +471,24 @@ def attention_path(q: mx.array | None = None) -> str:
 
 
 _self_check: dict[str, bool] = {}
+_faster: dict[str, bool] = {}
 
 
-def _gpu_kernel_ok(kind: str) -> bool:
-    """First-use self-check of the GPU kernel against blockwise (values and grads)."""
+def _gpu_kernel_ok(kind: str, forced: bool = False) -> bool:
+    """First-use self-check of the GPU kernel against blockwise (values and grads); unless
+    the kernel is forced, also a one-off timing so an unmeasured kernel that is slower
+    than the blockwise path on this GPU is not used by default."""
+    from . import kernels_gpu
+
     if kind not in _self_check:
-        from . import kernels_gpu
-
         ok, why = kernels_gpu.self_check(kind)
         _self_check[kind] = ok
         if not ok:
             warnings.warn(f"mozgach_mlx: the {kind} attention kernel failed its self-check "
                           f"({why}); using the blockwise MLX path instead.", stacklevel=3)
-    return _self_check[kind]
+    if not _self_check[kind] or forced:
+        return _self_check[kind]
+    if kind not in _faster:
+        t_kernel, t_blockwise = kernels_gpu.speed_check(kind)
+        _faster[kind] = t_kernel <= t_blockwise
+    return _faster[kind]

@@ -130,6 +130,33 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = No
     return o
 
 
+def speed_check(kind: str, L: int = 2048) -> tuple[float, float]:
+    """Seconds for one fwd+bwd step (B=1, H=8, Hkv=2, D=128, bf16) of (kernel, blockwise).
+
+    The kernels are simple (one SIMD-group per row, no query tiling) and have never been
+    timed on hardware; the dispatcher uses this once to keep the faster path.
+    """
+    import time
+
+    from .attention import blockwise_attention
+
+    keys = mx.random.split(mx.random.key(7), 4)
+    q = mx.random.normal((1, 8, L, 128), key=keys[0]).astype(mx.bfloat16)
+    k = mx.random.normal((1, 2, L, 128), key=keys[1]).astype(mx.bfloat16)
+    v = mx.random.normal((1, 2, L, 128), key=keys[2]).astype(mx.bfloat16)
+    w = mx.random.normal((1, 8, L, 128), key=keys[3]).astype(mx.bfloat16)
+    times = []
+    for fn in (lambda q, k, v: attention(q, k, v, kind=kind), blockwise_attention):
+        step = mx.grad(lambda q, k, v, fn=fn: (fn(q, k, v) * w).astype(mx.float32).sum(),
+                       argnums=(0, 1, 2))
+        mx.eval(step(q, k, v))  # warm-up / compile
+        t0 = time.perf_counter()
+        for _ in range(3):
+            mx.eval(step(q, k, v))
+        times.append((time.perf_counter() - t0) / 3)
+    return times[0], times[1]
+
+
 def self_check(kind: str) -> tuple[bool, str]:
     """Compare the kernel with the blockwise path (values and dq/dk/dv) on small inputs.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+import warnings
 
 import mlx.core as mx  # conftest imported mozgach_mlx first (fast BLAS)
 import numpy as np
@@ -401,3 +402,53 @@ def test_multiple_cpu_streams_agree(monkeypatch):
     ref = _value_and_grads(A.reference_attention, q, k, v, w, causal=True)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
         assert _max_abs(a, b) <= 1e-4, name
+
+
+def _fake_gpu(monkeypatch, ok=True, t_kernel=1.0, t_blockwise=2.0):
+    """Pretend a Metal backend exists, with a stand-in kernel that records its calls."""
+    from mozgach_mlx import kernels_gpu
+
+    calls = []
+    monkeypatch.setattr(backend, "kernels_available",
+                        lambda: {"reference": True, "blockwise": True, "metal": True, "cuda": False})
+    monkeypatch.setattr(kernels_gpu, "self_check", lambda kind: (ok, "ok" if ok else "boom"))
+    monkeypatch.setattr(kernels_gpu, "speed_check", lambda kind: (t_kernel, t_blockwise))
+
+    def fake_kernel(q, k, v, *, scale, causal, window):
+        calls.append(q.shape)
+        return A.blockwise_attention(q, k, v, scale=scale, causal=causal, window=window)
+
+    monkeypatch.setattr(kernels_gpu, "attention", fake_kernel)
+    monkeypatch.setattr(A, "_self_check", {})
+    monkeypatch.setattr(A, "_faster", {})
+    monkeypatch.delenv("MOZGACH_ATTENTION", raising=False)
+    return calls
+
+
+def test_dispatcher_uses_kernel_that_passes_checks(monkeypatch):
+    calls = _fake_gpu(monkeypatch)
+    q, k, v, _ = _inputs(1, 2, 1, 20, 64)
+    A.flash_attention(q, k, v)
+    assert A.attention_path(q) == "metal" and calls == [q.shape]
+
+
+def test_dispatcher_falls_back_and_warns_once_on_failed_self_check(monkeypatch):
+    calls = _fake_gpu(monkeypatch, ok=False)
+    q, k, v, _ = _inputs(1, 2, 1, 20, 64)
+    with pytest.warns(UserWarning, match="self-check"):
+        out = A.flash_attention(q, k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        A.flash_attention(q, k, v)
+    assert calls == [] and _max_abs(out, A.reference_attention(q, k, v)) <= 1e-5
+    monkeypatch.setenv("MOZGACH_ATTENTION", "metal")  # forcing still never runs a failed kernel
+    assert A.attention_path(q) == "blockwise"
+
+
+def test_dispatcher_keeps_blockwise_when_kernel_is_slower(monkeypatch):
+    calls = _fake_gpu(monkeypatch, t_kernel=3.0, t_blockwise=1.0)
+    q, k, v, _ = _inputs(1, 2, 1, 20, 64)
+    A.flash_attention(q, k, v)
+    assert A.attention_path(q) == "blockwise" and calls == []
+    monkeypatch.setenv("MOZGACH_ATTENTION", "metal")  # forcing skips the timing
+    assert A.attention_path(q) == "metal"
