@@ -363,8 +363,18 @@ def test_foreign_configs_without_our_block_convert_scale(tmp_path, rslora):
         assert maxdiff(fresh(X), want) < 1e-5
 
 
+def _hf_tokenizer(d):
+    """A minimal tokenizer.json so that mlx_lm.load (which needs an HF tokenizer) runs."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>").save_pretrained(d)
+
+
 @pytest.mark.parametrize("fmt", ["mlx-lm", "both"])
 def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path, fmt):
+    import mlx_lm
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import load_model
 
@@ -377,6 +387,10 @@ def test_mlx_lm_loads_our_adapter_with_same_logits(tmp_path, fmt):
     assert maxdiff(theirs(X), m(X)) < 1e-4
     theirs_lora = {k for k, _ in tree_flatten(theirs.parameters()) if ".lora_" in k}
     assert theirs_lora == set(lora.trainable(m))
+    # the public entry point: mlx_lm.load(path, adapter_path=...)
+    _hf_tokenizer(tmp_path / "base")
+    theirs2, _ = mlx_lm.load(str(tmp_path / "base"), adapter_path=str(tmp_path / "ad"))
+    assert maxdiff(theirs2(X), m(X)) < 1e-4
 
 
 @pytest.mark.parametrize("num_layers", [2, 0])  # mlx-lm: 0 means every block
