@@ -500,3 +500,34 @@ def test_bad_adapter_dirs(tmp_path):
     lora.apply(m, LoRAConfig())
     with pytest.raises(ConfigError, match="format"):
         lora.save(m, tmp_path / "b", format="gguf")
+
+
+def test_qlora_on_the_4bit_tiny_model(tmp_path):
+    # The product's setting: adapters over a 4-bit base (our quant.QuantizedLinear).
+    from mozgach_mlx.loss import sequence_loss
+
+    model, tok = mz.load("tiny", quantize=4, group_size=64)
+    model.eval()
+    base = model(X)
+    lora.apply(model, LoRAConfig(), seed=0)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.linear, quant.QuantizedLinear)
+    assert mx.array_equal(model(X), base).item()
+    _, g = nn.value_and_grad(model, lambda m: sequence_loss(m, X[:, :-1], X[:, 1:], mx.ones((1, 11)))[0])(model)
+    assert set(dict(tree_flatten(g))) == set(lora.trainable(model))
+    randomize_adapters(model)
+    want = model(X)
+    lora.save(model, tmp_path / "ad", format="both")
+    fresh, _ = mz.load("tiny", quantize=4, group_size=64)
+    lora.load(fresh, tmp_path / "ad")
+    assert maxdiff(fresh(X), want) < 1e-5
+    lora.fuse(fresh, out_dir=tmp_path / "fused", tokenizer=tok)  # re-quantized, saved with its config
+    reloaded, _ = mz.load(tmp_path / "fused")
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert mx.array_equal(reloaded(X), fresh(X)).item()
+    # exact up to fp32 rounding when dequantized (re-quantizing adds 4-bit rounding, which on
+    # this random tiny model is as large as quantizing the base itself)
+    again, _ = mz.load("tiny", quantize=4, group_size=64)
+    lora.load(again, tmp_path / "ad")
+    lora.fuse(again, dequantize=True)
+    assert not any(isinstance(x, nn.QuantizedLinear) for _, x in again.named_modules())
+    assert maxdiff(again(X), want) < 1e-4
