@@ -1,8 +1,9 @@
 // Flash attention for MLX's CUDA backend (mx.fast.cuda_kernel bodies).
 //
-// STATUS: written against MLX 0.32's cuda_kernel code generator and compile-checked here
-// with nvcc (sm_80/sm_90) through tests/test_attention.py's harness when nvcc is present;
-// it has NOT been run on an NVIDIA GPU from this repository's CI. mozgach_mlx/kernels_gpu.py
+// STATUS: written against MLX 0.32's cuda_kernel code generator and compile-checked with
+// nvcc -arch=sm_80 (tests/test_attention.py::test_cuda_kernel_source_compiles wraps the
+// bodies the way MLX does; MLX itself compiles them with NVRTC at run time). It has NOT
+// been run on an NVIDIA GPU. mozgach_mlx/kernels_gpu.py
 // only uses it after a first-use self-check against the blockwise MLX path (values and
 // gradients) passes; otherwise it warns once and falls back.
 //
@@ -13,9 +14,9 @@
 // for the template arguments inside the kernel body.
 
 //== header ==
-#include <math_constants.h>
-
+// No #includes: MLX compiles this with NVRTC after its own device headers.
 constexpr int kLanes = 32;
+using index_t = long long;  // 64-bit offsets: B*H*L*D can exceed 2^31
 
 __device__ __forceinline__ float warp_sum(float x) {
   for (int off = 16; off > 0; off >>= 1) {
@@ -59,9 +60,9 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
   const int b = bh / H;
   const int hk = (bh % H) / (H / HKV);
   const float sc = params[0];
-  auto qr = q + (size_t(bh) * L + i) * D;
-  auto kb = k + size_t(b * HKV + hk) * L * D;
-  auto vb = v + size_t(b * HKV + hk) * L * D;
+  auto qr = q + (index_t(bh) * L + i) * D;
+  auto kb = k + index_t(b * HKV + hk) * L * D;
+  auto vb = v + index_t(b * HKV + hk) * L * D;
 
   float qv[NPL];
   float acc[NPL];
@@ -70,13 +71,13 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
     qv[e] = d < D ? static_cast<float>(qr[d]) * sc : 0.0f;
     acc[e] = 0.0f;
   }
-  float m = -CUDART_INF_F;
+  float m = __int_as_float(0xff800000);  // -inf
   float l = 0.0f;
   int lo, hi;
   visible_keys(i, L, CAUSAL, WINDOW, lo, hi);
   for (int j = lo; j < hi; ++j) {
-    auto kr = kb + size_t(j) * D;
-    auto vr = vb + size_t(j) * D;
+    auto kr = kb + index_t(j) * D;
+    auto vr = vb + index_t(j) * D;
     float part = 0.0f;
     for (int e = 0; e < NPL; ++e) {
       const int d = lane + e * kLanes;
@@ -98,7 +99,7 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
     m = m_new;
   }
   const float inv_l = 1.0f / l;  // l >= 1: every row sees at least its own key
-  T* orow = o + (size_t(bh) * L + i) * D;
+  T* orow = o + (index_t(bh) * L + i) * D;
   for (int e = 0; e < NPL; ++e) {
     const int d = lane + e * kLanes;
     if (d < D) {
@@ -106,7 +107,7 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
     }
   }
   if (lane == 0) {
-    lse[size_t(bh) * L + i] = m + logf(l);
+    lse[index_t(bh) * L + i] = m + logf(l);
   }
 
 //== backward_dq ==
@@ -120,11 +121,11 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
   const int b = bh / H;
   const int hk = (bh % H) / (H / HKV);
   const float sc = params[0];
-  const size_t row = size_t(bh) * L + i;
+  const index_t row = index_t(bh) * L + i;
   auto qr = q + row * D;
   auto dor = dout + row * D;
-  auto kb = k + size_t(b * HKV + hk) * L * D;
-  auto vb = v + size_t(b * HKV + hk) * L * D;
+  auto kb = k + index_t(b * HKV + hk) * L * D;
+  auto vb = v + index_t(b * HKV + hk) * L * D;
   const float lse_i = lse[row];
   const float delta_i = delta[row];
 
@@ -140,8 +141,8 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
   int lo, hi;
   visible_keys(i, L, CAUSAL, WINDOW, lo, hi);
   for (int j = lo; j < hi; ++j) {
-    auto kr = kb + size_t(j) * D;
-    auto vr = vb + size_t(j) * D;
+    auto kr = kb + index_t(j) * D;
+    auto vr = vb + index_t(j) * D;
     float s_part = 0.0f;
     float dp_part = 0.0f;
     for (int e = 0; e < NPL; ++e) {
@@ -180,8 +181,8 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
   const int b = bk / HKV;
   const int hk = bk % HKV;
   const float sc = params[0];
-  auto kr = k + (size_t(bk) * L + j) * D;
-  auto vr = v + (size_t(bk) * L + j) * D;
+  auto kr = k + (index_t(bk) * L + j) * D;
+  auto vr = v + (index_t(bk) * L + j) * D;
 
   float kv[NPL];
   float vv[NPL];
@@ -198,13 +199,13 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
   visible_queries(j, L, CAUSAL, WINDOW, lo, hi);
   for (int r = 0; r < REP; ++r) {
     const int bh = b * H + hk * REP + r;
-    auto qb = q + size_t(bh) * L * D;
-    auto dob = dout + size_t(bh) * L * D;
-    auto lseb = lse + size_t(bh) * L;
-    auto deltab = delta + size_t(bh) * L;
+    auto qb = q + index_t(bh) * L * D;
+    auto dob = dout + index_t(bh) * L * D;
+    auto lseb = lse + index_t(bh) * L;
+    auto deltab = delta + index_t(bh) * L;
     for (int i = lo; i < hi; ++i) {
-      auto qr = qb + size_t(i) * D;
-      auto dor = dob + size_t(i) * D;
+      auto qr = qb + index_t(i) * D;
+      auto dor = dob + index_t(i) * D;
       float s_part = 0.0f;
       float dp_part = 0.0f;
       for (int e = 0; e < NPL; ++e) {
@@ -225,8 +226,8 @@ __device__ __forceinline__ void visible_queries(int j, int L, bool causal, int w
       }
     }
   }
-  T* dkr = dk_out + (size_t(bk) * L + j) * D;
-  T* dvr = dv_out + (size_t(bk) * L + j) * D;
+  T* dkr = dk_out + (index_t(bk) * L + j) * D;
+  T* dvr = dv_out + (index_t(bk) * L + j) * D;
   for (int e = 0; e < NPL; ++e) {
     const int d = lane + e * kLanes;
     if (d < D) {
