@@ -653,6 +653,7 @@ def save(
     paths = [p for p, _ in _lora_modules(model)]
     layers = _selected(model, cfg)
     config: dict = {}
+    fresh: set[Path] = set()
     if format in ("peft", "both"):
         config.update(_peft_config(cfg, model, paths, layers, extras, base_model))
         tensors = {}
@@ -662,19 +663,27 @@ def save(
             tensors[f"{PEFT_PREFIX}{path}.lora_{leaf[-1].upper()}.weight"] = v.T
         tensors.update({PEFT_PREFIX + k: v for k, v in extras.items()})
         atomic_save_safetensors(out / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+        fresh.add(out / PEFT_WEIGHTS)
     if format in ("mlx-lm", "both"):
         config.update(_mlx_config(cfg, paths, layers, base_model))
         atomic_save_safetensors(out / MLX_WEIGHTS, lora_w, metadata={"format": "mlx"})
+        fresh.add(out / MLX_WEIGHTS)
         if extras:
             atomic_save_safetensors(out / MLX_EXTRA_WEIGHTS, extras, metadata={"format": "mlx"})
+            fresh.add(out / MLX_EXTRA_WEIGHTS)
             warnings.warn(
                 f"{out / MLX_EXTRA_WEIGHTS}: trained embeddings/norms are saved beside adapters.safetensors; "
                 "mz.lora.load applies them, mlx-lm ignores them.",
                 stacklevel=2,
             )
-    config["mozgach"] = _mozgach_block(model, cfg, layers, extras)
+    written = [name for name in (PEFT_WEIGHTS, MLX_WEIGHTS, MLX_EXTRA_WEIGHTS) if (out / name) in fresh]
+    config["mozgach"] = _mozgach_block(model, cfg, layers, extras) | {"files": written}
     # Written last: a directory with a config is a complete adapter.
     atomic_write_json(out / CONFIG_FILE, config)
+    # Weights of an older save in another layout would be read instead of these.
+    for name in (PEFT_WEIGHTS, MLX_WEIGHTS, MLX_EXTRA_WEIGHTS):
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -691,7 +700,13 @@ def _read_config(d: Path) -> dict:
     return config
 
 
-def _detect_format(d: Path) -> str:
+def _detect_format(d: Path, block: dict) -> str:
+    # Our own saves list the weight files they wrote: trust that over what else lies there.
+    files = block.get("files") if isinstance(block.get("files"), list) else []
+    if MLX_WEIGHTS in files and (d / MLX_WEIGHTS).is_file():
+        return "mlx-lm"
+    if PEFT_WEIGHTS in files and (d / PEFT_WEIGHTS).is_file():
+        return "peft"
     if (d / MLX_WEIGHTS).is_file():
         return "mlx-lm"
     if (d / PEFT_WEIGHTS).is_file():
@@ -859,9 +874,9 @@ def read(model: nn.Module, adapter_dir: str | Path) -> tuple[LoRAConfig, dict[st
     if not src.is_dir():
         raise AdapterError(f"adapter directory {src} does not exist.")
     config = _read_config(src)
-    fmt = _detect_format(src)
-    n_blocks = len(_blocks(model))
     block = config.get("mozgach") if isinstance(config.get("mozgach"), dict) else {}
+    fmt = _detect_format(src, block)
+    n_blocks = len(_blocks(model))
     if isinstance(block.get("lora"), dict):
         try:
             cfg = LoRAConfig.from_dict(block["lora"], source=str(src / CONFIG_FILE))
@@ -876,7 +891,8 @@ def read(model: nn.Module, adapter_dir: str | Path) -> tuple[LoRAConfig, dict[st
         weights = _weights_from_peft(_read_tensors(src / PEFT_WEIGHTS))
     else:
         weights = _read_tensors(src / MLX_WEIGHTS)
-        if (src / MLX_EXTRA_WEIGHTS).is_file():
+        listed = block.get("files")
+        if (src / MLX_EXTRA_WEIGHTS).is_file() and (not isinstance(listed, list) or MLX_EXTRA_WEIGHTS in listed):
             weights.update(_read_tensors(src / MLX_EXTRA_WEIGHTS))
     try:
         shapes = _expected_shapes(model, cfg)

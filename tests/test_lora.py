@@ -336,6 +336,23 @@ def test_round_trip(tmp_path, fmt, extras):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
 
 
+def test_saving_again_in_another_layout_leaves_no_stale_weights(tmp_path):
+    m = trained(r=4, train_norms=True)
+    with pytest.warns(UserWarning):
+        lora.save(m, tmp_path, format="both")
+    stale = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    randomize_adapters(m, seed=5)
+    want = m(X)
+    lora.save(m, tmp_path, format="peft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # as if a crash had kept the old mlx-lm files: the config's file list still wins
+    for name in ("adapters.safetensors", "adapter_extra.safetensors"):
+        (tmp_path / name).write_bytes(stale[name])
+    fresh = small_model()
+    lora.load(fresh, tmp_path)
+    assert maxdiff(fresh(X), want) < 1e-5
+
+
 def test_both_layout_is_readable_by_each_config_reader(tmp_path):
     m = trained(r=8, alpha=16, targets=("q_proj", "v_proj"))
     lora.save(m, tmp_path, format="both")
