@@ -21,7 +21,8 @@ MLX is lazy, and the order in which a big graph is evaluated decides which tempo
 are alive at once. Every block step therefore takes its K/V slice through ``mx.depends``
 on the previous step's results: whatever order MLX picks, a block's scores exist only
 while that block is processed, so peak memory is O(L * D) + one block (measured in
-tests/test_attention.py and benchmarks/bench_attention.py).
+tests/test_attention.py and benchmarks/bench_attention.py; without the ``mx.depends``
+chain, fwd+bwd at L=4K, H=8, Hkv=2, D=64 peaked at 0.76 GiB instead of 0.08 GiB).
 
 Numerics: inputs of any float dtype are computed in float32 (fp32 accumulation); the
 output has the dtype of ``q`` and the gradients the dtypes of q, k, v. Internally scores
