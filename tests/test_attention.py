@@ -366,6 +366,8 @@ struct uint3 { unsigned x, y, z; };
 namespace metal { using std::exp; using std::log; }
 using std::max; using std::min;
 inline float simd_sum(float x) { return x; }
+// Stand-in for Metal's half/bfloat16_t: conversions to and from float only.
+struct half { float v; half(float x) : v(x) {} operator float() const { return v; } };
 """
 
 
@@ -385,8 +387,10 @@ def test_metal_kernel_source_type_checks(tmp_path):
         out.append("template <typename T, int D, int L, int H, int HKV, bool CAUSAL, int WINDOW>\n"
                    f"void k_{section}(" + ", ".join(args) + f") {{\n{src[section]}\n}}")
         for D, causal, window in _CONFIGS:
-            proto = ", ".join(a.rsplit(" ", 1)[0] for a in args).replace("device ", "").replace("T*", "float*")
-            out.append(f"template void k_{section}<float, {D}, 300, 8, 2, {causal}, {window}>({proto});")
+            for t in ("float", "half"):
+                proto = ", ".join(a.rsplit(" ", 1)[0] for a in args).replace("device ", "")
+                out.append(f"template void k_{section}<{t}, {D}, 300, 8, 2, {causal}, {window}>"
+                           f"({proto.replace('T*', t + '*')});")
     f = tmp_path / "attention_check.cpp"
     f.write_text("\n".join(out))
     res = subprocess.run(["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unused",
