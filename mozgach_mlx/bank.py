@@ -211,6 +211,7 @@ class AdapterBank:
         self.ranks = ranks
 
         self._rope_before = lora._rope_of(model)
+        self._was_training = model.training
         if rope is not None:
             lora._apply_rope(model, {"rope_scaling": rope[0], "max_position_embeddings": rope[1]}, rope_src)
 
@@ -254,13 +255,15 @@ class AdapterBank:
     # ------------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
-        """Put the model's original layers and RoPE scaling back (idempotent)."""
+        """Put the model's original layers, RoPE scaling and train/eval mode back (idempotent)."""
         if self._closed:
             return
         if self._originals:
             self.model.update_modules(tree_unflatten(self._originals))
         if lora._rope_of(self.model) != self._rope_before and hasattr(self.model, "set_rope"):
             self.model.set_rope(*self._rope_before)
+        if self._was_training:
+            self.model.train()
         self._state.current = None
         self._closed = True
 

@@ -102,6 +102,13 @@ def test_close_restores_the_model(adapters):
     assert mx.abs(model(x) - y0).max().item() == 0.0
     with pytest.raises(AdapterError, match="closed"):
         bank.loss(TEXT, adapter="a")
+    # an empty bank is the base model (what `mozgach generate` without --adapter uses)
+    model.train()
+    with AdapterBank(model, tok, []) as empty:
+        assert not model.training
+        assert empty.generate("ab", max_tokens=5, return_ids=True) == _greedy_recompute(model, tok.encode("ab"), 5)
+        assert empty.loss(TEXT) == pytest.approx(bank_free_loss(model, tok, TEXT), abs=1e-5)
+    assert model.training
 
 
 def test_bank_over_a_model_with_lora_layers_uses_their_base(adapters):
@@ -112,6 +119,12 @@ def test_bank_over_a_model_with_lora_layers_uses_their_base(adapters):
         with bank.use("a"):
             assert mx.abs(model(x) - ref(x)).max().item() <= 1e-5
     assert isinstance(model.layers[0].self_attn.q_proj, lora.LoRALinear)
+
+
+def bank_free_loss(model, tok, text):
+    ids = mx.array([tok.encode(text) + [tok.eos_token_id]])
+    logits = model(ids[:, :-1])
+    return nn.losses.cross_entropy(logits, ids[:, 1:]).mean().item()
 
 
 def _fused_reference(adapters, weights):
