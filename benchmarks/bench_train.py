@@ -72,7 +72,7 @@ else:
     if quant != "none":
         mz.quant.quantize_model(model, bits=int(quant), group_size=64)
     lora.apply(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0))
-    tc = trainer.TrainConfig(grad_checkpoint=True, mlp_chunk=4096, loss_chunk=1024)
+    tc = trainer.TrainConfig(grad_checkpoint=True, mlp_chunk=4096)
     model.grad_checkpoint, model.mlp_chunk = True, tc.mlp_chunk
     mask = mx.ones(targets.shape, mx.float32)
     def loss_fn(m):

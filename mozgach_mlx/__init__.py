@@ -5,7 +5,8 @@ from . import backend as _backend
 # Must run before anything imports mlx.core (see backend.py).
 _backend.load_fast_blas()
 
-from . import models, quant  # noqa: E402
+from . import attention, data, lora, loss, models, quant  # noqa: E402
+from .bank import AdapterBank  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
@@ -16,23 +17,39 @@ from .errors import (  # noqa: E402
     TokenizerError,
     TrainingError,
 )
+from .fleet import train_fleet  # noqa: E402
+from .lora import LoRAConfig  # noqa: E402
 from .models import ModelArgs, load, save  # noqa: E402
+from .plan import Plan, plan  # noqa: E402
+from .trainer import TrainConfig, TrainResult, train_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterBank",
     "AdapterError",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "KernelError",
+    "LoRAConfig",
     "ModelArgs",
     "MozgachError",
+    "Plan",
     "TokenizerError",
+    "TrainConfig",
+    "TrainResult",
     "TrainingError",
     "__version__",
+    "attention",
+    "data",
     "load",
+    "lora",
+    "loss",
     "models",
+    "plan",
     "quant",
     "save",
+    "train_adapter",
+    "train_fleet",
 ]

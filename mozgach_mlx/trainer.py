@@ -26,6 +26,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ class TrainConfig:
     save_every: int = field(default=100, metadata=_help("checkpoint every N optimizer steps (0 = only at end)"))
     grad_checkpoint: bool = field(default=True, metadata=_help("recompute each block in the backward pass"))
     mlp_chunk: int | None = field(default=None, metadata=_help("evaluate the MLP in chunks of N positions"))
-    loss_chunk: int = field(default=1024, metadata=_help("positions per chunk of lm_head + cross-entropy"))
+    loss_chunk: int | None = field(default=None, metadata=_help(
+        "positions per chunk of lm_head + cross-entropy (default: ~64 MiB of logits per chunk)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -94,7 +96,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, ">= 1"),
             ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
             ("max_seq_length", self.max_seq_length >= 2, ">= 2"),
-            ("loss_chunk", self.loss_chunk >= 1, ">= 1"),
+            ("loss_chunk", self.loss_chunk is None or self.loss_chunk >= 1, ">= 1 or None"),
             ("mlp_chunk", self.mlp_chunk is None or self.mlp_chunk >= 1, ">= 1 or None"),
             ("save_every", self.save_every >= 0, ">= 0"),
             ("eval_every", self.eval_every >= 0, ">= 0"),
@@ -155,14 +157,20 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg: TrainConfig):
-    """Sum of token losses and the token count (chunked lm_head + cross-entropy)."""
-    return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk)
+def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg: TrainConfig, *,
+                 with_grad: bool = True):
+    """Sum of token losses and the token count (chunked lm_head + cross-entropy).
+    ``with_grad=False`` (evaluation) skips the per-chunk gradient work."""
+    return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk, with_grad=with_grad)
 
 
 def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
-             loss_fn: Callable = default_loss) -> tuple[float, int]:
-    """Mean token loss over ``seqs`` (in order, no dropout); returns (loss, tokens)."""
+             loss_fn: Callable | None = None) -> tuple[float, int]:
+    """Mean token loss over ``seqs`` (in order, no dropout); returns (loss, tokens).
+    ``loss_fn`` as in :func:`train_adapter` (default: the chunked loss without its
+    gradient work)."""
+    if loss_fn is None:
+        loss_fn = partial(default_loss, with_grad=False)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -308,9 +316,12 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
 
-    if getattr(model, "lora_config", None) is None:
+    if getattr(model, "lora_config", None) != cfg.lora:
+        if getattr(model, "lora_config", None) is not None:
+            lora.remove(model)  # an adapter of another shape: replace it, keep the base
         lora.apply(model, cfg.lora)
     lora.reset(model, seed=cfg.seed)
+    eval_fn = None if loss_fn is default_loss else loss_fn
     model.grad_checkpoint = cfg.grad_checkpoint
     model.mlp_chunk = cfg.mlp_chunk
 
@@ -387,7 +398,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
                    "grad_norm": float(gnorm.item()), "tokens": tokens, "epoch": epoch,
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
             if cfg.eval_every and valid and step % cfg.eval_every == 0 and step < total_steps:
-                valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, loss_fn)
+                valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
                 rec["valid_loss"] = valid_loss
             log.write(rec)
             if bar is not None:
@@ -406,7 +417,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         log.close()
 
     if valid:
-        valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, loss_fn)
+        valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
     seconds = time.perf_counter() - t0
     result = TrainResult(
         out_dir=str(out_dir), steps=step, tokens=tokens,

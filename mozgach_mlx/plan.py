@@ -1,0 +1,219 @@
+"""Memory and time planner: will a LoRA training step at context L fit, and how long
+will it take?
+
+The estimate follows the training data flow (DESIGN.md) term by term, for a step with
+per-block gradient checkpointing, the chunked MLP, blockwise attention and the chunked
+loss, in the compute dtype (fp32 on the CPU, bf16/fp16 on a GPU):
+
+    weights            base parameters as stored (quantized: bits/8 per weight + scales
+                       and biases per group), plus on the CPU one dequantized matrix
+    adapter            LoRA parameters x 5 (value, gradient, accumulated gradient, Adam m, v)
+    checkpoints        one (B, L, d) block input per layer, kept for the backward pass
+    block              one block recomputed in the backward: its (B, L, .) activations and
+                       their gradients (attention is O(L), never O(L^2))
+    mlp                (B, chunk, intermediate) activations and gradients of one MLP chunk
+    loss               (B, loss_chunk, vocab) logits, probabilities and gradients
+    head               final hidden states and their gradient
+
+Every term but the weights and the adapter is linear in L (or constant), which is the
+point of the design; the coefficients of the activation terms are calibrated against
+measured peaks (tests/test_plan.py checks the estimate against ``mx.get_peak_memory``).
+
+Time: a LoRA step costs ~8 N flops per token for the N frozen parameters (forward,
+recomputed forward, input gradients; no weight gradients) and ~(2 + 2 + 5) * 2 L^2 H D
+/ 2 attention flops per layer and sequence (causal half; forward, recompute, backward),
+divided by a throughput you give (or the planner's defaults per backend). It is an
+estimate; benchmarks/bench_train.py measures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+GiB = 2**30
+
+# Activation arrays of (B, L, width) alive while one block is recomputed and
+# differentiated, in units of B*L*d (attention side, including norms, q/k/v/o, rope,
+# residuals and their gradients) and B*chunk*intermediate (MLP side: gate, up, the
+# product and their gradients). Calibrated on the tiny model and a d=512 model with
+# blockwise attention on the CPU backend (tests/test_plan.py).
+BLOCK_WIDTHS = 14.0
+MLP_WIDTHS = 6.0
+LOSS_WIDTHS = 3.0
+
+# Sustained training throughput by backend (GFLOP/s), used when none is given:
+# conservative figures, override with a measured one.
+DEFAULT_GFLOPS = {"cpu": 60.0, "metal": 8_000.0, "cuda": 100_000.0}
+
+
+@dataclass
+class Plan:
+    """The planner's answer. Bytes per component; ``total_bytes`` is the peak estimate."""
+
+    context: int
+    batch_size: int
+    components: dict[str, int]
+    total_bytes: int
+    budget_bytes: int | None
+    max_context: int | None
+    flops_per_step: float
+    gflops: float
+    seconds_per_step: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.total_bytes <= self.budget_bytes
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.context * self.batch_size / self.seconds_per_step
+
+    def table(self) -> str:
+        lines = [f"plan: context {self.context:,} x batch {self.batch_size}"]
+        for k, v in self.components.items():
+            lines.append(f"  {k:<12} {v / GiB:9.3f} GiB")
+        lines.append(f"  {'total':<12} {self.total_bytes / GiB:9.3f} GiB")
+        if self.budget_bytes is not None:
+            lines.append(f"  budget {self.budget_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'does NOT fit'}"
+                         + (f"; longest context that fits ~{self.max_context:,}" if self.max_context else ""))
+        lines.append(f"  time: {self.flops_per_step / 1e12:.2f} TFLOP/step at {self.gflops:,.0f} GFLOP/s "
+                     f"~ {self.seconds_per_step:.1f} s/step, {self.tokens_per_second:,.0f} tokens/s (estimate)")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "fits": self.fits, "tokens_per_second": self.tokens_per_second}
+
+
+def _config_of(model_or_config: Any) -> tuple[dict, int | None, int | None]:
+    """(HF-style config dict, stored base bytes if known, LoRA parameter count if applied)."""
+    if isinstance(model_or_config, dict) and not hasattr(model_or_config, "args"):  # nn.Module is a dict
+        return model_or_config, None, None
+    if isinstance(model_or_config, (str, Path)):
+        from .models import checkpoint, tiny
+
+        if str(model_or_config) == tiny.TINY_NAME:
+            return dict(tiny.TINY_CONFIG), None, None
+        return checkpoint.read_config(checkpoint.resolve(model_or_config)), None, None
+    args = getattr(model_or_config, "args", None)
+    if args is None:
+        raise ConfigError("plan(): pass a model, its ModelArgs-carrying model, a config dict or a model path")
+    from mlx.utils import tree_flatten
+
+    cfg = args.to_dict() if hasattr(args, "to_dict") else dataclasses.asdict(args)
+    base = lora_n = 0
+    for name, p in tree_flatten(model_or_config.parameters()):
+        if ".lora_" in name:
+            lora_n += p.size
+        else:
+            base += p.nbytes
+    return cfg, base, (lora_n or None)
+
+
+def _need(cfg: dict, key: str):
+    if cfg.get(key) is None:
+        raise ConfigError(f"plan(): the model config has no {key!r}")
+    return cfg[key]
+
+
+def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, lora_rank: int = 16,
+         lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), quantize: int | None = 4,
+         group_size: int = 64, compute_bytes: int | None = None, mlp_chunk: int | None = 4096,
+         loss_chunk: int = 1024, memory_gb: float | None = None, gflops: float | None = None,
+         backend: str | None = None) -> Plan:
+    """Estimate peak memory and step time of LoRA training at ``context`` tokens.
+
+    Args:
+        model_or_config: a loaded model (its actual stored bytes are used), a config dict,
+            ``"tiny"`` or a model path/repo (only ``config.json`` is read).
+        context: tokens per sequence.
+        quantize: base bits (4, 8) or None; ignored for a loaded model (it is measured).
+        compute_bytes: bytes per activation (default: 4 on the CPU, 2 on a GPU).
+        mlp_chunk, loss_chunk: the trainer's chunk sizes (None = whole sequence).
+        memory_gb: a budget to check against (e.g. 48 for the reference M4 laptop).
+        gflops: sustained throughput; default per backend (see DEFAULT_GFLOPS).
+    """
+    if context < 1 or batch_size < 1:
+        raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
+    if quantize not in (None, 4, 8):
+        raise ConfigError(f"plan(): quantize={quantize!r}; use 4, 8 or None")
+    cfg, stored, lora_n = _config_of(model_or_config)
+    d = _need(cfg, "hidden_size")
+    n_layers = _need(cfg, "num_hidden_layers")
+    inter = _need(cfg, "intermediate_size")
+    vocab = _need(cfg, "vocab_size")
+    heads = _need(cfg, "num_attention_heads")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or d // heads
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    if backend is None:
+        from .backend import backend as _backend
+
+        backend = _backend()
+    act = compute_bytes or (4 if backend == "cpu" else 2)
+
+    shapes = {"q_proj": (d, q_dim), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (q_dim, d),
+              "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+    linear_params = n_layers * sum(i * o for i, o in shapes.values())
+    embed = vocab * d * (1 if cfg.get("tie_word_embeddings") else 2)
+    notes = []
+    if stored is None:
+        if quantize:
+            per_weight = quantize / 8 + 2 * act / group_size  # packed bits + scale and bias per group
+            stored = int(linear_params * per_weight + embed * act + n_layers * 2 * d * act)
+        else:
+            stored = int((linear_params + embed + n_layers * 2 * d) * act)
+    if lora_n is None:
+        unknown = [t for t in lora_targets if t not in shapes]
+        if unknown:
+            raise ConfigError(f"plan(): unknown LoRA target(s) {unknown}; use {sorted(shapes)}")
+        lora_n = n_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
+
+    B, L = batch_size, context
+    weights = stored + (max(i * o for i, o in shapes.values()) * 4 if backend == "cpu" and quantize else 0)
+
+    def components(n: int) -> dict[str, int]:
+        chunk, lchunk = min(n, mlp_chunk or n), min(n, loss_chunk)
+        return {
+            "weights": weights,
+            "adapter": lora_n * 4 * 5,
+            "checkpoints": n_layers * B * n * d * act,
+            "block": int(BLOCK_WIDTHS * B * n * max(d, q_dim) * act + 2 * B * heads * n * 4),
+            "mlp": int(MLP_WIDTHS * B * chunk * inter * act),
+            "loss": int(LOSS_WIDTHS * B * lchunk * vocab * 4),
+            "head": 2 * B * n * d * act,
+        }
+
+    comp = components(L)
+    total = sum(comp.values())
+    budget = int(memory_gb * GiB) if memory_gb is not None else None
+    max_ctx = None
+    if budget is not None:
+        # past the chunk sizes every term is affine in the context: solve for the budget
+        lo = max(mlp_chunk or 1, loss_chunk)
+        at_lo = sum(components(lo).values())
+        slope = (sum(components(2 * lo).values()) - at_lo) / lo
+        if budget > at_lo:
+            max_ctx = int(lo + (budget - at_lo) / slope)
+        else:
+            notes.append("even a short context does not fit this budget")
+    n_frozen = linear_params + (vocab * d)  # the head runs over every position too
+    flops = 8.0 * n_frozen * B * L + 9.0 * n_layers * B * heads * head_dim * L * L
+    g = gflops or DEFAULT_GFLOPS.get(backend, DEFAULT_GFLOPS["cpu"])
+    if gflops is None:
+        notes.append(f"throughput {g:,.0f} GFLOP/s is the planner's default for {backend}; pass gflops= "
+                     "from benchmarks/bench_train.py for a real figure")
+    max_pos = cfg.get("max_position_embeddings")
+    if max_pos and L > max_pos and not cfg.get("rope_scaling"):
+        notes.append(f"context {L:,} > max_position_embeddings {max_pos:,}: set rope_scaling "
+                     f"(e.g. linear, factor {L / max_pos:.1f})")
+    return Plan(context=L, batch_size=B, components=comp, total_bytes=total, budget_bytes=budget,
+                max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=flops / (g * 1e9),
+                notes=notes)
+
