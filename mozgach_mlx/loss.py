@@ -43,13 +43,13 @@ Naive full logits (``nn.losses.cross_entropy``): 1004 MiB at 2K, 4012 MiB at 8K 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import ops
 from .errors import ConfigError
 
 __all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "sequence_loss"]
@@ -81,7 +81,7 @@ def _chunk_loss(logits: mx.array, tc: mx.array, wc: mx.array):
     """
     z = logits.astype(mx.float32)
     zmax = z.max(axis=-1, keepdims=True)  # (B, c, 1)
-    e = _exp(z - zmax)  # (B, c, V): the only exponential pass
+    e = ops.exp_pow(z - zmax)  # (B, c, V): the only exponential pass
     s = e.sum(axis=-1, keepdims=True)  # (B, c, 1)
     tgt = mx.take_along_axis(z, tc[..., None], axis=-1)  # (B, c, 1)
     loss = ((mx.log(s) + zmax - tgt)[..., 0] * wc).sum()
@@ -106,16 +106,6 @@ def _chunk_loss_and_grads(call, params, hc, tc, wc):
     return loss, grads[0], grads[1:]
 
 
-_LOG2E = 1.0 / math.log(2.0)
-
-
-def _exp(x: mx.array) -> mx.array:
-    """``exp(x)``; on the CPU backend as ``2 ** (x * log2 e)``, measured 2x faster there
-    (max relative difference 1.2e-7 in fp32). Exponentials over the vocabulary are the
-    loss's main cost on the CPU when d is small."""
-    if mx.default_device() == mx.cpu:
-        return mx.power(2.0, x * _LOG2E)
-    return mx.exp(x)
 
 
 def auto_chunk(vocab_size: int, batch: int = 1) -> int:

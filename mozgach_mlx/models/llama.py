@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import attention as attn
+from .. import ops
 from ..errors import ConfigError
 from .base import KVCache, causal_mask
 from .rope import build_rope
@@ -191,7 +192,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=args.mlp_bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def _checkpointed(module: nn.Module, x: mx.array, **kwargs) -> mx.array:
