@@ -32,7 +32,7 @@ applies to the base with ``model.set_rope`` and undoes in :meth:`AdapterBank.clo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,7 @@ class BankLinear(nn.Module):
             i, r, c = sel.single
             z = c * ((x @ self.lora_a[i, :, :r]) @ self.lora_b[i, :r, :])  # (B, L, out)
         elif rows == 1:
-            # One mixture or one mixture for every row: the K adapters side by side,
+            # One mixture for every row: the K adapters side by side,
             # (in, K*r) and (K*r, out), so the sum over k happens inside the second matmul.
             a = self.lora_a[idx[0]].transpose(1, 0, 2).reshape(self.lora_a.shape[1], -1)  # (in, K*r)
             b = self.lora_b[idx[0]].reshape(-1, self.lora_b.shape[2])  # (K*r, out)
@@ -377,9 +377,11 @@ class AdapterBank:
         return np.array(total), np.array(w.sum(axis=1))
 
     def pair_losses(self, seqs: Sequence[Any], pairs: Sequence[tuple[int, Any]],
-                    batch_tokens: int = BATCH_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+                    batch_tokens: int = BATCH_TOKENS,
+                    on_batch: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Loss of ``seqs[t]`` under adapter ``a`` for every ``(t, a)`` in ``pairs``, run as
-        batches of rows with one adapter per row.
+        batches of rows (about ``batch_tokens`` rows x positions each) with one adapter per
+        row. ``on_batch(pairs_done, pairs_total)`` is called after each batch (progress).
 
         Returns ``(loss_sum (P,), n_targets (P,))``.
         """
@@ -397,6 +399,8 @@ class AdapterBank:
                                     self.selection([pairs[p][1] for p in batch]))
             sums[batch], counts[batch] = s, c
             start = end
+            if on_batch is not None:
+                on_batch(end, len(order))
         return sums, counts
 
     def losses(self, texts: Sequence[Any], adapters: Sequence[Any] | None = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +142,7 @@ def _samples(split, n: int | None, bos: int | None) -> list[tuple[np.ndarray, np
 
 def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samples: int | None = None, *,
                  sample_tokens: int = SAMPLE_TOKENS, signature_samples: int = SIGNATURE_SAMPLES,
-                 write: bool = True) -> Report:
+                 write: bool = True, progress: bool | None = None) -> Report:
     """Evaluate every finished adapter of the run in ``out_dir`` on every domain.
 
     Args:
@@ -153,6 +154,7 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
         signature_samples: train samples per domain to fit the signature centroids
             (0 = skip signature routing).
         write: also write the report to ``OUT/eval.json`` (atomically).
+        progress: show a progress bar (default: when stderr is a terminal).
 
     Raises:
         ConfigError: no manifest / no finished adapters; AdapterError: unreadable adapters.
@@ -216,8 +218,19 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
         seqs = [s for n in names for s in held[n]]
         owner = np.array([i for i, n in enumerate(names) for _ in held[n]])
         pos = np.concatenate([np.arange(len(held[n])) for n in names])
+        pairs = [(t, a) for t in range(len(seqs)) for a in [None, *names]]
+        bar = None
+        if progress or (progress is None and sys.stderr.isatty()):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(pairs), desc="eval (sample x adapter)", unit="pair", dynamic_ncols=True)
         t0 = time.perf_counter()
-        sums, counts = bank.pair_losses(seqs, [(t, a) for t in range(len(seqs)) for a in [None, *names]])
+        try:
+            sums, counts = bank.pair_losses(seqs, pairs, on_batch=None if bar is None else
+                                            lambda done, total: bar.update(done - bar.n))
+        finally:
+            if bar is not None:
+                bar.close()
         loss_seconds = time.perf_counter() - t0
         sums = sums.reshape(len(seqs), len(names) + 1)  # column 0: base
         counts = counts.reshape(len(seqs), len(names) + 1)[:, :1]
