@@ -119,6 +119,9 @@ def test_max_batches_sets_the_loss_samples(run_dir):
     assert [r.samples for r in rep.rows] == [2, 2, 2]  # 1 batch x batch_size 2
     assert [r.route_n for r in rep.rows] == [1, 1, 1]
     assert rep.route_signature_accuracy is None and rep.rows[0].route_signature_correct is None
+    no_route = evaluate_run(run_dir, route_samples=0, sample_tokens=TOKENS, write=False)
+    assert [r.samples for r in no_route.rows] == [2, 2, 2] and [r.route_n for r in no_route.rows] == [0, 0, 0]
+    assert no_route.route_signature_accuracy is None and "by loss -" in no_route.table()
 
 
 def test_mozgach_eval_cli(run_dir):
