@@ -63,7 +63,7 @@ class RunConfig:
 # Short schedules for the built-in default (tiny model, 108 synthetic domains): tuned so
 # the whole run finishes in <= 10 minutes on 2 CPU cores (see README, benchmarks).
 DEFAULT_RUN_TRAIN = {
-    "learning_rate": 3e-3, "warmup_steps": 4, "max_steps": 24, "grad_accumulation": 1,
+    "learning_rate": 2e-3, "warmup_steps": 3, "max_steps": 16, "grad_accumulation": 1,
     "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
     "grad_checkpoint": False,
 }
