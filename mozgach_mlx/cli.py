@@ -224,5 +224,27 @@ def generate_cmd(out, model, adapter, prompt, max_tokens, temperature) -> None:
         _fail(e)
 
 
+@main.command("plan")
+@click.option("--model", default="tiny", help="'tiny', a model directory or Hub repo id (only config.json is read)")
+@click.option("--context", type=int, default=100_000, help="tokens per training sequence")
+@click.option("--batch-size", type=int, default=1)
+@click.option("--quantize", default="4", help="base quantization: 4, 8 or none")
+@click.option("--lora-r", type=int, default=16)
+@click.option("--memory-gb", type=float, default=None, help="memory budget to check (e.g. 48)")
+@click.option("--gflops", type=float, default=None, help="measured training throughput, GFLOP/s")
+@click.option("--backend", type=click.Choice(["cpu", "metal", "cuda"]), default=None,
+              help="plan for this backend (default: the one here)")
+def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend) -> None:
+    """Estimate peak memory and step time of LoRA training at a context length."""
+    try:
+        from .plan import plan
+
+        bits = RunConfig(quantize=quantize).quant_bits()
+        click.echo(plan(model, context, batch_size=batch_size, lora_rank=lora_r, quantize=bits,
+                        memory_gb=memory_gb, gflops=gflops, backend=backend).table())
+    except MozgachError as e:
+        _fail(e)
+
+
 if __name__ == "__main__":
     main()
