@@ -4,6 +4,7 @@ from . import backend as _backend
 
 # Must run before anything imports mlx.core (see backend.py).
 _backend.load_fast_blas()
+_backend.tune_malloc()
 
 from . import attention, data, lora, loss, models, quant  # noqa: E402
 from .bank import AdapterBank  # noqa: E402

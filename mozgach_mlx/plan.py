@@ -44,7 +44,7 @@ GiB = 2**30
 # blockwise attention on the CPU backend (tests/test_plan.py).
 BLOCK_WIDTHS = 14.0
 MLP_WIDTHS = 6.0
-LOSS_WIDTHS = 3.0
+LOSS_WIDTHS = 10.0  # MLX overlaps the next chunk's buffers with the current one (loss.py)
 
 # Sustained training throughput by backend (GFLOP/s), used when none is given:
 # conservative figures, override with a measured one.
@@ -125,7 +125,7 @@ def _need(cfg: dict, key: str):
 def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, lora_rank: int = 16,
          lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), quantize: int | None = 4,
          group_size: int = 64, compute_bytes: int | None = None, mlp_chunk: int | None = 4096,
-         loss_chunk: int = 1024, memory_gb: float | None = None, gflops: float | None = None,
+         loss_chunk: int | None = None, memory_gb: float | None = None, gflops: float | None = None,
          backend: str | None = None) -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
@@ -135,7 +135,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, l
         context: tokens per sequence.
         quantize: base bits (4, 8) or None; ignored for a loaded model (it is measured).
         compute_bytes: bytes per activation (default: 4 on the CPU, 2 on a GPU).
-        mlp_chunk, loss_chunk: the trainer's chunk sizes (None = whole sequence).
+        mlp_chunk: the trainer's MLP chunk (None = whole sequence).
+        loss_chunk: the loss chunk (None = the trainer's automatic choice).
         memory_gb: a budget to check against (e.g. 48 for the reference M4 laptop).
         gflops: sustained throughput; default per backend (see DEFAULT_GFLOPS).
     """
@@ -176,6 +177,10 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, l
         lora_n = n_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
 
     B, L = batch_size, context
+    if loss_chunk is None:
+        from .loss import auto_chunk
+
+        loss_chunk = auto_chunk(vocab, B)
     weights = stored + (max(i * o for i, o in shapes.values()) * 4 if backend == "cpu" and quantize else 0)
 
     def components(n: int) -> dict[str, int]:

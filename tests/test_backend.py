@@ -50,3 +50,12 @@ def test_warns_when_mlx_imported_first():
         pytest.skip("no OpenBLAS installed here")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "import mozgach_mlx first" in out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_malloc_thresholds_raised_unless_disabled():
+    assert backend.info()["malloc_tuned"] is True
+    code = "import mozgach_mlx, mozgach_mlx.backend as b; print(b.info()['malloc_tuned'])"
+    out = subprocess.run([sys.executable, "-c", code], env={"MOZGACH_MALLOC": "default", "PATH": "/usr/bin"},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
