@@ -40,11 +40,14 @@ GiB = 2**30
 # Activation arrays of (B, L, width) alive while one block is recomputed and
 # differentiated, in units of B*L*d (attention side, including norms, q/k/v/o, rope,
 # residuals and their gradients) and B*chunk*intermediate (MLP side: gate, up, the
-# product and their gradients). Calibrated on the tiny model and a d=512 model with
-# blockwise attention on the CPU backend (tests/test_plan.py).
-BLOCK_WIDTHS = 14.0
-MLP_WIDTHS = 6.0
-LOSS_WIDTHS = 10.0  # MLX overlaps the next chunk's buffers with the current one (loss.py)
+# product and their gradients). Calibrated on the CPU backend with blockwise attention,
+# 4-bit base, grad checkpointing, mlp_chunk 1024 (measured peak -> estimate):
+#   tiny (d=256, 4 layers, vocab 259)   L=2K 116 -> 105 MiB, 4K 159 -> 166, 8K 279 -> 285
+#   d=512, 4 layers, 32K vocab          L=2K 837 -> 863 MiB, 4K 819 -> 939
+# (tests/test_plan.py re-measures the tiny model).
+BLOCK_WIDTHS = 24.0
+MLP_WIDTHS = 10.0
+LOSS_WIDTHS = 8.0  # MLX overlaps the next chunk's buffers with the current one (loss.py)
 
 # Sustained training throughput by backend (GFLOP/s), used when none is given:
 # conservative figures, override with a measured one.

@@ -1,0 +1,70 @@
+"""The planner against measured peaks of a real training step (tiny model, CPU)."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import mozgach_mlx as mz
+from mozgach_mlx import lora, trainer
+from mozgach_mlx.errors import ConfigError
+
+LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+            "tie_word_embeddings": False}
+
+
+def _measured_peak(L: int) -> tuple[int, object]:
+    model, _ = mz.load("tiny", quantize=4)
+    lora.apply(model, lora.LoRAConfig(dropout=0.0))
+    model.grad_checkpoint, model.mlp_chunk = True, 1024
+    cfg = trainer.TrainConfig()
+    x = mx.random.randint(0, 250, (1, L))
+    m = mx.ones((1, L))
+    vg = nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg))
+    mx.eval(vg(x, x, m))
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(vg(x, x, m))
+    return mx.get_peak_memory(), model
+
+
+def test_estimate_tracks_measured_peak_and_its_growth():
+    (p1, model), (p2, _) = _measured_peak(1024), _measured_peak(3072)
+    e1 = mz.plan(model, 1024, mlp_chunk=1024, backend="cpu").total_bytes
+    e2 = mz.plan(model, 3072, mlp_chunk=1024, backend="cpu").total_bytes
+    assert 0.65 < e1 / p1 < 1.5, (e1, p1)
+    assert 0.65 < e2 / p2 < 1.5, (e2, p2)
+    assert 0.6 < (e2 - e1) / (p2 - p1) < 1.6, (e2 - e1, p2 - p1)
+
+
+def test_components_follow_the_formulas():
+    p = mz.plan(LLAMA_8B, 100_000, quantize=4, backend="metal", mlp_chunk=4096, loss_chunk=512)
+    d, n = 4096, 32
+    assert p.components["checkpoints"] == n * 100_000 * d * 2  # one bf16 (L, d) block input per layer
+    lora_params = n * 16 * ((d + d) + (d + 1024) + (d + 1024) + (d + d))
+    assert p.components["adapter"] == lora_params * 4 * 5
+    # 4-bit weights: half a byte per linear weight plus a bf16 scale and bias per 64
+    linear = n * (d * d * 2 + d * 1024 * 2 + 3 * d * 14336)
+    assert p.components["weights"] == int(linear * (0.5 + 4 / 64) + 2 * 128256 * d * 2 + n * 2 * d * 2)
+    assert p.components["loss"] == int(mz.plan.__globals__["LOSS_WIDTHS"] * 512 * 128256 * 4)
+
+
+def test_memory_is_linear_in_context_and_budget_solves_it():
+    a = mz.plan(LLAMA_8B, 50_000, backend="metal").total_bytes
+    b = mz.plan(LLAMA_8B, 100_000, backend="metal").total_bytes
+    c = mz.plan(LLAMA_8B, 150_000, backend="metal").total_bytes
+    assert c - b == pytest.approx(b - a, rel=1e-6)
+    p = mz.plan(LLAMA_8B, 100_000, memory_gb=48, backend="metal")
+    at_max = mz.plan(LLAMA_8B, p.max_context, backend="metal").total_bytes
+    assert at_max == pytest.approx(48 * 2**30, rel=1e-3)
+    assert p.fits == (p.total_bytes <= 48 * 2**30)
+    assert any("rope_scaling" in n for n in p.notes)  # 100K > 8192 positions without scaling
+
+
+@pytest.mark.parametrize("kw,match", [({"context": 0}, "context"), ({"quantize": 3}, "quantize"),
+                                      ({"lora_targets": ("qq_proj",)}, "unknown LoRA target")])
+def test_bad_arguments(kw, match):
+    args = {"context": 1000, **kw}
+    with pytest.raises(ConfigError, match=match):
+        mz.plan(LLAMA_8B, **args)
