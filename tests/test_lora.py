@@ -548,3 +548,11 @@ def test_qlora_on_the_4bit_tiny_model(tmp_path):
     lora.fuse(again, dequantize=True)
     assert not any(isinstance(x, nn.QuantizedLinear) for _, x in again.named_modules())
     assert maxdiff(again(X), want) < 1e-4
+
+
+def test_loaded_base_name_is_recorded_in_the_adapter(tmp_path):
+    model, _ = mz.load("tiny")
+    lora.apply(model, lora.LoRAConfig(r=2, alpha=4))
+    lora.save(model, tmp_path / "a", format="both")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny" and cfg["model"] == "tiny"

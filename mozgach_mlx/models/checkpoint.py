@@ -241,6 +241,7 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
         if quant.quantization_config(model) is not None:
             raise ConfigError(f"{path_or_name} is already quantized; load it without quantize=")
         quant.quantize_model(model, quantize, group_size, quantize_embeddings=quantize_embeddings)
+    model.name_or_path = str(path_or_name)  # recorded by adapters (PEFT base_model_name_or_path)
     return model, tok
 
 
