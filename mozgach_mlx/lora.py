@@ -41,7 +41,7 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -96,14 +96,15 @@ class LoRAConfig:
         num_layers: adapt only the last ``num_layers`` blocks; None = all.
     """
 
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.1
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    rslora: bool = False
-    train_embeddings: bool = False
-    train_norms: bool = False
-    num_layers: int | None = None
+    r: int = field(default=16, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha/r)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter input"})
+    targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={
+        "help": "layers to adapt, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj or all-linear"})
+    rslora: bool = field(default=False, metadata={"help": "rank-stabilised scale alpha/sqrt(r)"})
+    train_embeddings: bool = field(default=False, metadata={"help": "also train the input embedding (LongLoRA)"})
+    train_norms: bool = field(default=False, metadata={"help": "also train the RMSNorm weights (LongLoRA)"})
+    num_layers: int | None = field(default=None, metadata={"help": "adapt only the last N blocks (default all)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):

@@ -184,3 +184,26 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss .* step 5"):
         train_adapter(model, tok, data, _cfg(), tmp_path / "nan", loss_fn=loss_fn)
     assert trainer.load_checkpoint_state(tmp_path / "nan")["step"] == 4
+
+
+def _step_peak(L: int) -> int:
+    import mlx.nn as nn
+
+    model, _ = mz.load("tiny", quantize=4, max_position_embeddings=32768)
+    lora.apply(model, lora.LoRAConfig())
+    model.grad_checkpoint, model.mlp_chunk = True, 2048
+    cfg = TrainConfig()
+    x = mx.random.randint(0, 250, (1, L))
+    m = mx.ones((1, L))
+    vg = nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg))
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(vg(x, x, m))
+    return mx.get_peak_memory()
+
+
+@pytest.mark.slow
+def test_training_step_memory_is_linear_from_8k_to_16k():
+    p8, p16 = _step_peak(8192), _step_peak(16384)
+    assert p16 < 2.2 * p8, (p8, p16)
