@@ -27,7 +27,7 @@ chain, fwd+bwd at L=4K, H=8, Hkv=2, D=64 peaked at 0.76 GiB instead of 0.08 GiB)
 Numerics: inputs of any float dtype are computed in float32 (fp32 accumulation); the
 output has the dtype of ``q`` and the gradients the dtypes of q, k, v. Internally scores
 are kept in base 2 (``s2 = log2(e) * s``) so the exponential is ``2**x``, computed on the
-CPU by a vectorisable polynomial ~10x faster than MLX's CPU ``exp`` (see ``_exp2``).
+CPU by a vectorisable polynomial ~10x faster than MLX's CPU ``exp`` (``ops.exp2``).
 
 Environment: ``MOZGACH_ATTENTION`` = ``blockwise`` | ``metal`` | ``cuda`` | ``reference``
 forces a path (forcing a GPU kernel that cannot run here raises :class:`KernelError`).
@@ -45,6 +45,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
+from . import ops
 from .errors import ConfigError, KernelError
 
 # A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
@@ -148,51 +149,9 @@ def _positions(qa: int, qb: int, rep: int, ka: int, kb: int) -> tuple[mx.array, 
     return qpos, kpos
 
 
-# Elementwise parts. On the CPU, MLX's own exp runs ~40 M elements/s here (the x86 wheel
-# is built without FMA, so its polynomial calls a software fma per term), 20-30x slower
-# than any other elementwise op and the dominant cost of attention. We work in base 2
-# (scores pre-multiplied by log2(e)) and evaluate 2**y with the same Cephes polynomial
-# MLX uses, as plain multiplies/adds that MLX's compiled CPU kernels vectorise, and
-# 2**floor(y) by writing the float exponent bits (relative error ~2e-7). MLX's CPU
-# compiler splits graphs deeper than ~11 ops and multi-output kernels measured ~4x
-# slower, so the pieces are separate single-output compiled functions.
-
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-_EXP2_C = (1.0, 6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2,
-           9.618437357674640e-3, 1.339887440266574e-3, 1.535336188319500e-4)
-
-
-@mx.compile
-def _exp2_frac(y):
-    return y - (y - 0.5).astype(mx.int32).astype(mx.float32)  # in (-0.5, 0.5]
-
-
-@mx.compile
-def _exp2_bits(y):
-    # IEEE-754 bits of 2**n, n = round(y) (y >= -126 so 2**n is a normal float).
-    n = (y - 0.5).astype(mx.int32).astype(mx.float32)
-    return ((n + 127.0) * 8388608.0).astype(mx.int32)
-
-
-@mx.compile
-def _exp2_poly(f, pow2n):
-    c0, c1, c2, c3, c4, c5, c6 = _EXP2_C
-    f2 = f * f
-    lo = (c0 + c1 * f) + f2 * (c2 + c3 * f)
-    hi = (c4 + c5 * f) + c6 * f2
-    return (lo + (f2 * f2) * hi) * pow2n
-
-
-def _exp2(y: mx.array) -> mx.array:
-    """2**y for y <= ~0; values below 2**-126 come out as ~1e-38 instead of 0."""
-    if mx.default_device() != mx.cpu:
-        return mx.exp(y * _LN2)
-    # The clamp stays outside the compiled kernels: min/max/where inside MLX's generated
-    # CPU loops measured 3-5x slower (not vectorised), a separate maximum is not.
-    y = mx.maximum(y, -126.0)
-    return _exp2_poly(_exp2_frac(y), _exp2_bits(y).view(mx.float32))
-
+# Elementwise parts: MLX's CPU exp is the dominant cost of attention there, so scores are
+# kept in base 2 (pre-multiplied by log2(e)) and exponentiated with ops.exp2, a
+# vectorised polynomial ~10x faster than MLX's CPU exp (see ops.py).
 
 @mx.compile
 def _mask_scores(s, vis):
@@ -229,12 +188,12 @@ def _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, dep):
         m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, R, 1)
         if m is not None:
             m_new = mx.maximum(m, m_new)
-        p = _exp2(s - m_new)
+        p = ops.exp2(s - m_new)
         if m is None:
             lsum = p.sum(axis=-1, keepdims=True)
             acc = p @ vj  # (B, Hkv, R, D)
         else:
-            alpha = _exp2(m - m_new)
+            alpha = ops.exp2(m - m_new)
             lsum = lsum * alpha + p.sum(axis=-1, keepdims=True)
             acc = acc * alpha + p @ vj
         m = m_new
@@ -259,7 +218,7 @@ def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
         with _on(lanes[lane]):
             # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows;
             # base-2 scores s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
-            qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * _LOG2E)).reshape(B, Hkv, rep * n, D)
+            qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * ops.LOG2E)).reshape(B, Hkv, rep * n, D)
             o_i, lse_i = _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, deps[lane])
             o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
             lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
@@ -292,7 +251,7 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
         with _on(lanes[lane]):
             R = rep * n
             qs = (q5[:, :, :, qa:qb].astype(mx.float32) * scale).reshape(B, Hkv, R, D)
-            qi = qs * _LOG2E  # base-2 scores, as in the forward
+            qi = qs * ops.LOG2E  # base-2 scores, as in the forward
             doi = do5[:, :, :, qa:qb].astype(mx.float32)
             delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
             doi = doi.reshape(B, Hkv, R, D)
@@ -307,7 +266,7 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
                 if dep:
                     kj, vj = mx.depends([kj, vj], dep)
                 s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-                p = _exp2(s - lse_i)  # P = exp(S - lse), recomputed
+                p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
                 if kind == "mask":
                     p = mx.where(_visible(*_positions(qa, qb, rep, ka, kb), causal, window), p, 0.0)
                 dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
