@@ -64,3 +64,19 @@ def test_bad_flag_value_exits_2_with_one_line(tmp_path):
     res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "o"), "--quantize", "3", "--quiet"])
     assert res.exit_code == 2
     assert res.output.strip().startswith("error: --quantize '3'")
+
+
+def test_train_then_generate_and_plan_from_the_cli(tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--out", str(out), "--n-domains", "2", "--domains", "2", "--max-steps", "2",
+                                  "--max-seq-length", "64", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "1 trained, 0 already done, 0 failed" in r.output
+    assert (out / "mozgach108_002" / "adapters.safetensors").exists()
+    assert not (out / "mozgach108_001").exists()  # --domains 2 only
+    g = CliRunner().invoke(main, ["generate", "--out", str(out), "--adapter", "mozgach108_002", "--prompt", "a",
+                                  "--max-tokens", "5"])
+    assert g.exit_code == 0, g.output
+    assert len(g.output.rstrip("\n")) <= 5  # 5 byte tokens at most (EOS stops earlier)
+    p = CliRunner().invoke(main, ["plan", "--context", "4096", "--memory-gb", "1", "--backend", "cpu"])
+    assert p.exit_code == 0 and "budget 1.0 GiB: fits" in p.output, p.output
