@@ -33,7 +33,8 @@ COMMON = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "m
 
 CHILD = r"""
 import json, resource, sys, time
-cfg = json.loads(sys.argv[1]); system, L, steps, limit_gb, quant = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
+cfg = json.loads(sys.argv[1]); system, L, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+limit_gb, quant = float(sys.argv[5]), sys.argv[6]
 resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
 import mozgach_mlx as mz
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim

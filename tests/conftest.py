@@ -1,4 +1,5 @@
-import mozgach_mlx  # noqa: F401  (loads the fast BLAS before mlx.core)
+# ruff: noqa: I001  (import order matters: mozgach_mlx must load the fast BLAS before mlx.core)
+import mozgach_mlx  # noqa: F401
 import mlx.core as mx
 import pytest
 
