@@ -106,7 +106,7 @@ def run_one(shape: str, system: str, L: int, steps: int, limit_gb: float, quant:
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), system, str(L), str(steps),
                         str(limit_gb), quant], capture_output=True, text=True, env=dict(os.environ))
     if p.returncode != 0:
-        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["?"]
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit code {p.returncode}, no output"]
         oom = any(s in (p.stderr + p.stdout) for s in ("bad_alloc", "Unable to allocate", "MemoryError",
                                                         "out of memory", "std::bad_alloc"))
         oom = oom or p.returncode in (-9, 137, -6)
