@@ -179,10 +179,7 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
         if on_event is not None:
             on_event(kind, info)
 
-    if getattr(model, "lora_config", None) != cfg.lora:
-        if getattr(model, "lora_config", None) is not None:
-            lora.remove(model)
-        lora.apply(model, cfg.lora)
+    lora.ensure(model, cfg.lora)
     mx.eval(model.parameters())
     gc.collect()
     mx.clear_cache()

@@ -474,6 +474,17 @@ def trainable(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.trainable_parameters()))
 
 
+def ensure(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Make ``model`` carry adapters of exactly ``cfg``: keep them if it already does,
+    replace adapters of another config (the base is kept), apply if it has none."""
+    current = getattr(model, "lora_config", None)
+    if current != cfg:
+        if current is not None:
+            remove(model)
+        apply(model, cfg)
+    return model
+
+
 def remove(model: nn.Module) -> nn.Module:
     """Take the adapters out (each LoRA layer back to its base layer) and restore trained
     embeddings / norms to their base values. The base stays frozen."""

@@ -316,10 +316,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
 
-    if getattr(model, "lora_config", None) != cfg.lora:
-        if getattr(model, "lora_config", None) is not None:
-            lora.remove(model)  # an adapter of another shape: replace it, keep the base
-        lora.apply(model, cfg.lora)
+    lora.ensure(model, cfg.lora)
     lora.reset(model, seed=cfg.seed)
     eval_fn = None if loss_fn is default_loss else loss_fn
     model.grad_checkpoint = cfg.grad_checkpoint

@@ -556,3 +556,15 @@ def test_loaded_base_name_is_recorded_in_the_adapter(tmp_path):
     lora.save(model, tmp_path / "a", format="both")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "tiny" and cfg["model"] == "tiny"
+
+
+def test_ensure_keeps_same_config_and_replaces_another():
+    model, _ = mz.load("tiny")
+    a = lora.LoRAConfig(r=2, alpha=4)
+    lora.ensure(model, a)
+    first = model.layers[0].self_attn.q_proj
+    lora.ensure(model, lora.LoRAConfig(r=2, alpha=4))
+    assert model.layers[0].self_attn.q_proj is first  # same config: untouched
+    lora.ensure(model, lora.LoRAConfig(r=4, alpha=8, targets=("v_proj",)))
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.Linear)  # replaced, base kept
+    assert model.layers[0].self_attn.v_proj.lora_a.shape == (256, 4)
