@@ -161,7 +161,7 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     Raises:
         ConfigError: no manifest / no finished adapters; AdapterError: unreadable adapters.
     """
-    from . import cli, data, lora, run
+    from . import data, lora, run
     from .bank import AdapterBank
     from .io import atomic_write_json
 
@@ -169,8 +169,7 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     out = Path(out_dir)
     manifest = run._read_manifest(out)
     cfg = manifest.get("config") or {}
-    run_fields = {f.name for f in dataclasses.fields(cli.RunConfig)}
-    run_cfg = cli.RunConfig(**{k: v for k, v in (cfg.get("run") or {}).items() if k in run_fields})
+    run_cfg = run.run_config_of(manifest)
     run_cfg.out = str(out)
     train = cfg.get("train") or {}
     n_route = DEFAULT_ROUTE_SAMPLES if route_samples is None else int(route_samples)

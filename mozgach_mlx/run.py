@@ -102,6 +102,16 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_config_of(manifest: dict):
+    """The RunConfig a run directory's manifest was trained with (for its base model)."""
+    import dataclasses
+
+    from .cli import RunConfig
+
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in (manifest.get("config", {}).get("run") or {}).items() if k in names})
+
+
 def _read_manifest(out: str | Path) -> dict:
     path = Path(out) / "manifest.json"
     if not path.exists():
@@ -124,11 +134,10 @@ def generate_text(*, out: str | None, model: str | None, adapter: str | None, pr
     from .bank import AdapterBank
 
     if out is not None:
-        manifest = _read_manifest(out)
-        run = manifest["config"]["run"]
-        model = model or run["model"]
-        quant = None if str(run.get("quantize")).lower() == "none" else int(run["quantize"])
-        base, tok = models.load(model, quantize=quant, group_size=run.get("group_size", 64))
+        base_run = run_config_of(_read_manifest(out))
+        if model is not None:
+            base_run.model = model
+        base, tok = _load_base(base_run)
     else:
         base, tok = models.load(model or "tiny")
     dirs = []
