@@ -48,6 +48,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import quant
 from .errors import AdapterError, ConfigError
 from .io import atomic_save_safetensors, atomic_write_json
 
@@ -254,7 +255,7 @@ class LoRALinear(nn.Module):
         """
         linear = self.linear
         quantized = isinstance(linear, nn.QuantizedLinear)
-        w = _dequantized_weight(linear) if quantized else linear.weight
+        w = quant.dequantized_weight(linear) if quantized else linear.weight
         dtype = mx.float32 if quantized else w.dtype
         fused = nn.Linear(self.input_dims, self.output_dims, bias="bias" in linear)
         fused.weight = (w.astype(mx.float32) + self.delta_weight()).astype(dtype)
@@ -264,10 +265,6 @@ class LoRALinear(nn.Module):
             fused = type(linear).from_linear(fused, linear.group_size, linear.bits, mode=linear.mode)
         fused.freeze()
         return fused
-
-
-def _dequantized_weight(q: nn.Module) -> mx.array:
-    return mx.dequantize(q["weight"], q["scales"], q.get("biases"), group_size=q.group_size, bits=q.bits, mode=q.mode)
 
 
 # ----------------------------------------------------------------------------- structure
@@ -544,12 +541,12 @@ def _dequantize_all(model: nn.Module) -> None:
         if isinstance(m, nn.QuantizedLinear):
             in_dims, out_dims = _linear_dims(m)
             lin = nn.Linear(in_dims, out_dims, bias="bias" in m)
-            lin.weight = _dequantized_weight(m)
+            lin.weight = quant.dequantized_weight(m)
             if "bias" in m:
                 lin.bias = m.bias
             swaps.append((path, lin))
         elif isinstance(m, nn.QuantizedEmbedding):
-            w = _dequantized_weight(m)
+            w = quant.dequantized_weight(m)
             emb = nn.Embedding(*w.shape)
             emb.weight = w
             swaps.append((path, emb))

@@ -59,12 +59,17 @@ class QuantizedLinear(nn.QuantizedLinear):
         rows = x.size // x.shape[-1]
         if not _use_dequant(rows):
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode).astype(x.dtype)  # (out, in)
+        w = dequantized_weight(self).astype(x.dtype)  # (out, in)
         y = x @ w.T
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+
+def dequantized_weight(q: nn.Module) -> mx.array:
+    """The full-precision weight of a quantized Linear or Embedding (MLX's or ours)."""
+    return mx.dequantize(q["weight"], q["scales"], q.get("biases"), group_size=q.group_size, bits=q.bits,
+                         mode=q.mode)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
@@ -75,8 +80,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         rows = x.size // x.shape[-1]
         if not _use_dequant(rows):
             return super().as_linear(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode).astype(x.dtype)  # (V, d)
+        w = dequantized_weight(self).astype(x.dtype)  # (V, d)
         return x @ w.T
 
 
