@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from functools import lru_cache
 
 import mlx.core as mx
 
-from . import ops
+from . import ops, settings
 from .errors import ConfigError, KernelError
 
 # A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
@@ -62,8 +61,6 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 # blocks much smaller pay MLX's per-op overhead. Working set O(block_q * rep * block_k).
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
-
-_VALID_PATHS = ("blockwise", "metal", "cuda", "reference")
 
 
 # --------------------------------------------------------------------------- reference
@@ -300,7 +297,6 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
 # cores. Default 1: on the shared 2-core dev box 2 streams measured ~1.6x *slower*
 # (CPU time 5.7 s vs 3.3 s at L=4K, H=8, D=64 -- contention with OpenBLAS's threads);
 # worth re-measuring on an idle many-core machine.
-CPU_STREAMS = int(os.environ.get("MOZGACH_ATTENTION_CPU_STREAMS", "1"))
 
 
 @lru_cache(maxsize=1)
@@ -309,9 +305,10 @@ def _extra_cpu_streams(n: int) -> tuple:
 
 
 def _lanes() -> list:
-    if CPU_STREAMS < 2 or mx.default_device() != mx.cpu:
+    n = settings.attention_cpu_streams()
+    if n < 2 or mx.default_device() != mx.cpu:
         return [None]
-    return [mx.default_stream(mx.cpu), *_extra_cpu_streams(CPU_STREAMS - 1)]
+    return [mx.default_stream(mx.cpu), *_extra_cpu_streams(n - 1)]
 
 
 def _on(stream):
@@ -413,9 +410,7 @@ def attention_path(q: mx.array | None = None) -> str:
     """
     from . import backend
 
-    forced = os.environ.get("MOZGACH_ATTENTION", "").strip().lower()
-    if forced and forced not in _VALID_PATHS:
-        raise ConfigError(f"MOZGACH_ATTENTION={forced!r} is not one of {', '.join(_VALID_PATHS)}.")
+    forced = settings.attention()
     if forced in ("blockwise", "reference"):
         return forced
     avail = backend.kernels_available()

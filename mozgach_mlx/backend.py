@@ -7,22 +7,21 @@ library that exports it. Loading an optimized CBLAS (OpenBLAS) with ``RTLD_GLOBA
 *before* ``mlx.core`` makes MLX use it (~130-180 GFLOP/s on the same machine; see
 benchmarks/RESULTS.md).
 
-Environment:
-    MOZGACH_BLAS   path of a CBLAS shared library to load, or ``none`` to keep MLX's own.
-    MOZGACH_MALLOC ``default`` to keep glibc's malloc thresholds (see :func:`tune_malloc`).
-    MOZGACH_ATTENTION   force an attention path: ``blockwise``, ``metal``, ``cuda``,
-                        ``reference`` (read by :mod:`mozgach_mlx.attention`).
+Environment (read by :mod:`mozgach_mlx.settings`): ``MOZGACH_BLAS`` (path of a CBLAS
+shared library to load, or ``none`` to keep MLX's own), ``MOZGACH_MALLOC`` (``default``
+keeps glibc's malloc thresholds, see :func:`tune_malloc`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
+
+from . import settings
 
 # Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial), Fedora, Homebrew-on-Linux.
 _BLAS_CANDIDATES = (
@@ -40,9 +39,9 @@ _blas_reason: str = "not attempted"
 
 
 def _find_blas() -> str | None:
-    env = os.environ.get("MOZGACH_BLAS")
+    env = settings.blas()
     if env:
-        return None if env.lower() == "none" else env
+        return None if env == "none" else env
     for cand in _BLAS_CANDIDATES:
         if Path(cand).exists():
             return cand
@@ -96,7 +95,7 @@ def tune_malloc() -> bool:
     glibc only; ``MOZGACH_MALLOC=default`` leaves malloc alone. Returns whether it applied.
     """
     global _malloc_tuned
-    if _malloc_tuned or os.environ.get("MOZGACH_MALLOC", "").lower() == "default":
+    if _malloc_tuned or settings.malloc_default():
         return _malloc_tuned
     if not sys.platform.startswith("linux"):
         return False

@@ -46,7 +46,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -521,6 +521,24 @@ def num_batches(n_seqs: int, batch_size: int, drop_last: bool = False) -> int:
     return n_seqs // batch_size if drop_last else -(-n_seqs // batch_size)
 
 
+def pad_rows(rows: Sequence[np.ndarray], length: int | None = None, *, fill: float = 0,
+             dtype: Any = np.int32) -> np.ndarray:
+    """Stack 1-D rows into one ``(len(rows), length)`` array, padded on the right with ``fill``.
+
+    ``length`` defaults to the longest row; a row longer than ``length`` is an error (rows
+    are never cut silently). The one row-padding helper of the package (batches, the
+    adapter bank's scoring and signatures).
+    """
+    longest = max((len(r) for r in rows), default=0)
+    length = longest if length is None else int(length)
+    if longest > length:
+        raise ValueError(f"pad_rows: a row of {longest} items does not fit length {length}")
+    out = np.full((len(rows), length), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, *,
             shuffle: bool = True, pad_id: int = 0, drop_last: bool = False,
             pad_to_multiple: int = 1) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
@@ -542,11 +560,8 @@ def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0
         items = [seqs[int(i)] for i in idx]
         length = max(len(ids) for ids, _ in items) - 1
         length = -(-length // pad_to_multiple) * pad_to_multiple
-        ids_b = np.full((len(items), length + 1), pad_id, dtype=np.int32)
-        mask_b = np.zeros((len(items), length + 1), dtype=np.float32)
-        for r, (ids, m) in enumerate(items):
-            ids_b[r, : len(ids)] = ids
-            mask_b[r, : len(m)] = m
+        ids_b = pad_rows([ids for ids, _ in items], length + 1, fill=pad_id, dtype=np.int32)
+        mask_b = pad_rows([m for _, m in items], length + 1, fill=0, dtype=np.float32)
         yield mx.array(ids_b[:, :-1]), mx.array(ids_b[:, 1:]), mx.array(mask_b[:, 1:])
 
 

@@ -23,7 +23,6 @@ Override with ``MOZGACH_QMATMUL=dequant|quantized|auto``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from . import backend as _backend
+from . import settings as _settings
 from .errors import ConfigError
 
 DEQUANT_MIN_ROWS = 8
@@ -40,7 +40,7 @@ GROUP_SIZES = (32, 64, 128)
 
 
 def _use_dequant(rows: int) -> bool:
-    mode = os.environ.get("MOZGACH_QMATMUL", "auto").lower()
+    mode = _settings.qmatmul()
     if mode == "dequant":
         return True
     if mode == "quantized":

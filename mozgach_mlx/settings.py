@@ -1,0 +1,96 @@
+"""Every ``MOZGACH_*`` environment variable, read in one place.
+
+Each variable has one reader here; nothing else in the package looks at ``os.environ``.
+Readers run at the moment the setting matters (most at call time, so a test or a user
+can change them between calls; ``MOZGACH_BLAS`` / ``MOZGACH_MALLOC`` only matter at
+import, before ``mlx.core`` loads). A value outside the allowed set raises
+:class:`~mozgach_mlx.errors.ConfigError` naming the variable and the values it takes.
+
+This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
+
+===============================  ==========================================  ============
+variable                         values                                      default
+===============================  ==========================================  ============
+MOZGACH_BLAS                     path of a CBLAS library, or ``none``        auto-detect
+MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tuned
+MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
+MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
+MOZGACH_QMATMUL                  ``auto|dequant|quantized``                  auto
+===============================  ==========================================  ============
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import ConfigError
+
+ATTENTION_PATHS = ("blockwise", "metal", "cuda", "reference")
+QMATMUL_MODES = ("auto", "dequant", "quantized")
+
+# name -> (values, default, what it does): the README's table is generated from the same facts.
+VARIABLES = {
+    "MOZGACH_BLAS": ("path of a CBLAS shared library, or `none`", "auto-detect OpenBLAS",
+                     "the fast CPU BLAS loaded before `mlx.core` (Linux)"),
+    "MOZGACH_MALLOC": ("`default`", "tuned", "`default` keeps glibc's malloc thresholds (Linux)"),
+    "MOZGACH_ATTENTION": ("`blockwise`, `metal`, `cuda`, `reference`", "auto",
+                          "force an attention implementation"),
+    "MOZGACH_ATTENTION_CPU_STREAMS": ("integer >= 1", "1", "CPU streams the blockwise attention spreads over"),
+    "MOZGACH_QMATMUL": ("`auto`, `dequant`, `quantized`", "auto",
+                        "how a 4/8-bit linear layer multiplies on the CPU"),
+}
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name, "").strip()
+
+
+def blas() -> str | None:
+    """``MOZGACH_BLAS``: a library path, ``"none"`` (keep MLX's own BLAS), or None (auto)."""
+    value = _get("MOZGACH_BLAS")
+    if not value:
+        return None
+    return "none" if value.lower() == "none" else value
+
+
+def malloc_default() -> bool:
+    """``MOZGACH_MALLOC=default``: leave glibc's malloc thresholds alone."""
+    return _get("MOZGACH_MALLOC").lower() == "default"
+
+
+def attention() -> str | None:
+    """``MOZGACH_ATTENTION``: the forced attention path, or None (the dispatcher chooses)."""
+    value = _get("MOZGACH_ATTENTION").lower()
+    if not value:
+        return None
+    if value not in ATTENTION_PATHS:
+        raise ConfigError(f"MOZGACH_ATTENTION={value!r} is not one of {', '.join(ATTENTION_PATHS)}; "
+                          "unset it to let the dispatcher choose.")
+    return value
+
+
+def attention_cpu_streams() -> int:
+    """``MOZGACH_ATTENTION_CPU_STREAMS``: CPU streams the blockwise attention uses (>= 1)."""
+    value = _get("MOZGACH_ATTENTION_CPU_STREAMS") or "1"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"MOZGACH_ATTENTION_CPU_STREAMS={value!r} must be an integer >= 1.")
+    return n
+
+
+def qmatmul() -> str:
+    """``MOZGACH_QMATMUL``: ``auto`` (default), ``dequant`` or ``quantized``."""
+    value = _get("MOZGACH_QMATMUL").lower() or "auto"
+    if value not in QMATMUL_MODES:
+        raise ConfigError(f"MOZGACH_QMATMUL={value!r} is not one of {', '.join(QMATMUL_MODES)}.")
+    return value
+
+
+def readme_table() -> str:
+    """The Markdown table of every variable (the README's Environment section)."""
+    lines = ["| variable | values | default | what it does |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {v} | {d} | {w} |" for k, (v, d, w) in VARIABLES.items()]
+    return "\n".join(lines)
