@@ -1,6 +1,7 @@
 """Train many domain adapters one after another over one base (the 108).
 
-The base is loaded (and quantized) once. For each domain: a fresh adapter (re-initialised
+The base is loaded (and quantized) once. For each domain (:func:`train_adapter` owns the
+adapter's lifecycle): a fresh adapter (re-initialised
 in place, no reload), its base loss on the domain's validation data, training, the final
 evaluation, both adapter layouts saved to ``OUT/mozgach108_{id:03d}/``, memory released,
 next. ``OUT/manifest.json`` is rewritten atomically after every state change, so a run
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -25,13 +25,23 @@ import mlx.core as mx
 from . import data as data_mod
 from . import lora
 from .errors import ConfigError, MozgachError
-from .io import atomic_write_json, sha256_file
-from .trainer import TrainConfig, evaluate, train_adapter
+from .io import sha256_file
+from .rundir import (
+    MANIFEST_FILE,
+    AdapterRecord,
+    Manifest,
+    RunConfig,
+    base_identity,
+    domain_files,
+    fingerprint,
+    read_manifest,
+)
+from .trainer import TrainConfig, TrainResult, train_adapter
 
-MANIFEST = "manifest.json"
+__all__ = ["FleetResult", "adapter_dir_name", "base_identity", "parse_domains", "train_fleet"]
+
 ADAPTER_PREFIX = "mozgach108_"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapters.safetensors", "adapter_config.json")
-MANIFEST_VERSION = 1
 
 
 def adapter_dir_name(domain_id: int) -> str:
@@ -78,79 +88,36 @@ class FleetResult:
         return not self.failed
 
 
-class Manifest:
-    """``OUT/manifest.json``: base identity, the config, and one record per adapter."""
-
-    def __init__(self, path: Path, data: dict) -> None:
-        self.path = path
-        self.data = data
-
-    @classmethod
-    def open(cls, out_dir: Path, base: dict, config: dict) -> Manifest:
-        path = out_dir / MANIFEST
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: corrupt manifest ({e}); move it away to start a new run") from e
-            if data.get("base", {}).get("fingerprint") != base["fingerprint"]:
-                raise ConfigError(f"{path}: this output dir was trained over a different base model "
-                                  f"({data.get('base', {}).get('source')}); use another --out")
-            if data.get("config_fingerprint") != _fingerprint(config):
-                raise ConfigError(f"{path}: this output dir was trained with a different config; use the "
-                                  "same options to resume, or another --out")
-        else:
-            data = {"version": MANIFEST_VERSION, "base": base, "config": config,
-                    "config_fingerprint": _fingerprint(config), "adapters": {}}
-        m = cls(path, data)
-        m.save()
-        return m
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
-
-    def get(self, name: str) -> dict:
-        return self.data["adapters"].get(name, {})
-
-    def update(self, name: str, **fields) -> None:
-        self.data["adapters"].setdefault(name, {}).update(fields)
-        self.save()
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def base_identity(model, source: str) -> dict:
-    """What a manifest records of the base: source, architecture, and a weight fingerprint."""
-    from mlx.utils import tree_flatten
-
-    h = hashlib.sha256()
-    for name, w in sorted(tree_flatten(model.parameters())):
-        if "lora_" in name:
-            continue
-        h.update(name.encode())
-        h.update(str(w.shape).encode())
-        # A cheap content probe: sums of the first rows (exact for a given checkpoint).
-        h.update(f"{float(w.reshape(-1)[:4096].astype(mx.float32).sum().item()):.6e}".encode())
-    args = model.args
-    arch = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
-    return {"source": source, "model_type": arch.get("model_type"), "args": arch,
-            "fingerprint": h.hexdigest()[:16]}
+def open_manifest(out_dir: Path, base: dict, config: dict) -> Manifest:
+    """The run's manifest: a new one, or the existing one if it is for the same base and
+    config (else ConfigError: resuming would mix two runs in one directory)."""
+    path = out_dir / MANIFEST_FILE
+    if path.exists():
+        m = read_manifest(out_dir)
+        if m.base.get("fingerprint") != base["fingerprint"]:
+            raise ConfigError(f"{path}: this output dir was trained over a different base model "
+                              f"({m.base.get('source')}); use another --out")
+        if m.config_fingerprint != fingerprint(config):
+            raise ConfigError(f"{path}: this output dir was trained with a different config; use the "
+                              "same options to resume, or another --out")
+    else:
+        m = Manifest(base=base, config=config, path=path)
+    m.save()
+    return m
 
 
 def _file_hashes(adapter_dir: Path) -> dict[str, str]:
     return {f: sha256_file(adapter_dir / f) for f in ADAPTER_FILES if (adapter_dir / f).exists()}
 
 
-def _verified(adapter_dir: Path, record: dict) -> bool:
-    want = record.get("files") or {}
+def _verified(adapter_dir: Path, record: AdapterRecord | None) -> bool:
+    want = record.files if record is not None else {}
     return bool(want) and all((adapter_dir / f).exists() and sha256_file(adapter_dir / f) == h
                               for f, h in want.items())
 
 
 def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path, *,
-                base: dict, run_config: dict | None = None,
+                base: dict | None = None, run_config: RunConfig | dict | None = None,
                 on_event: Callable[[str, dict], None] | None = None) -> FleetResult:
     """Train one adapter per domain, sequentially, over one already loaded base.
 
@@ -160,22 +127,28 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
         cfg: training config shared by all adapters (each adapter's seed is
             ``cfg.seed + domain.id``, so adapters differ but runs are reproducible).
         out_dir: the run directory (``manifest.json``, ``mozgach108_NNN/``, ``logs/``).
-        base: :func:`base_identity` of the model (checked on resume).
-        run_config: everything else that defines the run, recorded in the manifest.
+        base: :func:`base_identity` of the model (checked on resume); default: taken from
+            ``model`` now, so pass it if the model already carries adapters.
+        run_config: the :class:`RunConfig` the base and data came from, recorded in the
+            manifest (``mozgach eval`` / ``generate`` rebuild the base from it; without
+            it they use the recorded base identity and each domain's files). A dict
+            ``{"run": {...}}`` (the pre-0.2 form) is accepted too.
         on_event: progress hook ``(kind, info)``; kinds: start, skip, done, failed.
+
+    Adapter lifecycle: :func:`train_adapter` owns it (ensure the LoRA config, reset to a
+    fresh adapter with the domain's seed, train, save). The fleet only applies the config
+    once before the loop, so that the memory baseline includes the adapter's arrays.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "logs").mkdir(exist_ok=True)
-    config = {"train": cfg.to_dict(), **(run_config or {})}
-    manifest = Manifest.open(out_dir, base, config)
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    manifest = open_manifest(out_dir, base if base is not None else base_identity(model),
+                             _config(cfg, run_config))
     result = FleetResult(out_dir=str(out_dir))
     events = out_dir / "logs" / "fleet.jsonl"
 
     def emit(kind: str, info: dict) -> None:
         with open(events, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, **info},
-                               default=str) + "\n")
+            f.write(json.dumps({"time": _now(), "event": kind, **info}, default=str) + "\n")
         if on_event is not None:
             on_event(kind, info)
 
@@ -184,29 +157,21 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()
-    manifest.data["baseline_active_memory_bytes"] = baseline
+    manifest.baseline_active_memory_bytes = baseline
     manifest.save()
 
     for dom in domains:
         name = adapter_dir_name(dom.id)
         adir = out_dir / name
-        rec = manifest.get(name)
-        if rec.get("status") == "done" and _verified(adir, rec):
+        if (rec := manifest.record(name)) is not None and rec.status == "done" and _verified(adir, rec):
             result.skipped.append(name)
             emit("skip", {"name": name, "domain": dom.name})
             continue
-        manifest.update(name, domain=dom.name, domain_id=dom.id, status="running",
-                        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=None)
+        manifest.update(name, domain=dom.name, domain_id=dom.id, status="running", started=_now(), error=None,
+                        data=domain_files(dom))
         emit("start", {"name": name, "domain": dom.name})
-        dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
         try:
-            splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
-                                          overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
-            valid = splits.get("valid") or []
-            lora.reset(model, seed=dcfg.seed)  # B = 0: the adapter is exactly the base here
-            base_loss = evaluate(model, valid, dcfg)[0] if valid else None
-            res = train_adapter(model, tok, splits, dcfg, adir, resume=True,
-                                log_path=out_dir / "logs" / f"{name}.jsonl")
+            res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl")
         except MozgachError as e:
             manifest.update(name, status="failed", error=f"{type(e).__name__}: {e}")
             result.failed.append(name)
@@ -216,15 +181,34 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
             gc.collect()
             mx.clear_cache()
         active = mx.get_active_memory()
-        manifest.update(
-            name, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=base_loss,
+        rec = manifest.update(
+            name, status="done", finished=_now(),
+            train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=res.base_valid_loss,
             steps=res.steps, tokens=res.tokens, seconds=round(res.seconds, 3),
             peak_memory_gb=round(res.peak_memory_gb, 4), resumed_from=res.resumed_from,
             active_memory_after_bytes=active,
             active_memory_vs_baseline=round(active / baseline, 4) if baseline else None,
             files=_file_hashes(adir))
         result.done.append(name)
-        emit("done", {"name": name, "domain": dom.name, **manifest.get(name)})
-    result.manifest = manifest.data
+        emit("done", {"name": name, **dataclasses.asdict(rec)})
+    result.manifest = manifest.to_dict()
     return result
+
+
+def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
+    """The manifest's ``config``: ``{"train": ..., "run": ...}`` (no "run" without a RunConfig)."""
+    if isinstance(run_config, RunConfig):
+        return {"train": cfg.to_dict(), "run": run_config.recorded()}
+    return {"train": cfg.to_dict(), **(run_config or {})}
+
+
+def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path) -> TrainResult:
+    """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first."""
+    splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
+                                  overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+    dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
+    return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -18,6 +18,7 @@ losses exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -76,7 +77,8 @@ class TrainConfig:
     eval_batches: int | None = field(default=None, metadata=_help("validation batches (None = all)"))
     save_every: int = field(default=100, metadata=_help("checkpoint every N optimizer steps (0 = only at end)"))
     grad_checkpoint: bool = field(default=True, metadata=_help("recompute each block in the backward pass"))
-    mlp_chunk: int | None = field(default=None, metadata=_help("evaluate the MLP in chunks of N positions"))
+    mlp_chunk: int | None = field(default=4096, metadata=_help(
+        "evaluate the MLP in chunks of N positions (None = the whole sequence at once)"))
     loss_chunk: int | None = field(default=None, metadata=_help(
         "positions per chunk of lm_head + cross-entropy (default: ~64 MiB of logits per chunk)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
@@ -136,6 +138,7 @@ class TrainResult:
     peak_memory_gb: float
     losses: list[float]
     resumed_from: int = 0
+    base_valid_loss: float | None = None  # the fresh adapter's (= the base's), with base_loss=True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,14 +289,127 @@ def _micro_batches(train, cfg: TrainConfig, epoch: int, start: int) -> Iterator:
     return data_mod.batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start)
 
 
+@contextlib.contextmanager
+def _model_settings(model, **attrs: Any) -> Iterator[None]:
+    """Set attributes of ``model`` (and training mode) for the block, restore them after."""
+    before = {k: getattr(model, k, None) for k in attrs}
+    was_training = model.training
+    for k, v in attrs.items():
+        setattr(model, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(model, k, v)
+        model.train(was_training)
+
+
+@dataclass
+class _Progress:
+    """Where a run is: what a checkpoint's state.json restores."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # micro-batches of the current epoch already consumed
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: dict | None) -> _Progress:
+        if state is None:
+            return cls()
+        return cls(state["step"], state["epoch"], state["position"], state["tokens"], list(state["losses"]))
+
+
+class _Batches:
+    """The endless micro-batch stream of a run: epochs of ``data.batches`` in order,
+    resumable at (epoch, position)."""
+
+    def __init__(self, train, cfg: TrainConfig, prog: _Progress) -> None:
+        self.train, self.cfg, self.prog = train, cfg, prog
+        self.n_micro = math.ceil(len(train) / cfg.batch_size)
+        self._it = _micro_batches(train, cfg, prog.epoch, prog.position)
+
+    def _next_epoch(self) -> None:
+        self.prog.epoch, self.prog.position = self.prog.epoch + 1, 0
+        self._it = _micro_batches(self.train, self.cfg, self.prog.epoch, 0)
+
+    def next(self):
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._next_epoch()
+            batch = next(self._it)
+        self.prog.position += 1
+        if self.prog.position >= self.n_micro:  # epoch boundary inside an optimizer step
+            self._next_epoch()
+        return batch
+
+
+def _accumulate(grad_fn, batches: _Batches, cfg: TrainConfig, step: int):
+    """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts."""
+    acc, step_loss, step_tokens = None, 0.0, 0
+    for micro in range(cfg.grad_accumulation):
+        x, y, m = batches.next()
+        # Dropout keys from (seed, micro-step): exact replay after resume.
+        mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
+        (s, n), g = grad_fn(x, y, m)
+        acc = g if acc is None else tree_map(mx.add, acc, g)
+        mx.eval(s, n, acc)
+        step_loss += s.item()
+        step_tokens += int(n.item())
+    return acc, step_loss, step_tokens
+
+
+def _update(model, opt: optim.Optimizer, acc, step_tokens: int, cfg: TrainConfig, lr: float) -> float:
+    """One AdamW step on the token-mean gradient (clipped); returns the gradient norm."""
+    grads = tree_map(lambda g, n=step_tokens: g / n, acc)
+    if cfg.max_grad_norm > 0:
+        grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+    else:
+        gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+    opt.learning_rate = lr
+    opt.update(model, grads)
+    mx.eval(model.trainable_parameters(), opt.state)
+    return float(gnorm.item())
+
+
+def _check_step(loss_sum: float, step_tokens: int, step: int, out_dir: Path) -> float:
+    """The step's mean loss; TrainingError for a step without targets or a non-finite loss."""
+    if step_tokens == 0:
+        raise TrainingError("an optimizer step saw no target tokens (all masked); check the data's "
+                            "prompt/completion masking")
+    loss_value = loss_sum / step_tokens
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}; lower the learning "
+                            f"rate or check the data. The last good checkpoint is kept in "
+                            f"{_ckpt_dir(out_dir)}")
+    return loss_value
+
+
+def _resume(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig) -> dict | None:
+    """Restore the committed checkpoint of ``out_dir`` (if any) into model and optimizer."""
+    state = load_checkpoint_state(out_dir)
+    if state is None:
+        return None
+    if state.get("fingerprint") != cfg.fingerprint():
+        raise TrainingError(f"{out_dir}: a checkpoint from a different configuration exists; use the "
+                            f"same config to resume, or delete {_ckpt_dir(out_dir)} to start over")
+    _restore_checkpoint(out_dir, model, opt, state)
+    return state
+
+
 def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir: str | Path = "adapter",
                   *, loss_fn: Callable = default_loss, callback: Callable[[dict], None] | None = None,
                   resume: bool = True, save_formats: str = "both",
-                  log_path: str | Path | None = None) -> TrainResult:
+                  log_path: str | Path | None = None, base_loss: bool = False) -> TrainResult:
     """Train one LoRA adapter on ``data`` and save it to ``out_dir``.
 
     Args:
-        model: a mozgach model (LoRA is applied with ``cfg.lora`` if it has none yet).
+        model: a mozgach model. This function owns the adapter's lifecycle: it applies
+            ``cfg.lora`` (replacing adapters of another config), resets the adapter to a
+            fresh one seeded by ``cfg.seed``, trains and saves it. The model's
+            ``grad_checkpoint`` / ``mlp_chunk`` and train/eval mode are restored after.
         tok: its tokenizer.
         data: a dataset path (dir with train/valid JSONL, or one JSONL file) or a dict
             ``{"train": seqs, "valid": seqs}`` of already tokenized sequences.
@@ -304,6 +420,8 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         resume: continue from ``out_dir/checkpoint`` if it exists and matches ``cfg``.
         save_formats: adapter layouts to write: ``peft``, ``mlx-lm`` or ``both``.
         log_path: the JSONL step log (default ``out_dir/train_log.jsonl``).
+        base_loss: also measure the validation loss of the fresh adapter (B = 0: exactly
+            the base) before training, as ``TrainResult.base_valid_loss``.
 
     Returns:
         TrainResult with the loss history, validation loss/perplexity, tokens and timing.
@@ -315,97 +433,63 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     train, valid = splits["train"], splits.get("valid")
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
+    with _model_settings(model, grad_checkpoint=cfg.grad_checkpoint, mlp_chunk=cfg.mlp_chunk):
+        lora.ensure(model, cfg.lora)
+        lora.reset(model, seed=cfg.seed)
+        eval_fn = None if loss_fn is default_loss else loss_fn
+        base_valid = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)[0] if base_loss and valid else None
+        result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback, resume,
+                        Path(log_path) if log_path is not None else out_dir / LOG_FILE)
+        result.base_valid_loss = base_valid
+        lora.save(model, out_dir, format=save_formats)
+    atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
+    # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
+    # a crash before this line just replays the steps after the last checkpoint.
+    shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
+    return result
 
-    lora.ensure(model, cfg.lora)
-    lora.reset(model, seed=cfg.seed)
-    eval_fn = None if loss_fn is default_loss else loss_fn
-    model.grad_checkpoint = cfg.grad_checkpoint
-    model.mlp_chunk = cfg.mlp_chunk
 
+def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callable, eval_fn: Callable | None,
+           callback: Callable[[dict], None] | None, resume: bool, log_path: Path) -> TrainResult:
+    """The optimisation loop of :func:`train_adapter` (adapter already fresh), then the
+    final validation."""
     n_micro = math.ceil(len(train) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accumulation)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
     opt = optim.AdamW(learning_rate=lr_at(0, cfg, total_steps), weight_decay=cfg.weight_decay)
     opt.init(model.trainable_parameters())
-
-    step, epoch, pos, tokens, losses = 0, 0, 0, 0, []
-    resumed_from = 0
-    state = load_checkpoint_state(out_dir) if resume else None
-    if state is not None:
-        if state.get("fingerprint") != cfg.fingerprint():
-            raise TrainingError(f"{out_dir}: a checkpoint from a different configuration exists; use the "
-                                f"same config to resume, or delete {_ckpt_dir(out_dir)} to start over")
-        _restore_checkpoint(out_dir, model, opt, state)
-        step, epoch, pos = state["step"], state["epoch"], state["position"]
-        tokens, losses = state["tokens"], list(state["losses"])
-        resumed_from = step
-    log_path = Path(log_path) if log_path is not None else out_dir / LOG_FILE
-    log = _Log(log_path, _read_log(log_path, step) if state is not None else [])
+    state = _resume(out_dir, model, opt, cfg) if resume else None
+    prog = _Progress.of(state)
+    log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else [])
 
     model.train()
     grad_fn = nn.value_and_grad(model, lambda x, y, k: loss_fn(model, x, y, k, cfg))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    bar = _progress(cfg, total_steps, step)
-    valid_loss = None
-    batches = _micro_batches(train, cfg, epoch, pos)
+    bar = _progress(cfg, total_steps, prog.step)
+    batches = _Batches(train, cfg, prog)
     try:
-        while step < total_steps:
-            acc, step_loss, step_tokens = None, 0.0, 0
-            for micro in range(cfg.grad_accumulation):
-                try:
-                    x, y, m = next(batches)
-                except StopIteration:
-                    epoch, pos = epoch + 1, 0
-                    batches = _micro_batches(train, cfg, epoch, pos)
-                    x, y, m = next(batches)
-                pos += 1
-                # Dropout keys from (seed, micro-step): exact replay after resume.
-                mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
-                (s, n), g = grad_fn(x, y, m)
-                acc = g if acc is None else tree_map(mx.add, acc, g)
-                mx.eval(s, n, acc)
-                step_loss += s.item()
-                step_tokens += int(n.item())
-                if pos >= n_micro:  # epoch boundary inside an optimizer step
-                    epoch, pos = epoch + 1, 0
-                    batches = _micro_batches(train, cfg, epoch, pos)
-            if step_tokens == 0:
-                raise TrainingError("an optimizer step saw no target tokens (all masked); check the data's "
-                                    "prompt/completion masking")
-            loss_value = step_loss / step_tokens
-            if not math.isfinite(loss_value):
-                raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}; lower the learning "
-                                    f"rate or check the data. The last good checkpoint is kept in "
-                                    f"{_ckpt_dir(out_dir)}")
-            grads = tree_map(lambda g, n=step_tokens: g / n, acc)
-            if cfg.max_grad_norm > 0:
-                grads, gnorm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-            else:
-                gnorm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
-            opt.learning_rate = lr_at(step, cfg, total_steps)
-            opt.update(model, grads)
-            mx.eval(model.trainable_parameters(), opt.state)
-            step += 1
-            tokens += step_tokens
-            losses.append(loss_value)
+        while prog.step < total_steps:
+            acc, loss_sum, step_tokens = _accumulate(grad_fn, batches, cfg, prog.step)
+            loss_value = _check_step(loss_sum, step_tokens, prog.step, out_dir)
+            gnorm = _update(model, opt, acc, step_tokens, cfg, lr_at(prog.step, cfg, total_steps))
+            prog.step += 1
+            prog.tokens += step_tokens
+            prog.losses.append(loss_value)
             elapsed = time.perf_counter() - t0
-            rec = {"step": step, "loss": loss_value, "lr": lr_at(step - 1, cfg, total_steps),
-                   "grad_norm": float(gnorm.item()), "tokens": tokens, "epoch": epoch,
+            rec = {"step": prog.step, "loss": loss_value, "lr": lr_at(prog.step - 1, cfg, total_steps),
+                   "grad_norm": gnorm, "tokens": prog.tokens, "epoch": prog.epoch,
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
-            if cfg.eval_every and valid and step % cfg.eval_every == 0 and step < total_steps:
-                valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
-                rec["valid_loss"] = valid_loss
+            if cfg.eval_every and valid and prog.step % cfg.eval_every == 0 and prog.step < total_steps:
+                rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
             log.write(rec)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(tokens - _tok0(state)) / elapsed:.0f}",
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(prog.tokens - _tok0(state)) / elapsed:.0f}",
                                 peak=f"{mx.get_peak_memory() / 1e9:.2f}GB")
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
                 _save_checkpoint(out_dir, model, opt, {
-                    "step": step, "epoch": epoch, "position": pos, "tokens": tokens, "losses": losses,
-                    "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
+                    **dataclasses.asdict(prog), "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
             if callback is not None:
                 callback(rec)
     finally:
@@ -413,21 +497,14 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
             bar.close()
         log.close()
 
-    if valid:
-        valid_loss, _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
-    seconds = time.perf_counter() - t0
-    result = TrainResult(
-        out_dir=str(out_dir), steps=step, tokens=tokens,
+    valid_loss = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)[0] if valid else None
+    losses = prog.losses
+    return TrainResult(
+        out_dir=str(out_dir), steps=prog.step, tokens=prog.tokens,
         train_loss=float(np.mean(losses[-max(1, steps_per_epoch):])) if losses else float("nan"),
         valid_loss=valid_loss, valid_ppl=math.exp(valid_loss) if valid_loss is not None else None,
-        seconds=seconds, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
-        resumed_from=resumed_from)
-    lora.save(model, out_dir, format=save_formats)
-    atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
-    # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
-    # a crash before this line just replays the steps after the last checkpoint.
-    shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
-    return result
+        seconds=time.perf_counter() - t0, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
+        resumed_from=state["step"] if state is not None else 0)
 
 
 def _tok0(state: dict | None) -> int:

@@ -1,0 +1,331 @@
+"""A run directory: what a fleet run is over, its manifest, and what ``mozgach train``,
+``eval`` and ``generate`` share (loading the run's base, finding its domains).
+
+``OUT/manifest.json`` is a :class:`Manifest`: a schema version, the base's identity
+(source, architecture, quantization, a weight fingerprint), the exact configuration
+(``{"train": TrainConfig, "run": RunConfig}``) with its fingerprint, and one
+:class:`AdapterRecord` per adapter. It is read and written only here (atomically), and
+it is enough on its own to rebuild the base and the data of a run, also for a run made
+with :func:`mozgach_mlx.train_fleet` from Python without a :class:`RunConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .io import atomic_write_json
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 2
+BUILTIN_DATA_DIR = "builtin_data"
+BUILTIN_MODEL = "tiny"
+
+
+@dataclass
+class RunConfig:
+    """What a fleet run is over: base model, data, output, which domains."""
+
+    model: str = field(default=BUILTIN_MODEL, metadata={
+        "help": "base model: 'tiny', a local HF dir or a Hub repo id"})
+    data: str | None = field(default=None, metadata={
+        "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
+                "default: the built-in synthetic 108-domain corpus"})
+    out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
+    domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
+    n_domains: int = field(default=108, metadata={"help": "domains in the built-in synthetic corpus"})
+    quantize: str = field(default="4", metadata={"help": "base quantization: 4, 8 or none"})
+    group_size: int = field(default=64, metadata={"help": "quantization group size: 32, 64 or 128"})
+    rope_scaling: str | None = field(default=None, metadata={
+        "help": "RoPE scaling for long context: linear, dynamic, yarn or llama3"})
+    rope_factor: float | None = field(default=None, metadata={"help": "RoPE scaling factor (e.g. 8)"})
+    max_position_embeddings: int | None = field(default=None, metadata={
+        "help": "override the model's max_position_embeddings"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+
+    # Fields that say how to run, not what the run is: not recorded in the manifest.
+    NOT_RECORDED = ("quiet", "domains")
+
+    @property
+    def builtin_default(self) -> bool:
+        return self.model == BUILTIN_MODEL and self.data is None
+
+    def quant_bits(self) -> int | None:
+        return parse_quantize(self.quantize)
+
+    def rope_dict(self) -> dict | None:
+        if self.rope_scaling is None:
+            if self.rope_factor is not None:
+                raise ConfigError("--rope-factor given without --rope-scaling; add e.g. --rope-scaling linear")
+            return None
+        if self.rope_factor is None:
+            raise ConfigError(f"--rope-scaling {self.rope_scaling} needs --rope-factor F (e.g. 8)")
+        return {"type": self.rope_scaling, "factor": float(self.rope_factor)}
+
+    def recorded(self) -> dict:
+        """What the manifest keeps of this config."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_RECORDED}
+
+    @classmethod
+    def from_recorded(cls, d: dict | None) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+def parse_quantize(value: Any) -> int | None:
+    """``"4"`` / ``"8"`` -> bits; ``"none"`` (or 0/no/off) -> None; else ConfigError."""
+    if str(value).lower() in ("none", "0", "no", "off"):
+        return None
+    if str(value) not in ("4", "8"):
+        raise ConfigError(f"--quantize {value!r}: use 4, 8 or none")
+    return int(value)
+
+
+# Short schedules for the built-in default (tiny model, 108 synthetic domains): tuned so
+# the whole run finishes in <= 10 minutes on 2 CPU cores (see README, benchmarks).
+DEFAULT_RUN_TRAIN = {
+    "learning_rate": 2e-3, "warmup_steps": 3, "max_steps": 16, "grad_accumulation": 1,
+    "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
+    "grad_checkpoint": False,
+}
+DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class AdapterRecord:
+    """One adapter's line of the manifest (losses in nats per target token)."""
+
+    domain: str
+    domain_id: int
+    status: str = "pending"  # running | done | failed
+    started: str | None = None
+    finished: str | None = None
+    error: str | None = None
+    data: dict[str, str | None] | None = None  # the domain's split files; shared=True: one multi-domain file
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    base_valid_loss: float | None = None
+    steps: int | None = None
+    tokens: int | None = None
+    seconds: float | None = None
+    peak_memory_gb: float | None = None
+    resumed_from: int | None = None
+    active_memory_after_bytes: int | None = None
+    active_memory_vs_baseline: float | None = None
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+
+    @property
+    def beats_base(self) -> bool:
+        return self.valid_loss is not None and self.base_valid_loss is not None and \
+            self.valid_loss < self.base_valid_loss
+
+
+def fingerprint(obj: Any) -> str:
+    """Short hash of a JSON-able object (configs are compared by it on resume)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    """``OUT/manifest.json`` (see the module docstring). ``config`` is the exact JSON the
+    ``config_fingerprint`` is taken over."""
+
+    base: dict
+    config: dict
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    baseline_active_memory_bytes: int | None = None
+    schema_version: int = SCHEMA_VERSION
+    config_fingerprint: str = ""
+    path: Path | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.config_fingerprint:
+            self.config_fingerprint = fingerprint(self.config)
+
+    @property
+    def run(self) -> RunConfig | None:
+        """The run's RunConfig, or None for a run made from Python without one."""
+        rec = self.config.get("run")
+        return None if rec is None else RunConfig.from_recorded(rec)
+
+    @property
+    def train(self) -> dict:
+        return self.config.get("train") or {}
+
+    def to_dict(self) -> dict:
+        return {"schema_version": self.schema_version, "base": self.base, "config": self.config,
+                "config_fingerprint": self.config_fingerprint,
+                "baseline_active_memory_bytes": self.baseline_active_memory_bytes,
+                "adapters": {k: dataclasses.asdict(v) for k, v in self.adapters.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict, path: Path | None = None) -> Manifest:
+        where = path or MANIFEST_FILE
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object; move it away to start a new run")
+        version = d.get("schema_version", d.get("version", 1))
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ConfigError(f"{where}: schema version {version!r} is newer than this mozgach_mlx understands "
+                              f"({SCHEMA_VERSION}); upgrade mozgach-mlx")
+        names = {f.name for f in dataclasses.fields(AdapterRecord)}
+        adapters = {}
+        for name, rec in (d.get("adapters") or {}).items():
+            try:
+                adapters[name] = AdapterRecord(**{k: v for k, v in rec.items() if k in names})
+            except TypeError as e:
+                raise ConfigError(f"{where}: adapter {name!r} is malformed ({e}); move the manifest away") from None
+        return cls(base=d.get("base") or {}, config=d.get("config") or {}, adapters=adapters,
+                   baseline_active_memory_bytes=d.get("baseline_active_memory_bytes"),
+                   config_fingerprint=d.get("config_fingerprint") or "", path=path)
+
+    def save(self) -> None:
+        if self.path is None:
+            raise ConfigError("Manifest.save: this manifest has no path")
+        atomic_write_json(self.path, self.to_dict())
+
+    def record(self, name: str) -> AdapterRecord | None:
+        return self.adapters.get(name)
+
+    def update(self, name: str, **fields: Any) -> AdapterRecord:
+        """Set fields of adapter ``name``'s record (created if new) and save atomically."""
+        rec = self.adapters.get(name)
+        if rec is None:
+            rec = self.adapters[name] = AdapterRecord(domain=fields.pop("domain"), domain_id=fields.pop("domain_id"))
+        for k, v in fields.items():
+            if not hasattr(rec, k):
+                raise ConfigError(f"AdapterRecord has no field {k!r}")
+            setattr(rec, k, v)
+        self.save()
+        return rec
+
+
+def read_manifest(out: str | Path) -> Manifest:
+    """The manifest of run directory ``out``; ConfigError if there is none or it is broken."""
+    path = Path(out) / MANIFEST_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path}: no manifest; is --out a run directory made by `mozgach train`?")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: corrupt manifest ({e}); move it away to start a new run") from None
+    return Manifest.from_dict(d, path)
+
+
+# ----------------------------------------------------------------------------- base and data
+
+
+def load_base(run: RunConfig):
+    """The base model and tokenizer of a RunConfig (quantized and RoPE-scaled as it says)."""
+    from . import models
+
+    return models.load(run.model, rope_scaling=run.rope_dict(),
+                       max_position_embeddings=run.max_position_embeddings,
+                       quantize=run.quant_bits(), group_size=run.group_size)
+
+
+def load_run_base(manifest: Manifest, model: str | None = None):
+    """The base a run was trained over, rebuilt from its manifest alone: the RunConfig's
+    options when the run has one, else the recorded source, quantization and RoPE.
+    The weights are checked against the recorded fingerprint, unless ``model`` overrides
+    the source (the user's explicit choice of base)."""
+    from . import models
+
+    run = manifest.run
+    if run is not None:
+        if model is not None:
+            run.model = model
+        base, tok = load_base(run)
+    else:
+        source = model or manifest.base.get("source")
+        if not source:
+            raise ConfigError(f"{manifest.path}: the run's base has no recorded source; pass --model PATH")
+        args = manifest.base.get("args") or {}
+        q = manifest.base.get("quantization") or {}
+        base, tok = models.load(source, rope_scaling=args.get("rope_scaling"),
+                                max_position_embeddings=args.get("max_position_embeddings"),
+                                quantize=q.get("bits"), group_size=q.get("group_size") or 64)
+    want = manifest.base.get("fingerprint")
+    if model is None and want and base_fingerprint(base) != want:
+        raise ConfigError(f"{manifest.path}: the base loaded from {manifest.base.get('source')!r} is not the "
+                          "one this run was trained over (weights differ); pass the right --model")
+    return base, tok
+
+
+def base_fingerprint(model) -> str:
+    """A cheap content fingerprint of the base weights (adapters excluded): per array its
+    name, shape and the sum of its first 4096 values (exact for a given checkpoint)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    h = hashlib.sha256()
+    for name, w in sorted(tree_flatten(model.parameters())):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(str(w.shape).encode())
+        h.update(f"{float(w.reshape(-1)[:4096].astype(mx.float32).sum().item()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def base_identity(model, source: str | None = None) -> dict:
+    """What a manifest records of the base: source (default ``model.name_or_path``),
+    architecture, quantization and a weight fingerprint (call it before adapters are applied)."""
+    from . import quant
+
+    args = model.args
+    arch = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args))
+    return {"source": source if source is not None else getattr(model, "name_or_path", None),
+            "model_type": arch.get("model_type"), "args": arch,
+            "quantization": quant.quantization_config(model), "fingerprint": base_fingerprint(model)}
+
+
+def data_dir(run: RunConfig) -> Path:
+    """The user's ``--data``, or the built-in corpus materialised inside the run dir."""
+    if run.data is not None:
+        return Path(run.data)
+    from . import synthetic
+
+    path = Path(run.out) / BUILTIN_DATA_DIR
+    synthetic.write_corpus(path, n_domains=run.n_domains)
+    return path
+
+
+def domain_files(domain) -> dict:
+    """What an AdapterRecord keeps of a :class:`mozgach_mlx.data.Domain` to find it again."""
+    return {"train": str(domain.train), "valid": None if domain.valid is None else str(domain.valid),
+            "test": None if domain.test is None else str(domain.test), "shared": domain.records is not None}
+
+
+def run_domains(manifest: Manifest, out: str | Path) -> dict[int, Any]:
+    """``{domain id: Domain}`` of a run's data: discovered from the RunConfig's data (the
+    built-in corpus is re-materialised if needed), else from the files each adapter
+    record names (a run made from Python)."""
+    from . import data
+
+    run = manifest.run
+    if run is not None:
+        run.out = str(out)
+        return {d.id: d for d in data.discover_domains(data_dir(run))}
+    found = {}
+    for rec in manifest.adapters.values():
+        files = rec.data or {}
+        if not files.get("train"):
+            continue
+        if files.get("shared"):
+            # one JSONL with a 'domain' field (a file, or train/valid/test files of one dir):
+            # discover it again where it was discovered and take this domain
+            root = Path(files["train"]).parent if files.get("valid") or files.get("test") else files["train"]
+            found.update({d.id: d for d in data.discover_domains(root) if d.name == rec.domain})
+        else:
+            found[rec.domain_id] = data.Domain(rec.domain_id, rec.domain, Path(files["train"]),
+                                               files.get("valid") and Path(files["valid"]),
+                                               files.get("test") and Path(files["test"]))
+    return found
