@@ -26,7 +26,7 @@ class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; then BOS, EOS, PAD.
 
     The default chat template renders each message as ``<|role|>\\ncontent\\n`` and ends
-    assistant turns with EOS at tokenization time (see data.py)."""
+    assistant turns with EOS at tokenization time (see data/encode.py)."""
 
     vocab_size = 259
     bos_token_id = 256

@@ -1,0 +1,65 @@
+"""Batches: the epoch order, padding rows, and ``(inputs, targets, mask)`` batches of sequences."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import ConfigError
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of ``n`` sequences used in ``epoch`` (depends only on seed, epoch, n)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def num_batches(n_seqs: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches in one epoch of ``n_seqs`` sequences (a smaller last batch counts unless ``drop_last``)."""
+    return n_seqs // batch_size if drop_last else -(-n_seqs // batch_size)
+
+
+def pad_rows(rows: Sequence[np.ndarray], length: int | None = None, *, fill: float = 0,
+             dtype: Any = np.int32) -> np.ndarray:
+    """Stack 1-D rows into one ``(len(rows), length)`` array, padded on the right with ``fill``.
+
+    ``length`` defaults to the longest row; a row longer than ``length`` is an error (rows
+    are never cut silently). The one row-padding helper of the package (batches, the
+    adapter bank's scoring and signatures).
+    """
+    longest = max((len(r) for r in rows), default=0)
+    length = longest if length is None else int(length)
+    if longest > length:
+        raise ValueError(f"pad_rows: a row of {longest} items does not fit length {length}")
+    out = np.full((len(rows), length), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, *,
+            shuffle: bool = True, pad_id: int = 0, drop_last: bool = False,
+            pad_to_multiple: int = 1) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+    """Yield ``(inputs, targets, mask)`` for one epoch: int32, int32, float32, each (B, L).
+
+    ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``mask = mask[1:]`` per sequence, padded
+    on the right to the batch's longest (rounded up to ``pad_to_multiple``) with
+    ``pad_id`` and mask 0. The order is a permutation fixed by ``(seed, epoch)`` (or file
+    order with ``shuffle=False``); ``start`` is the index of the first batch to yield, so
+    a run resumed after ``k`` batches of this epoch continues with exactly batch ``k``.
+    The last batch may be smaller unless ``drop_last``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(seqs)
+    order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+    for b in range(max(0, start), num_batches(n, batch_size, drop_last)):
+        idx = order[b * batch_size: (b + 1) * batch_size]
+        items = [seqs[int(i)] for i in idx]
+        length = max(len(ids) for ids, _ in items) - 1
+        length = -(-length // pad_to_multiple) * pad_to_multiple
+        ids_b = pad_rows([ids for ids, _ in items], length + 1, fill=pad_id, dtype=np.int32)
+        mask_b = pad_rows([m for _, m in items], length + 1, fill=0, dtype=np.float32)
+        yield mx.array(ids_b[:, :-1]), mx.array(ids_b[:, 1:]), mx.array(mask_b[:, 1:])
