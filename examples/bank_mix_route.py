@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import mozgach_mlx as mz
+from mozgach_mlx.rundir import load_run_base, read_manifest
 
 run = Path(sys.argv[1] if len(sys.argv) > 1 else "mozgach108")
 dirs = sorted(p for p in run.glob("mozgach108_*") if (p / "adapter_config.json").exists())[:6]
 if not dirs:
     sys.exit(f"no adapters under {run}; run `python -m mozgach_mlx.train` first")
-model, tok = mz.load("tiny", quantize=4)
+model, tok = load_run_base(read_manifest(run))  # the base the run was trained over, as it was loaded
 bank = mz.AdapterBank(model, tok, dirs)
 names = [d.name for d in dirs]
 text = (run / "builtin_data").glob("001_*/valid.jsonl").__next__().read_text().splitlines()[0]

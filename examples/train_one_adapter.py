@@ -9,19 +9,19 @@ import tempfile
 from pathlib import Path
 
 import mozgach_mlx as mz
-from mozgach_mlx import data, synthetic, trainer
+from mozgach_mlx import data, synthetic
+from mozgach_mlx.rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="mozgach_example_"))
 corpus = synthetic.write_corpus(out / "data", n_domains=3)
 domain = data.discover_domains(corpus)[0]
 
 model, tok = mz.load("tiny", quantize=4)  # QLoRA: 4-bit base
-cfg = mz.TrainConfig(learning_rate=2e-3, warmup_steps=3, max_steps=16, grad_accumulation=1, batch_size=4,
-                     max_seq_length=128, save_every=8, lora=mz.LoRAConfig(dropout=0.0))
+# the built-in default run's short schedule (the seed's defaults are for real models)
+cfg = mz.TrainConfig(**DEFAULT_RUN_TRAIN, lora=mz.LoRAConfig(**DEFAULT_RUN_LORA))
 splits = data.load_domain(domain, tok, cfg.max_seq_length)
-mz.lora.apply(model, cfg.lora)
-base_loss, _ = trainer.evaluate(model, splits["valid"], cfg)  # B = 0: exactly the base
 
-result = mz.train_adapter(model, tok, splits, cfg, out / domain.name)
-print(f"{domain.name}: base {base_loss:.3f} -> adapter {result.valid_loss:.3f} (valid loss), "
+# base_loss=True: also the fresh adapter's loss (B = 0: exactly the base) before training
+result = mz.train_adapter(model, tok, splits, cfg, out / domain.name, base_loss=True)
+print(f"{domain.name}: base {result.base_valid_loss:.3f} -> adapter {result.valid_loss:.3f} (valid loss), "
       f"{result.tokens} tokens in {result.seconds:.1f} s; saved to {out / domain.name}")

@@ -1,73 +1,29 @@
 """The ``mozgach`` command line: train | eval | generate | plan.
 
 One source of defaults: the dataclasses (:class:`RunConfig`, :class:`TrainConfig`,
-:class:`LoRAConfig`). Every click option defaults to ``None`` and only overrides what the
-user actually gave; precedence is CLI > YAML (``--config``) > the built-in default preset
-(only for the built-in default run: tiny model + synthetic corpus) > dataclass defaults.
+:class:`LoRAConfig`, :class:`GenerationConfig`) and :func:`mozgach_mlx.plan` (whose own
+defaults come from those dataclasses). Every click option defaults to ``None`` and only
+overrides what the user actually gave; precedence is CLI > YAML (``--config``) > the
+built-in default preset (only for the built-in default run: tiny model + synthetic
+corpus) > dataclass defaults. What each command does is in :mod:`mozgach_mlx.commands`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .bank import GenerationConfig
 from .errors import ConfigError, MozgachError
+from .lora import LoRAConfig
+from .rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN, RunConfig, parse_quantize
+from .train_config import TrainConfig
 
-
-@dataclass
-class RunConfig:
-    """What a fleet run is over: base model, data, output, which domains."""
-
-    model: str = field(default="tiny", metadata={"help": "base model: 'tiny', a local HF dir or a Hub repo id"})
-    data: str | None = field(default=None, metadata={
-        "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
-                "default: the built-in synthetic 108-domain corpus"})
-    out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
-    domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
-    n_domains: int = field(default=108, metadata={"help": "domains in the built-in synthetic corpus"})
-    quantize: str = field(default="4", metadata={"help": "base quantization: 4, 8 or none"})
-    group_size: int = field(default=64, metadata={"help": "quantization group size: 32, 64 or 128"})
-    rope_scaling: str | None = field(default=None, metadata={
-        "help": "RoPE scaling for long context: linear, dynamic, yarn or llama3"})
-    rope_factor: float | None = field(default=None, metadata={"help": "RoPE scaling factor (e.g. 8)"})
-    max_position_embeddings: int | None = field(default=None, metadata={
-        "help": "override the model's max_position_embeddings"})
-    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
-
-    @property
-    def builtin_default(self) -> bool:
-        return self.model == "tiny" and self.data is None
-
-    def quant_bits(self) -> int | None:
-        if str(self.quantize).lower() in ("none", "0", "no", "off"):
-            return None
-        if str(self.quantize) not in ("4", "8"):
-            raise ConfigError(f"--quantize {self.quantize!r}: use 4, 8 or none")
-        return int(self.quantize)
-
-    def rope_dict(self) -> dict | None:
-        if self.rope_scaling is None:
-            if self.rope_factor is not None:
-                raise ConfigError("--rope-factor given without --rope-scaling; add e.g. --rope-scaling linear")
-            return None
-        if self.rope_factor is None:
-            raise ConfigError(f"--rope-scaling {self.rope_scaling} needs --rope-factor F (e.g. 8)")
-        return {"type": self.rope_scaling, "factor": float(self.rope_factor)}
-
-
-# Short schedules for the built-in default (tiny model, 108 synthetic domains): tuned so
-# the whole run finishes in <= 10 minutes on 2 CPU cores (see README, benchmarks).
-DEFAULT_RUN_TRAIN = {
-    "learning_rate": 2e-3, "warmup_steps": 3, "max_steps": 16, "grad_accumulation": 1,
-    "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
-    "grad_checkpoint": False,
-}
-DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
+__all__ = ["DEFAULT_RUN_LORA", "DEFAULT_RUN_TRAIN", "RunConfig", "build_configs", "main"]
 
 
 def _field_options(cls, prefix: str = "", skip: tuple = ()):
@@ -116,9 +72,6 @@ def _load_yaml(path: str | None) -> dict:
 
 def build_configs(cli: dict, yaml_cfg: dict):
     """Merge CLI > YAML > preset > defaults into (RunConfig, TrainConfig)."""
-    from .lora import LoRAConfig
-    from .trainer import TrainConfig
-
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"lora"}
     lora_names = {f.name for f in dataclasses.fields(LoRAConfig)}
@@ -152,18 +105,6 @@ def build_configs(cli: dict, yaml_cfg: dict):
     return run, tcfg
 
 
-def _lora_cli_options():
-    from .lora import LoRAConfig
-
-    return _field_options(LoRAConfig, prefix="lora_")
-
-
-def _train_cli_options():
-    from .trainer import TrainConfig
-
-    return _field_options(TrainConfig, skip=("lora", "progress"))
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """mozgach: long-context QLoRA fine-tuning of many LoRA experts over one base."""
@@ -177,12 +118,12 @@ def _fail(e: Exception) -> None:
 @main.command("train")
 @click.option("--config", "config_path", default=None, help="YAML file with run keys, 'train:' and 'lora:'")
 @_apply(_field_options(RunConfig))
-@_apply(_train_cli_options())
-@_apply(_lora_cli_options())
+@_apply(_field_options(TrainConfig, skip=("lora", "progress")))
+@_apply(_field_options(LoRAConfig, prefix="lora_"))
 def train_cmd(config_path: str | None, **cli: Any) -> None:
     """Train one adapter per domain over one base (the 108 by default)."""
     try:
-        from .run import run_fleet
+        from .commands import run_fleet
 
         run, tcfg = build_configs(cli, _load_yaml(config_path))
         code = run_fleet(run, tcfg)
@@ -198,7 +139,7 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> None:
     """Per domain: base loss, own adapter's loss, best other adapter's loss; routing accuracy."""
     try:
-        from .run import eval_run
+        from .commands import eval_run
 
         code = eval_run(out, max_batches=max_batches, route_samples=route_samples)
     except MozgachError as e:
@@ -208,28 +149,28 @@ def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> No
 
 @main.command("generate")
 @click.option("--out", default=None, help="a run directory: its base and adapters")
-@click.option("--model", default=None, help="base model (default: the run's)")
+@click.option("--model", default=None, help="base model (default: the run's, else tiny)")
 @click.option("--adapter", default=None, help="adapter name or directory (default: none = base)")
 @click.option("--prompt", required=True)
-@click.option("--max-tokens", type=int, default=64)
-@click.option("--temperature", type=float, default=0.0)
-def generate_cmd(out, model, adapter, prompt, max_tokens, temperature) -> None:
+@_apply(_field_options(GenerationConfig))
+def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
     """Generate text with the base or one adapter."""
     try:
-        from .run import generate_text
+        from .commands import generate_text
 
-        click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt,
-                                 max_tokens=max_tokens, temperature=temperature))
+        cfg = GenerationConfig(**{k: v for k, v in gen.items() if v is not None})
+        click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt, gen=cfg))
     except MozgachError as e:
         _fail(e)
 
 
 @main.command("plan")
-@click.option("--model", default="tiny", help="'tiny', a model directory or Hub repo id (only config.json is read)")
-@click.option("--context", type=int, default=100_000, help="tokens per training sequence")
-@click.option("--batch-size", type=int, default=1)
-@click.option("--quantize", default="4", help="base quantization: 4, 8 or none")
-@click.option("--lora-r", type=int, default=16)
+@click.option("--model", default=None, help=f"{RunConfig.model!r}, a model directory or Hub repo id "
+              "(only config.json is read)")
+@click.option("--context", type=int, default=None, help="tokens per training sequence (default 100,000)")
+@click.option("--batch-size", type=int, default=None, help=f"sequences per step (default {TrainConfig.batch_size})")
+@click.option("--quantize", default=None, help=f"base quantization: 4, 8 or none (default {RunConfig.quantize})")
+@click.option("--lora-r", type=int, default=None, help=f"LoRA rank (default {LoRAConfig.r})")
 @click.option("--memory-gb", type=float, default=None, help="memory budget to check (e.g. 48)")
 @click.option("--gflops", type=float, default=None, help="measured training throughput, GFLOP/s")
 @click.option("--backend", type=click.Choice(["cpu", "metal", "cuda"]), default=None,
@@ -239,9 +180,12 @@ def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, ba
     try:
         from .plan import plan
 
-        bits = RunConfig(quantize=quantize).quant_bits()
-        click.echo(plan(model, context, batch_size=batch_size, lora_rank=lora_r, quantize=bits,
-                        memory_gb=memory_gb, gflops=gflops, backend=backend).table())
+        given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
+                 "gflops": gflops, "backend": backend}
+        kw = {k: v for k, v in given.items() if v is not None}
+        if quantize is not None:
+            kw["quantize"] = parse_quantize(quantize)
+        click.echo(plan(model or RunConfig.model, **kw).table())
     except MozgachError as e:
         _fail(e)
 

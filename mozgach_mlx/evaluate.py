@@ -26,10 +26,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from . import data, lora
+from .bank import AdapterBank
 from .errors import ConfigError, DataError
+from .io import atomic_write_json
+from .rundir import Manifest, load_run_base, read_manifest, run_domains
 
 DEFAULT_ROUTE_SAMPLES = 2
 SAMPLE_TOKENS = 64
@@ -147,7 +152,7 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     """Evaluate every finished adapter of the run in ``out_dir`` on every domain.
 
     Args:
-        out_dir: a run directory made by ``mozgach train`` (``manifest.json``).
+        out_dir: a run directory made by ``mozgach train`` or ``mz.train_fleet`` (``manifest.json``).
         max_batches: held-out samples for the loss table = ``max_batches * batch_size``
             (the run's batch size) per domain; default: the routing samples.
         route_samples: held-out samples per domain that are routed (default 2; 0 = no
@@ -161,43 +166,74 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     Raises:
         ConfigError: no manifest / no finished adapters; AdapterError: unreadable adapters.
     """
-    from . import data, lora, run
-    from .bank import AdapterBank
-    from .io import atomic_write_json
-
     t_start = time.perf_counter()
     out = Path(out_dir)
-    manifest = run._read_manifest(out)
-    cfg = manifest.get("config") or {}
-    run_cfg = run.run_config_of(manifest)
-    run_cfg.out = str(out)
-    train = cfg.get("train") or {}
+    manifest = read_manifest(out)
     n_route = DEFAULT_ROUTE_SAMPLES if route_samples is None else int(route_samples)
     n_table = (n_route or DEFAULT_ROUTE_SAMPLES) if max_batches is None else int(max_batches) * int(
-        train.get("batch_size") or 1)
+        manifest.train.get("batch_size") or 1)
     if n_route < 0 or n_table < 1 or sample_tokens < 2:
         raise ConfigError(f"eval needs route_samples >= 0, max_batches >= 1 and sample_tokens >= 2 (got "
                           f"{route_samples}, {max_batches}, {sample_tokens})")
-
-    domains = {d.id: d for d in data.discover_domains(run._data_dir(run_cfg))}
     report = Report(out_dir=str(out), sample_tokens=sample_tokens)
-    chosen = []  # (adapter name, Domain)
-    for name, rec in sorted(manifest.get("adapters", {}).items()):
-        dom = domains.get(rec.get("domain_id"))
-        if rec.get("status") != "done":
-            report.not_evaluated[name] = f"status {rec.get('status')}"
+    chosen = _finished_adapters(manifest, out, report)
+    model, tok = load_run_base(manifest)
+    held, fit = _samples_by_adapter(chosen, tok, max(n_table, n_route), signature_samples, sample_tokens, report)
+    chosen = [(n, d) for n, d in chosen if held.get(n)]
+    if not chosen:
+        raise ConfigError(f"{out}: no adapter has held-out (valid) data to evaluate on")
+
+    names = [n for n, _ in chosen]
+    seqs = [s for n in names for s in held[n]]
+    owner = np.array([i for i, n in enumerate(names) for _ in held[n]])  # adapter index of each sample
+    pos = np.concatenate([np.arange(len(held[n])) for n in names])  # its index within its domain
+    routed = pos < n_route
+    with AdapterBank(model, tok, [out / n for n in names], names=names) as bank:
+        report.n_adapters = len(bank)
+        sums, counts = _loss_matrix(bank, seqs, names, progress, report)
+        per_sample = sums[:, 1:] / np.maximum(counts, 1)  # (samples, adapters)
+        by_loss = per_sample.argmin(1)
+        if routed.any():
+            report.route_loss_accuracy = float(np.mean(by_loss[routed] == owner[routed]))
+        by_sig = None
+        if signature_samples and all(fit[n] for n in names) and routed.any():
+            by_sig = _route_by_signature(bank, names, fit, seqs, owner, routed, report)
+
+    for j, (name, dom) in enumerate(chosen):
+        report.rows.append(_domain_row(j, name, dom, names, sums, counts, owner == j, pos < n_table, routed,
+                                       by_loss, by_sig))
+    report.rows.sort(key=lambda x: x.domain_id)
+    report.seconds = time.perf_counter() - t_start
+    if write:
+        atomic_write_json(out / REPORT_FILE, report.to_dict())
+    return report
+
+
+def _finished_adapters(manifest: Manifest, out: Path, report: Report) -> list[tuple[str, Any]]:
+    """``[(adapter name, Domain)]`` of the run's finished adapters whose files and data
+    exist; the others go to ``report.not_evaluated`` with the reason."""
+    domains = run_domains(manifest, out)
+    chosen = []
+    for name, rec in sorted(manifest.adapters.items()):
+        dom = domains.get(rec.domain_id)
+        if rec.status != "done":
+            report.not_evaluated[name] = f"status {rec.status}"
         elif not (out / name / lora.CONFIG_FILE).is_file():
             report.not_evaluated[name] = "adapter files missing"
         elif dom is None:
-            report.not_evaluated[name] = f"domain {rec.get('domain_id')} not in the data"
+            report.not_evaluated[name] = f"domain {rec.domain_id} not in the data"
         else:
             chosen.append((name, dom))
     if not chosen:
         raise ConfigError(f"{out}: no finished adapters to evaluate; train some with `mozgach train --out {out}`")
+    return chosen
 
-    model, tok = run._load_base(run_cfg)
+
+def _samples_by_adapter(chosen, tok, n_held: int, n_fit: int, sample_tokens: int, report: Report):
+    """Per adapter: held-out samples of its domain and train samples for its signature."""
     held, fit = {}, {}
-    for name, dom in list(chosen):
+    bos = tok.bos_token_id
+    for name, dom in chosen:
         try:
             # one document per sequence, cut into windows of sample_tokens: the opening
             # window of each document is one sample
@@ -205,76 +241,63 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
         except DataError as e:
             report.not_evaluated[name] = f"data: {e}"
             continue
-        bos = tok.bos_token_id
-        held[name] = _samples(splits.get("valid"), max(n_table, n_route), bos)
-        fit[name] = _samples(splits.get("train"), signature_samples, bos) if signature_samples else []
+        held[name] = _samples(splits.get("valid"), n_held, bos)
+        fit[name] = _samples(splits.get("train"), n_fit, bos) if n_fit else []
         if not held[name]:
             report.not_evaluated[name] = "no held-out samples"
-    chosen = [(n, d) for n, d in chosen if held.get(n)]
-    if not chosen:
-        raise ConfigError(f"{out}: no adapter has held-out (valid) data to evaluate on")
+    return held, fit
 
-    names = [n for n, _ in chosen]
-    with AdapterBank(model, tok, [out / n for n in names], names=names) as bank:
-        report.n_adapters = len(bank)
-        seqs = [s for n in names for s in held[n]]
-        owner = np.array([i for i, n in enumerate(names) for _ in held[n]])
-        pos = np.concatenate([np.arange(len(held[n])) for n in names])
-        pairs = [(t, a) for t in range(len(seqs)) for a in [None, *names]]
-        bar = None
-        if progress or (progress is None and sys.stderr.isatty()):
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(pairs), desc="eval (sample x adapter)", unit="pair", dynamic_ncols=True)
-        t0 = time.perf_counter()
-        try:
-            sums, counts = bank.pair_losses(seqs, pairs, on_batch=None if bar is None else
-                                            lambda done, total: bar.update(done - bar.n))
-        finally:
-            if bar is not None:
-                bar.close()
-        loss_seconds = time.perf_counter() - t0
-        sums = sums.reshape(len(seqs), len(names) + 1)  # column 0: base
-        counts = counts.reshape(len(seqs), len(names) + 1)[:, :1]
-        per_sample = sums[:, 1:] / np.maximum(counts, 1)  # (samples, adapters)
+def _loss_matrix(bank: AdapterBank, seqs: list, names: list[str], progress: bool | None, report: Report):
+    """Summed loss of every sample under the base (column 0) and every adapter, as one
+    batched pass with one adapter per row: ``(sums (S, 1 + A), target counts (S, 1))``."""
+    pairs = [(t, a) for t in range(len(seqs)) for a in [None, *names]]
+    bar = None
+    if progress or (progress is None and sys.stderr.isatty()):
+        from tqdm.auto import tqdm
 
-        routed = pos < n_route
-        by_loss = per_sample.argmin(1)
-        report.route_loss_accuracy = float(np.mean(by_loss[routed] == owner[routed])) if routed.any() else float(
-            "nan")
-        # the loss pass evaluated every sample under all adapters (+ the base): per routed
-        # sample that is what route(method="loss") costs
-        report.route_loss_ms_per_sample = 1000 * loss_seconds * len(names) / (len(names) + 1) / len(seqs)
+        bar = tqdm(total=len(pairs), desc="eval (sample x adapter)", unit="pair", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        sums, counts = bank.pair_losses(seqs, pairs, on_batch=None if bar is None else
+                                        lambda done, total: bar.update(done - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+    # the pass evaluated every sample under all adapters (+ the base): per routed sample
+    # that is what route(method="loss") costs
+    report.route_loss_ms_per_sample = 1000 * (time.perf_counter() - t0) * len(names) / (len(names) + 1) / len(seqs)
+    return sums.reshape(len(seqs), len(names) + 1), counts.reshape(len(seqs), len(names) + 1)[:, :1]
 
-        by_sig = None
-        if signature_samples and all(fit[n] for n in names) and routed.any():
-            t0 = time.perf_counter()
-            bank.fit_signatures({n: fit[n] for n in names})
-            report.signature_fit_seconds = time.perf_counter() - t0
-            idx = np.flatnonzero(routed)
-            t0 = time.perf_counter()
-            scores = bank.route_scores([seqs[i] for i in idx], method="signature")
-            report.route_signature_ms_per_sample = 1000 * (time.perf_counter() - t0) / len(idx)
-            by_sig = np.full(len(seqs), -1)
-            by_sig[idx] = scores.argmin(1)
-            report.route_signature_accuracy = float(np.mean(by_sig[idx] == owner[idx]))
 
-    for j, (name, dom) in enumerate(chosen):
-        rows = (owner == j) & (pos < n_table)
-        tokens = counts[rows, 0].sum()
-        dom_loss = sums[rows].sum(0) / max(tokens, 1)  # (1 + adapters,)
-        others = np.delete(dom_loss[1:], j)
-        k = int(np.argmin(others)) if len(others) else None
-        r = (owner == j) & routed
-        report.rows.append(DomainResult(
-            adapter=name, domain=dom.name, domain_id=dom.id, samples=int(rows.sum()), tokens=int(tokens),
-            base_loss=float(dom_loss[0]), own_loss=float(dom_loss[1 + j]),
-            best_other_loss=None if k is None else float(others[k]),
-            best_other=None if k is None else names[k + (k >= j)],
-            route_n=int(r.sum()), route_loss_correct=int((by_loss[r] == j).sum()),
-            route_signature_correct=None if by_sig is None else int((by_sig[r] == j).sum())))
-    report.rows.sort(key=lambda x: x.domain_id)
-    report.seconds = time.perf_counter() - t_start
-    if write:
-        atomic_write_json(out / REPORT_FILE, report.to_dict())
-    return report
+def _route_by_signature(bank: AdapterBank, names, fit, seqs, owner, routed, report: Report) -> np.ndarray:
+    """Nearest-signature adapter of every routed sample (-1 for the others)."""
+    t0 = time.perf_counter()
+    bank.fit_signatures({n: fit[n] for n in names})
+    report.signature_fit_seconds = time.perf_counter() - t0
+    idx = np.flatnonzero(routed)
+    t0 = time.perf_counter()
+    scores = bank.route_scores([seqs[i] for i in idx], method="signature")
+    report.route_signature_ms_per_sample = 1000 * (time.perf_counter() - t0) / len(idx)
+    by_sig = np.full(len(seqs), -1)
+    by_sig[idx] = scores.argmin(1)
+    report.route_signature_accuracy = float(np.mean(by_sig[idx] == owner[idx]))
+    return by_sig
+
+
+def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, routed, by_loss,
+                by_sig) -> DomainResult:
+    """Domain ``j``'s row: token-weighted losses over its table samples, routing counts."""
+    rows = mine & in_table
+    tokens = counts[rows, 0].sum()
+    dom_loss = sums[rows].sum(0) / max(tokens, 1)  # (1 + adapters,)
+    others = np.delete(dom_loss[1:], j)
+    k = int(np.argmin(others)) if len(others) else None
+    r = mine & routed
+    return DomainResult(
+        adapter=name, domain=dom.name, domain_id=dom.id, samples=int(rows.sum()), tokens=int(tokens),
+        base_loss=float(dom_loss[0]), own_loss=float(dom_loss[1 + j]),
+        best_other_loss=None if k is None else float(others[k]),
+        best_other=None if k is None else names[k + (k >= j)],
+        route_n=int(r.sum()), route_loss_correct=int((by_loss[r] == j).sum()),
+        route_signature_correct=None if by_sig is None else int((by_sig[r] == j).sum()))

@@ -34,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .lora import LoRAConfig
+from .loss import auto_chunk
+from .rundir import RunConfig, parse_quantize
+from .train_config import TrainConfig
 
 GiB = 2**30
 
@@ -125,12 +129,86 @@ def _need(cfg: dict, key: str):
     return cfg[key]
 
 
-def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, lora_rank: int = 16,
-         lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), quantize: int | None = 4,
-         group_size: int = 64, compute_bytes: int | None = None, mlp_chunk: int | None = 4096,
-         loss_chunk: int | None = None, memory_gb: float | None = None, gflops: float | None = None,
-         backend: str | None = None) -> Plan:
+@dataclass(frozen=True)
+class _Shapes:
+    """The sizes of a decoder-only model that the estimate needs."""
+
+    d: int
+    n_layers: int
+    inter: int
+    vocab: int
+    heads: int
+    head_dim: int
+    linears: dict  # name -> (in, out) of each linear layer of a block
+    tied: bool
+
+    @classmethod
+    def of(cls, cfg: dict) -> _Shapes:
+        d, inter = _need(cfg, "hidden_size"), _need(cfg, "intermediate_size")
+        heads = _need(cfg, "num_attention_heads")
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or d // heads
+        q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+        linears = {"q_proj": (d, q_dim), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (q_dim, d),
+                   "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
+        return cls(d, _need(cfg, "num_hidden_layers"), inter, _need(cfg, "vocab_size"), heads, head_dim,
+                   linears, bool(cfg.get("tie_word_embeddings")))
+
+    @property
+    def linear_params(self) -> int:
+        return self.n_layers * sum(i * o for i, o in self.linears.values())
+
+    def stored_bytes(self, quantize: int | None, group_size: int, act: int) -> int:
+        """Base bytes as stored: packed bits + a scale and bias per group, or ``act`` bytes."""
+        embed = self.vocab * self.d * (1 if self.tied else 2)
+        norms = self.n_layers * 2 * self.d
+        if quantize:
+            per_weight = quantize / 8 + 2 * act / group_size
+            return int(self.linear_params * per_weight + embed * act + norms * act)
+        return int((self.linear_params + embed + norms) * act)
+
+    def lora_params(self, rank: int, targets: tuple[str, ...]) -> int:
+        unknown = [t for t in targets if t not in self.linears]
+        if unknown:
+            raise ConfigError(f"plan(): unknown LoRA target(s) {unknown}; use {sorted(self.linears)}")
+        return self.n_layers * sum(rank * (self.linears[t][0] + self.linears[t][1]) for t in targets)
+
+
+def _components(s: _Shapes, n: int, B: int, act: int, weights: int, lora_n: int, mlp_chunk: int | None,
+                loss_chunk: int) -> dict[str, int]:
+    """Bytes per component of the peak at context ``n`` (see the module docstring)."""
+    chunk, lchunk = min(n, mlp_chunk or n), min(n, loss_chunk)
+    width = max(s.d, s.heads * s.head_dim)
+    return {
+        "weights": weights,
+        "adapter": lora_n * 4 * 5,
+        "checkpoints": s.n_layers * B * n * s.d * act,
+        "block": int(BLOCK_WIDTHS * B * n * width * act + 2 * B * s.heads * n * 4),
+        "mlp": int(MLP_WIDTHS * B * chunk * s.inter * act),
+        "loss": int(LOSS_WIDTHS * B * lchunk * s.vocab * 4),
+        "head": 2 * B * n * s.d * act,
+    }
+
+
+def _max_context(total_at, budget: int, mlp_chunk: int | None, loss_chunk: int) -> int | None:
+    """Longest context whose estimate fits ``budget``: past the chunk sizes every term is
+    affine in the context, so two evaluations solve it. None if even that does not fit."""
+    lo = max(mlp_chunk or 1, loss_chunk)
+    at_lo = total_at(lo)
+    slope = (total_at(2 * lo) - at_lo) / lo
+    return int(lo + (budget - at_lo) / slope) if budget > at_lo else None
+
+
+def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = TrainConfig.batch_size,
+         lora_rank: int = LoRAConfig.r, lora_targets: tuple[str, ...] = LoRAConfig.targets,
+         quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int = RunConfig.group_size,
+         compute_bytes: int | None = None, mlp_chunk: int | None = TrainConfig.mlp_chunk,
+         loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
+         gflops: float | None = None, backend: str | None = None) -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
+
+    Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
+    :class:`RunConfig`), so a plan describes the step ``mozgach train`` would run.
 
     Args:
         model_or_config: a loaded model (its actual stored bytes are used), a config dict,
@@ -148,71 +226,33 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, l
     if quantize not in (None, 4, 8):
         raise ConfigError(f"plan(): quantize={quantize!r}; use 4, 8 or None")
     cfg, stored, lora_n = _config_of(model_or_config)
-    d = _need(cfg, "hidden_size")
-    n_layers = _need(cfg, "num_hidden_layers")
-    inter = _need(cfg, "intermediate_size")
-    vocab = _need(cfg, "vocab_size")
-    heads = _need(cfg, "num_attention_heads")
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or d // heads
-    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    s = _Shapes.of(cfg)
     if backend is None:
         from .backend import backend as _backend
 
         backend = _backend()
     act = compute_bytes or (4 if backend == "cpu" else 2)
-
-    shapes = {"q_proj": (d, q_dim), "k_proj": (d, kv_dim), "v_proj": (d, kv_dim), "o_proj": (q_dim, d),
-              "gate_proj": (d, inter), "up_proj": (d, inter), "down_proj": (inter, d)}
-    linear_params = n_layers * sum(i * o for i, o in shapes.values())
-    embed = vocab * d * (1 if cfg.get("tie_word_embeddings") else 2)
-    notes = []
     if stored is None:
-        if quantize:
-            per_weight = quantize / 8 + 2 * act / group_size  # packed bits + scale and bias per group
-            stored = int(linear_params * per_weight + embed * act + n_layers * 2 * d * act)
-        else:
-            stored = int((linear_params + embed + n_layers * 2 * d) * act)
+        stored = s.stored_bytes(quantize, group_size, act)
     if lora_n is None:
-        unknown = [t for t in lora_targets if t not in shapes]
-        if unknown:
-            raise ConfigError(f"plan(): unknown LoRA target(s) {unknown}; use {sorted(shapes)}")
-        lora_n = n_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in lora_targets)
-
+        lora_n = s.lora_params(lora_rank, lora_targets)
     B, L = batch_size, context
     if loss_chunk is None:
-        from .loss import auto_chunk
+        loss_chunk = auto_chunk(s.vocab, B)
+    # on the CPU a quantized layer is dequantized per call: one fp32 matrix is live
+    weights = stored + (max(i * o for i, o in s.linears.values()) * 4 if backend == "cpu" and quantize else 0)
 
-        loss_chunk = auto_chunk(vocab, B)
-    weights = stored + (max(i * o for i, o in shapes.values()) * 4 if backend == "cpu" and quantize else 0)
+    def total_at(n: int) -> int:
+        return sum(_components(s, n, B, act, weights, lora_n, mlp_chunk, loss_chunk).values())
 
-    def components(n: int) -> dict[str, int]:
-        chunk, lchunk = min(n, mlp_chunk or n), min(n, loss_chunk)
-        return {
-            "weights": weights,
-            "adapter": lora_n * 4 * 5,
-            "checkpoints": n_layers * B * n * d * act,
-            "block": int(BLOCK_WIDTHS * B * n * max(d, q_dim) * act + 2 * B * heads * n * 4),
-            "mlp": int(MLP_WIDTHS * B * chunk * inter * act),
-            "loss": int(LOSS_WIDTHS * B * lchunk * vocab * 4),
-            "head": 2 * B * n * d * act,
-        }
-
-    comp = components(L)
-    total = sum(comp.values())
+    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk)
+    notes = []
     budget = int(memory_gb * GiB) if memory_gb is not None else None
-    max_ctx = None
-    if budget is not None:
-        # past the chunk sizes every term is affine in the context: solve for the budget
-        lo = max(mlp_chunk or 1, loss_chunk)
-        at_lo = sum(components(lo).values())
-        slope = (sum(components(2 * lo).values()) - at_lo) / lo
-        if budget > at_lo:
-            max_ctx = int(lo + (budget - at_lo) / slope)
-        else:
-            notes.append("even a short context does not fit this budget")
-    n_frozen = linear_params + (vocab * d)  # the head runs over every position too
-    flops = 8.0 * n_frozen * B * L + 9.0 * n_layers * B * heads * head_dim * L * L
+    max_ctx = None if budget is None else _max_context(total_at, budget, mlp_chunk, loss_chunk)
+    if budget is not None and max_ctx is None:
+        notes.append("even a short context does not fit this budget")
+    n_frozen = s.linear_params + (s.vocab * s.d)  # the head runs over every position too
+    flops = 8.0 * n_frozen * B * L + 9.0 * s.n_layers * B * s.heads * s.head_dim * L * L
     g = gflops or DEFAULT_GFLOPS.get(backend, DEFAULT_GFLOPS["cpu"])
     if gflops is None:
         notes.append(f"throughput {g:,.0f} GFLOP/s is the planner's default for {backend}; pass gflops= "
@@ -221,7 +261,6 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = 1, l
     if max_pos and L > max_pos and not cfg.get("rope_scaling"):
         notes.append(f"context {L:,} > max_position_embeddings {max_pos:,}: set rope_scaling "
                      f"(e.g. linear, factor {L / max_pos:.1f})")
-    return Plan(context=L, batch_size=B, components=comp, total_bytes=total, budget_bytes=budget,
+    return Plan(context=L, batch_size=B, components=comp, total_bytes=sum(comp.values()), budget_bytes=budget,
                 max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=flops / (g * 1e9),
                 notes=notes)
-

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -42,88 +41,12 @@ from . import lora
 from . import loss as loss_mod
 from .errors import ConfigError, TrainingError
 from .io import atomic_save_safetensors, atomic_write_json
-from .lora import LoRAConfig
+from .train_config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
 RESULT_FILE = "result.json"
-
-
-def _help(text: str, **kw) -> dict:
-    return {"help": text, **kw}
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines one adapter's training run. Defaults are the seed's."""
-
-    learning_rate: float = field(default=2e-4, metadata=_help("peak learning rate (AdamW)"))
-    warmup_steps: int = field(default=100, metadata=_help("linear warmup, in optimizer steps"))
-    lr_schedule: str = field(default="cosine", metadata=_help("decay after warmup: cosine|linear|constant"))
-    min_lr_ratio: float = field(default=0.0, metadata=_help("final lr as a fraction of the peak"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
-    batch_size: int = field(default=1, metadata=_help("sequences per micro-batch"))
-    grad_accumulation: int = field(default=4, metadata=_help("micro-batches per optimizer step"))
-    max_grad_norm: float = field(default=0.3, metadata=_help("clip the global gradient norm (0 = off)"))
-    epochs: int = field(default=3, metadata=_help("passes over the training data"))
-    max_steps: int | None = field(default=None, metadata=_help("optimizer steps; overrides --epochs"))
-    max_seq_length: int = field(default=2048, metadata=_help("tokens per training sequence"))
-    pack: bool = field(default=True, metadata=_help("pack short documents up to max_seq_length"))
-    window_overlap: int = field(default=0, metadata=_help("overlap between windows of long documents"))
-    skip_bad_lines: bool = field(default=False, metadata=_help("skip malformed JSONL lines instead of failing"))
-    seed: int = field(default=0, metadata=_help("seed for adapter init, shuffling and dropout"))
-    eval_every: int = field(default=200, metadata=_help("validate every N optimizer steps (0 = only at end)"))
-    eval_batches: int | None = field(default=None, metadata=_help("validation batches (None = all)"))
-    save_every: int = field(default=100, metadata=_help("checkpoint every N optimizer steps (0 = only at end)"))
-    grad_checkpoint: bool = field(default=True, metadata=_help("recompute each block in the backward pass"))
-    mlp_chunk: int | None = field(default=4096, metadata=_help(
-        "evaluate the MLP in chunks of N positions (None = the whole sequence at once)"))
-    loss_chunk: int | None = field(default=None, metadata=_help(
-        "positions per chunk of lm_head + cross-entropy (default: ~64 MiB of logits per chunk)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoRAConfig(**self.lora)
-        checks = [
-            ("learning_rate", self.learning_rate > 0, "a positive number"),
-            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-            ("lr_schedule", self.lr_schedule in ("cosine", "linear", "constant"), "cosine, linear or constant"),
-            ("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]"),
-            ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accumulation", self.grad_accumulation >= 1, ">= 1"),
-            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0"),
-            ("epochs", self.epochs >= 1, ">= 1"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 or None"),
-            ("max_seq_length", self.max_seq_length >= 2, ">= 2"),
-            ("loss_chunk", self.loss_chunk is None or self.loss_chunk >= 1, ">= 1 or None"),
-            ("mlp_chunk", self.mlp_chunk is None or self.mlp_chunk >= 1, ">= 1 or None"),
-            ("save_every", self.save_every >= 0, ">= 0"),
-            ("eval_every", self.eval_every >= 0, ">= 0"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: it must be {want}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
-
-    def fingerprint(self) -> str:
-        """Hash of the fields that change the optimisation trajectory (not logging knobs)."""
-        d = self.to_dict()
-        for k in ("progress", "eval_every", "eval_batches", "save_every"):
-            d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

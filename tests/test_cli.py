@@ -1,8 +1,12 @@
+import dataclasses
+
 import pytest
 from click.testing import CliRunner
 
 from mozgach_mlx.cli import DEFAULT_RUN_TRAIN, build_configs, main
 from mozgach_mlx.errors import ConfigError
+from mozgach_mlx.lora import LoRAConfig
+from mozgach_mlx.rundir import RunConfig
 from mozgach_mlx.trainer import TrainConfig
 
 
@@ -80,3 +84,45 @@ def test_train_then_generate_and_plan_from_the_cli(tmp_path):
     assert len(g.output.rstrip("\n")) <= 5  # 5 byte tokens at most (EOS stops earlier)
     p = CliRunner().invoke(main, ["plan", "--context", "4096", "--memory-gb", "1", "--backend", "cpu"])
     assert p.exit_code == 0 and "budget 1.0 GiB: fits" in p.output, p.output
+
+
+def test_every_cli_option_defaults_to_none_so_the_dataclasses_are_the_one_source():
+    import click
+
+    for name, cmd in main.commands.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                assert p.required or p.default is None, f"mozgach {name} {p.opts[0]} defaults to {p.default!r}"
+    # what the options then resolve to: the dataclass fields, field by field
+    run, t = build_configs(_cli(model="some/dir", data="d"), {})
+    assert t == TrainConfig() and t.lora == LoRAConfig()
+    assert dataclasses.replace(run, model=RunConfig.model, data=None) == RunConfig()
+
+
+def test_plan_generate_and_lora_layer_defaults_are_the_dataclass_fields():
+    import inspect
+
+    import mozgach_mlx as mz
+    from mozgach_mlx.bank import AdapterBank, GenerationConfig
+    from mozgach_mlx.lora import LoRALinear
+
+    t, lc, run = TrainConfig(), LoRAConfig(), RunConfig()
+    p = inspect.signature(mz.plan).parameters
+    assert (p["batch_size"].default, p["lora_rank"].default, p["lora_targets"].default, p["quantize"].default,
+            p["group_size"].default, p["mlp_chunk"].default, p["loss_chunk"].default) == \
+        (t.batch_size, lc.r, lc.targets, run.quant_bits(), run.group_size, t.mlp_chunk, t.loss_chunk)
+    g = inspect.signature(AdapterBank.generate).parameters
+    assert (g["max_tokens"].default, g["temperature"].default) == \
+        (GenerationConfig().max_tokens, GenerationConfig().temperature)
+    assert {o.name for o in main.commands["generate"].params} >= {f.name for f in dataclasses.fields(GenerationConfig)}
+    layer = inspect.signature(LoRALinear).parameters
+    assert (layer["r"].default, layer["alpha"].default, layer["dropout"].default, layer["rslora"].default) == \
+        (lc.r, lc.alpha, lc.dropout, lc.rslora)
+
+
+def test_plan_command_without_options_is_the_default_plan():
+    import mozgach_mlx as mz
+
+    res = CliRunner().invoke(main, ["plan"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == mz.plan(RunConfig.model).table().strip()

@@ -1,48 +1,32 @@
-"""What the CLI commands do, as plain functions (``mozgach train | eval | generate``)."""
+"""What the CLI commands do, as plain functions (``mozgach train | eval | generate``).
+
+The click layer (:mod:`mozgach_mlx.cli`) parses and merges options; these functions run,
+print and return the exit code. What they share about a run directory (its config,
+manifest, base and data) is in :mod:`mozgach_mlx.rundir`.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
+from . import data as data_mod
+from .bank import AdapterBank, GenerationConfig
 from .errors import ConfigError
-
-BUILTIN_DATA_DIR = "builtin_data"
-
-
-def _load_base(run):
-    from . import models
-
-    return models.load(run.model, rope_scaling=run.rope_dict(),
-                       max_position_embeddings=run.max_position_embeddings,
-                       quantize=run.quant_bits(), group_size=run.group_size)
+from .evaluate import evaluate_run
+from .fleet import adapter_dir_name, parse_domains, train_fleet
+from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
+from .trainer import TrainConfig
 
 
-def _data_dir(run) -> Path:
-    """The user's ``--data``, or the built-in corpus materialised inside the run dir."""
-    if run.data is not None:
-        return Path(run.data)
-    from . import synthetic
-
-    path = Path(run.out) / BUILTIN_DATA_DIR
-    synthetic.write_corpus(path, n_domains=run.n_domains)
-    return path
-
-
-def run_fleet(run, tcfg) -> int:
+def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
     """Train the selected domains; print the summary table. Exit code 1 if any failed."""
-    import dataclasses
-
-    from . import data as data_mod
-    from .fleet import adapter_dir_name, base_identity, parse_domains, train_fleet
-
     out = Path(run.out)
-    domains = data_mod.discover_domains(_data_dir(run))
+    domains = data_mod.discover_domains(data_dir(run))
     ids = parse_domains(run.domains, [d.id for d in domains])
     selected = [d for d in domains if d.id in ids]
-    model, tok = _load_base(run)
+    model, tok = load_base(run)
     data_mod.check_context(tcfg.max_seq_length, model.args)
 
     bar = None
@@ -62,10 +46,9 @@ def run_fleet(run, tcfg) -> int:
             bar.write(f"{info['name']} ({info['domain']}): FAILED: {info['error']}")
         bar.set_postfix_str(f"{info['name']} {kind}")
 
-    run_config = {"run": {k: v for k, v in dataclasses.asdict(run).items() if k not in ("quiet", "domains")}}
     try:
         res = train_fleet(model, tok, selected, tcfg, out, base=base_identity(model, run.model),
-                          run_config=run_config, on_event=on_event)
+                          run_config=run, on_event=on_event)
     finally:
         if bar is not None:
             bar.close()
@@ -102,44 +85,23 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_config_of(manifest: dict):
-    """The RunConfig a run directory's manifest was trained with (for its base model)."""
-    import dataclasses
-
-    from .cli import RunConfig
-
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    return RunConfig(**{k: v for k, v in (manifest.get("config", {}).get("run") or {}).items() if k in names})
-
-
-def _read_manifest(out: str | Path) -> dict:
-    path = Path(out) / "manifest.json"
-    if not path.exists():
-        raise ConfigError(f"{path}: no manifest; is --out a run directory made by `mozgach train`?")
-    return json.loads(path.read_text())
-
-
 def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | None = None) -> int:
     """Print per-domain base / own / best-other losses and the routing accuracy of a run."""
-    from .evaluate import evaluate_run
-
     report = evaluate_run(out, max_batches=max_batches, route_samples=route_samples)
     print(report.table())
     return 0 if report.all_own_best else 1
 
 
 def generate_text(*, out: str | None, model: str | None, adapter: str | None, prompt: str,
-                  max_tokens: int, temperature: float) -> str:
+                  gen: GenerationConfig | None = None) -> str:
+    """Text generated from ``prompt`` by a run's base (or ``model``) with one adapter or none."""
     from . import models
-    from .bank import AdapterBank
 
+    gen = gen or GenerationConfig()
     if out is not None:
-        base_run = run_config_of(_read_manifest(out))
-        if model is not None:
-            base_run.model = model
-        base, tok = _load_base(base_run)
+        base, tok = load_run_base(read_manifest(out), model=model)
     else:
-        base, tok = models.load(model or "tiny")
+        base, tok = models.load(model or RunConfig.model)
     dirs = []
     if adapter is not None:
         p = Path(adapter)
@@ -149,5 +111,5 @@ def generate_text(*, out: str | None, model: str | None, adapter: str | None, pr
             raise ConfigError(f"--adapter {adapter}: no such adapter directory")
         dirs = [p]
     bank = AdapterBank(base, tok, dirs)
-    return bank.generate(prompt, adapter=dirs[0].name if dirs else None, max_tokens=max_tokens,
-                         temperature=temperature)
+    return bank.generate(prompt, adapter=dirs[0].name if dirs else None, max_tokens=gen.max_tokens,
+                         temperature=gen.temperature)
