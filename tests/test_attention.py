@@ -400,7 +400,7 @@ def test_metal_kernel_source_type_checks(tmp_path):
 
 def test_multiple_cpu_streams_agree(monkeypatch):
     """The query blocks spread over several CPU streams give the same values and grads."""
-    monkeypatch.setattr(A, "CPU_STREAMS", 3)
+    monkeypatch.setenv("MOZGACH_ATTENTION_CPU_STREAMS", "3")
     q, k, v, w = _inputs(1, 4, 2, 200, 64)
     ours = _value_and_grads(A.blockwise_attention, q, k, v, w, causal=True, block_size=SMALL_BLOCKS)
     ref = _value_and_grads(A.reference_attention, q, k, v, w, causal=True)
