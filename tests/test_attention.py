@@ -392,6 +392,20 @@ def test_metal_kernel_source_type_checks(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
 
 
+def test_kernel_source_falls_back_to_the_checkout(monkeypatch):
+    """Without the package data ``mozgach_mlx.kernels`` the sources are read from the
+    checkout's top-level kernels/ folder (the path is relative to the wrapper's file)."""
+
+    class NoPackageData:
+        @staticmethod
+        def files(name):
+            raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(gpu, "resources", NoPackageData)
+    for kind in ("metal", "cuda"):
+        assert set(gpu.kernel_source(kind)) == {"header", *_KERNELS}, kind
+
+
 def test_multiple_cpu_streams_agree(monkeypatch):
     """The query blocks spread over several CPU streams give the same values and grads."""
     monkeypatch.setenv("MOZGACH_ATTENTION_CPU_STREAMS", "3")
