@@ -3,7 +3,7 @@
 // STATUS: written against MLX 0.32's cuda_kernel code generator and compile-checked with
 // nvcc -arch=sm_80 (tests/test_attention.py::test_cuda_kernel_source_compiles wraps the
 // bodies the way MLX does; MLX itself compiles them with NVRTC at run time). It has NOT
-// been run on an NVIDIA GPU. mozgach_mlx/kernels_gpu.py
+// been run on an NVIDIA GPU. mozgach_mlx/attention/dispatch.py
 // only uses it after a first-use self-check against the blockwise MLX path (values and
 // gradients) passes; otherwise it warns once and falls back.
 //

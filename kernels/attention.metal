@@ -1,11 +1,12 @@
 // Flash attention for MLX's Metal backend (mx.fast.metal_kernel bodies).
 //
 // STATUS: written against MLX 0.32's metal_kernel code generator, NEVER compiled or run on
-// Apple hardware (the project's CI machine has no Metal). mozgach_mlx/kernels_gpu.py only
-// uses it after a first-use self-check against the blockwise MLX path (values and
+// Apple hardware (the project's CI machine has no Metal). mozgach_mlx/attention/dispatch.py
+// only uses it after a first-use self-check against the blockwise MLX path (values and
 // gradients) passes; otherwise it warns once and falls back.
 //
-// The file holds several sections; kernels_gpu.py splits it at the "//== name ==" lines.
+// The file holds several sections; mozgach_mlx/attention/gpu.py splits it at the
+// "//== name ==" lines.
 // MLX generates each kernel's signature: inputs `const device T* name`, outputs
 // `device T* name`, the [[...]] attributes used below, and `template <...>` parameters:
 //   T        element type of q/k/v/do (float, half, bfloat16_t); all math in float

@@ -21,6 +21,7 @@ import pytest
 
 from mozgach_mlx import attention as A
 from mozgach_mlx import backend
+from mozgach_mlx.attention import dispatch, gpu
 from mozgach_mlx.errors import ConfigError, KernelError
 
 SMALL_BLOCKS = (32, 64)  # many blocks (and ragged edges) even at small L
@@ -291,17 +292,14 @@ def test_gpu_kernel_matches_blockwise(kind):
     """Runs only on the kernel's own backend (Metal on Apple silicon, CUDA on NVIDIA)."""
     if not backend.kernels_available()[kind]:
         pytest.skip(f"no {kind} backend here")
-    from mozgach_mlx import kernels_gpu
-
-    ok, why = kernels_gpu.self_check(kind)
+    ok, why = dispatch.self_check(kind)
     assert ok, why
     for H, Hkv, L, D, causal in [(8, 2, 1000, 64, True), (4, 4, 257, 128, False), (2, 1, 1, 64, True),
                                  (8, 1, 300, 96, True), (4, 2, 129, 80, False)]:
         for dtype in (mx.float32, mx.float16, mx.bfloat16):
             q, k, v, w = _inputs(1, H, Hkv, L, D, dtype=dtype)
             scale = 1 / math.sqrt(D)
-            ours = _value_and_grads(kernels_gpu.attention, q, k, v, w, scale=scale, causal=causal,
-                                    window=None)
+            ours = _value_and_grads(gpu.attention, q, k, v, w, scale=scale, causal=causal, window=None)
             ref = _value_and_grads(A.blockwise_attention, q, k, v, w, causal=causal)
             tol = 1e-4 if dtype == mx.float32 else 2e-2
             for name, a, b in zip(("o", "dq", "dk", "dv"), ours, ref, strict=True):
@@ -312,7 +310,7 @@ def test_gpu_kernel_matches_blockwise(kind):
 # The GPU kernels cannot run on the CI machine. These tests compile their sources the way
 # MLX 0.32 wraps them (signature generated from input/output names, template constants),
 # so typos and type errors are caught here; the numerics are checked on first use on the
-# real backend (kernels_gpu.self_check) and by test_gpu_kernel_matches_blockwise.
+# real backend (dispatch.self_check) and by test_gpu_kernel_matches_blockwise.
 
 _KERNELS = {  # section -> (inputs, outputs); "T" is the element type, the rest float
     "forward": (["q", "k", "v", "params"], ["o", "lse"]),
@@ -345,10 +343,8 @@ def _cuda_unit(src, ctypes=("float", "__half", "__nv_bfloat16")):
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
 def test_cuda_kernel_source_compiles(tmp_path):
     """nvcc compile check of kernels/attention.cu for float, half and bfloat16 (no GPU needed)."""
-    from mozgach_mlx import kernels_gpu
-
     cu = tmp_path / "attention_check.cu"
-    cu.write_text(_cuda_unit(kernels_gpu.kernel_source("cuda")))
+    cu.write_text(_cuda_unit(gpu.kernel_source("cuda")))
     res = subprocess.run(["nvcc", "-std=c++17", "-arch=sm_80", "-c", str(cu), "-o", str(tmp_path / "a.o")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
@@ -376,9 +372,7 @@ def test_metal_kernel_source_type_checks(tmp_path):
     """The Metal source cannot be compiled here (no Metal toolchain on Linux). This checks the
     kernel bodies as C++ against a minimal shim of the Metal names they use, in the
     signature MLX's metal_kernel generates, so undeclared names and type errors are caught."""
-    from mozgach_mlx import kernels_gpu
-
-    src = kernels_gpu.kernel_source("metal")
+    src = gpu.kernel_source("metal")
     out = [_METAL_SHIM, src["header"]]
     for section, (ins, outs) in _KERNELS.items():
         args = [f"const device {'float' if n in _FLOAT_ARGS else 'T'}* {n}" for n in ins]
@@ -398,9 +392,23 @@ def test_metal_kernel_source_type_checks(tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
 
 
+def test_kernel_source_falls_back_to_the_checkout(monkeypatch):
+    """Without the package data ``mozgach_mlx.kernels`` the sources are read from the
+    checkout's top-level kernels/ folder (the path is relative to the wrapper's file)."""
+
+    class NoPackageData:
+        @staticmethod
+        def files(name):
+            raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(gpu, "resources", NoPackageData)
+    for kind in ("metal", "cuda"):
+        assert set(gpu.kernel_source(kind)) == {"header", *_KERNELS}, kind
+
+
 def test_multiple_cpu_streams_agree(monkeypatch):
     """The query blocks spread over several CPU streams give the same values and grads."""
-    monkeypatch.setattr(A, "CPU_STREAMS", 3)
+    monkeypatch.setenv("MOZGACH_ATTENTION_CPU_STREAMS", "3")
     q, k, v, w = _inputs(1, 4, 2, 200, 64)
     ours = _value_and_grads(A.blockwise_attention, q, k, v, w, causal=True, block_size=SMALL_BLOCKS)
     ref = _value_and_grads(A.reference_attention, q, k, v, w, causal=True)
@@ -410,21 +418,19 @@ def test_multiple_cpu_streams_agree(monkeypatch):
 
 def _fake_gpu(monkeypatch, ok=True, t_kernel=1.0, t_blockwise=2.0):
     """Pretend a Metal backend exists, with a stand-in kernel that records its calls."""
-    from mozgach_mlx import kernels_gpu
-
     calls = []
     monkeypatch.setattr(backend, "kernels_available",
                         lambda: {"reference": True, "blockwise": True, "metal": True, "cuda": False})
-    monkeypatch.setattr(kernels_gpu, "self_check", lambda kind: (ok, "ok" if ok else "boom"))
-    monkeypatch.setattr(kernels_gpu, "speed_check", lambda kind: (t_kernel, t_blockwise))
+    monkeypatch.setattr(dispatch, "self_check", lambda kind: (ok, "ok" if ok else "boom"))
+    monkeypatch.setattr(dispatch, "speed_check", lambda kind: (t_kernel, t_blockwise))
 
     def fake_kernel(q, k, v, *, scale, causal, window):
         calls.append(q.shape)
         return A.blockwise_attention(q, k, v, scale=scale, causal=causal, window=window)
 
-    monkeypatch.setattr(kernels_gpu, "attention", fake_kernel)
-    monkeypatch.setattr(A, "_self_check", {})
-    monkeypatch.setattr(A, "_faster", {})
+    monkeypatch.setattr(gpu, "attention", fake_kernel)
+    monkeypatch.setattr(dispatch, "_self_check", {})
+    monkeypatch.setattr(dispatch, "_faster", {})
     monkeypatch.delenv("MOZGACH_ATTENTION", raising=False)
     return calls
 

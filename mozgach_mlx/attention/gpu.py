@@ -9,8 +9,9 @@ the backward is two kernels: dQ per query row, dK/dV per key row).
 
 Hardware status (keep README in sync): the Metal kernel has never been compiled or run;
 the CUDA kernel is compile-checked with nvcc when available but has not been run on a
-GPU from this repository. :mod:`mozgach_mlx.attention` therefore uses a kernel only after
-:func:`self_check` agrees with the blockwise path on a small input.
+GPU from this repository. The dispatcher (:mod:`mozgach_mlx.attention.dispatch`)
+therefore uses a kernel only after its first-use self-check agrees with the blockwise
+path on a small input.
 """
 
 from __future__ import annotations
@@ -23,10 +24,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import backend
+
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 _FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 _ROWS_PER_GROUP = 4  # rows (32-lane groups) per threadgroup / CUDA block
 _SECTION = re.compile(r"^//== (\w+) ==$", re.M)
+# Where the sources live in a source checkout (repo/kernels), when the package data
+# mozgach_mlx.kernels is not importable: this file is repo/mozgach_mlx/attention/gpu.py.
+_SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 
 def kernel_source(kind: str) -> dict[str, str]:
@@ -35,7 +41,7 @@ def kernel_source(kind: str) -> dict[str, str]:
     try:
         text = resources.files("mozgach_mlx.kernels").joinpath(fname).read_text()
     except (ModuleNotFoundError, FileNotFoundError):
-        text = (Path(__file__).resolve().parent.parent / "kernels" / fname).read_text()
+        text = (_SOURCE_DIR / fname).read_text()
     parts = _SECTION.split(text)
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
@@ -120,73 +126,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = No
     ``kind`` is ``"metal"`` or ``"cuda"`` (default: the current backend's).
     """
     if kind is None:
-        from .backend import backend
-
-        kind = backend()
+        kind = backend.backend()
     if kind not in ("metal", "cuda"):
         raise ValueError(f"no GPU attention kernel for backend {kind!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     o, _ = _kernel_fn(kind, scale, bool(causal), window)(q, k, v)
     return o
-
-
-def speed_check(kind: str, L: int = 2048) -> tuple[float, float]:
-    """Seconds for one fwd+bwd step (B=1, H=8, Hkv=2, D=128, bf16) of (kernel, blockwise).
-
-    The kernels are simple (one SIMD-group per row, no query tiling) and have never been
-    timed on hardware; the dispatcher uses this once to keep the faster path.
-    """
-    import time
-
-    from .attention import blockwise_attention
-
-    keys = mx.random.split(mx.random.key(7), 4)
-    q = mx.random.normal((1, 8, L, 128), key=keys[0]).astype(mx.bfloat16)
-    k = mx.random.normal((1, 2, L, 128), key=keys[1]).astype(mx.bfloat16)
-    v = mx.random.normal((1, 2, L, 128), key=keys[2]).astype(mx.bfloat16)
-    w = mx.random.normal((1, 8, L, 128), key=keys[3]).astype(mx.bfloat16)
-    times = []
-    for fn in (lambda q, k, v: attention(q, k, v, kind=kind), blockwise_attention):
-        step = mx.grad(lambda q, k, v, fn=fn: (fn(q, k, v) * w).astype(mx.float32).sum(),
-                       argnums=(0, 1, 2))
-        mx.eval(step(q, k, v))  # warm-up / compile
-        t0 = time.perf_counter()
-        for _ in range(3):
-            mx.eval(step(q, k, v))
-        times.append((time.perf_counter() - t0) / 3)
-    return times[0], times[1]
-
-
-def self_check(kind: str) -> tuple[bool, str]:
-    """Compare the kernel with the blockwise path (values and dq/dk/dv) on small inputs.
-
-    Returns (ok, reason). Never raises: a kernel that fails to compile is reported here.
-    """
-    from .attention import blockwise_attention
-
-    try:
-        for (H, Hkv, L, D, causal, window) in [(4, 2, 67, 64, True, None), (2, 2, 33, 80, False, None),
-                                                (4, 1, 40, 128, True, 9)]:
-            keys = mx.random.split(mx.random.key(1234), 4)
-            q = mx.random.normal((1, H, L, D), key=keys[0])
-            k = mx.random.normal((1, Hkv, L, D), key=keys[1])
-            v = mx.random.normal((1, Hkv, L, D), key=keys[2])
-            w = mx.random.normal((1, H, L, D), key=keys[3])
-
-            def run(fn, q, k, v, causal=causal, window=window, w=w):
-                def loss(q, k, v):
-                    return (fn(q, k, v, causal=causal, window=window) * w).sum()
-
-                o = fn(q, k, v, causal=causal, window=window)
-                return (o, *mx.grad(loss, argnums=(0, 1, 2))(q, k, v))
-
-            got = run(lambda *a, **kw: attention(*a, kind=kind, **kw), q, k, v)
-            ref = run(blockwise_attention, q, k, v)
-            mx.eval(got, ref)
-            for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
-                err = float(mx.abs(a - b).max())
-                if not err <= 1e-3 * max(1.0, float(mx.abs(b).max())):  # also catches nan
-                    return False, f"{name} differs by {err:.3g} (H={H} Hkv={Hkv} L={L} D={D})"
-    except Exception as e:  # compile errors, missing backend: reported, never fatal
-        return False, f"{type(e).__name__}: {e}"
-    return True, "ok"

@@ -1,51 +1,22 @@
-"""Attention: a naive reference, the pure-MLX blockwise (flash-style) path and the dispatcher.
+"""The pure-MLX blockwise (flash-style) attention: O(L) memory forward and backward.
 
-``flash_attention`` is the one entry point the model calls (looked up at call time). It
-computes ``softmax(scale * q k^T + mask) v`` without ever building an (L, L) array, in the
-forward *and* the backward pass:
-
-* forward: queries in blocks of ``block_q`` rows; for each block an online softmax runs
-  over key blocks of ``block_k`` columns (FlashAttention), keeping only the running row
-  max ``m``, row sum ``l`` and the output accumulator. It saves the output and the
-  per-row logsumexp ``lse = m + log(l)`` -- O(L) -- for the backward.
-* backward (``mx.custom_function`` VJP, FlashAttention-2): per block pair it recomputes
-  ``P = exp(S - lse)``, then ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - Delta)``
-  with ``Delta = rowsum(dO * O)``, ``dQ += dS K``, ``dK += dS^T Q``.
-* causal / sliding-window masks: key blocks that are fully masked for a query block are
-  skipped (never computed); only blocks crossing the mask boundary are masked.
-* GQA: q has H heads, k/v have Hkv (H % Hkv == 0). The ``rep = H // Hkv`` query heads
-  that share a KV head are stacked as rows of one matrix, so K/V are never repeated and
-  dK/dV come out already summed over the group.
-
-MLX is lazy, and the order in which a big graph is evaluated decides which temporaries
-are alive at once. Every block step therefore takes its K/V slice through ``mx.depends``
-on the previous step's results: whatever order MLX picks, a block's scores exist only
-while that block is processed, so peak memory is O(L * D) + one block (measured in
-tests/test_attention.py and benchmarks/bench_attention.py; without the ``mx.depends``
-chain, fwd+bwd at L=4K, H=8, Hkv=2, D=64 peaked at 0.76 GiB instead of 0.08 GiB).
-
-Numerics: inputs of any float dtype are computed in float32 (fp32 accumulation); the
-output has the dtype of ``q`` and the gradients the dtypes of q, k, v. Internally scores
-are kept in base 2 (``s2 = log2(e) * s``) so the exponential is ``2**x``, computed on the
-CPU by a vectorisable polynomial ~10x faster than MLX's CPU ``exp`` (``ops.exp2``).
-
-Environment: ``MOZGACH_ATTENTION`` = ``blockwise`` | ``metal`` | ``cuda`` | ``reference``
-forces a path (forcing a GPU kernel that cannot run here raises :class:`KernelError`).
-Unset: the GPU kernel of the current backend if it passed its first-use self-check (and
-a one-off timing against blockwise), otherwise ``blockwise``.
+Runs on every backend. The algorithm, the memory argument (the ``mx.depends`` chain) and
+the numerics are described in the package docstring (:mod:`mozgach_mlx.attention`).
+:func:`blockwise_attention` is differentiable through one ``mx.custom_function`` per
+static configuration (scale, causal, window, block sizes); :func:`check_inputs` is the
+shape check the dispatcher shares with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from functools import lru_cache
 
 import mlx.core as mx
 
-from . import ops, settings
-from .errors import ConfigError, KernelError
+from .. import ops, settings
+from ..errors import ConfigError
 
 # A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
 # row that is fully masked inside one key block (possible with windows) cannot produce
@@ -53,53 +24,12 @@ from .errors import ConfigError, KernelError
 # once a block with a visible key arrives (every row sees at least its own key).
 _NEG = -1e30
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
-
 # Default block sizes for the pure-MLX path, measured on the 2-core CPU box (CPU time of
 # fwd+bwd at L=4K, H=8, Hkv=2, D=64/128, among 64..512 x 256..2048): 128 x 512 was
 # fastest -- the (rep*128, 512) score blocks of each KV head stay cache-sized, while
 # blocks much smaller pay MLX's per-op overhead. Working set O(block_q * rep * block_k).
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
-
-
-# --------------------------------------------------------------------------- reference
-
-
-def reference_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
-                        causal: bool = True, block_size: int | None = None,
-                        window: int | None = None) -> mx.array:
-    """Naive softmax(q k^T * scale) v in fp32. Tests only: materialises (B, H, L, L).
-
-    Shapes: q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0. With ``causal`` and
-    Lq < Lk the queries are the last Lq positions (bottom-right aligned mask).
-    ``window`` (sliding window, in positions): query i sees key j only if
-    ``i - j < window`` (and ``j - i < window`` when not causal). ``block_size`` is
-    accepted for signature compatibility and ignored.
-    """
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    rep = H // Hkv
-    qf = q.astype(mx.float32).reshape(B, Hkv, rep, Lq, D)
-    kf = k.astype(mx.float32)[:, :, None]  # (B, Hkv, 1, Lk, D)
-    vf = v.astype(mx.float32)[:, :, None]
-    s = (qf * scale) @ kf.swapaxes(-1, -2)  # (B, Hkv, rep, Lq, Lk)
-    qi = mx.arange(Lk - Lq, Lk)[:, None]
-    ki = mx.arange(Lk)[None, :]
-    if causal:
-        s = mx.where(ki <= qi, s, -mx.inf)
-    if window is not None:
-        visible = (qi - ki) < window
-        if not causal:
-            visible = visible & ((ki - qi) < window)
-        s = mx.where(visible, s, -mx.inf)
-    p = mx.softmax(s, axis=-1)
-    o = p @ vf  # (B, Hkv, rep, Lq, D)
-    return o.reshape(B, H, Lq, D).astype(q.dtype)
-
-
-# --------------------------------------------------------------------------- blockwise
 
 
 def _spans(n: int, size: int) -> list[tuple[int, int]]:
@@ -342,7 +272,7 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float |
     ``block_size``: query-block rows (int) or ``(block_q, block_k)``; default
     ``(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)``.
     """
-    scale = _check(q, k, v, scale, window)
+    scale = check_inputs(q, k, v, scale, window)
     bq, bk = _block_sizes(block_size)
     o, _ = _blockwise_fn(scale, bool(causal), window, bq, bk)(q, k, v)
     return o
@@ -360,7 +290,9 @@ def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     return bq, bk
 
 
-def _check(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: int | None) -> float:
+def check_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: int | None) -> float:
+    """Raise :class:`ConfigError` unless q (B, H, L, D), k and v (B, Hkv, L, D) with H % Hkv == 0
+    and ``window`` is None or >= 1; return the softmax scale (default 1/sqrt(D))."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ConfigError(f"attention expects q, k, v of shape (B, H, L, D); got {q.shape}, "
                           f"{k.shape}, {v.shape}.")
@@ -373,77 +305,3 @@ def _check(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: i
     if window is not None and window < 1:
         raise ConfigError(f"attention window must be >= 1 or None, got {window}.")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-
-# --------------------------------------------------------------------------- dispatcher
-
-
-def flash_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
-                    causal: bool = True, block_size: int | tuple[int, int] | None = None,
-                    window: int | None = None) -> mx.array:
-    """Public attention entry point: O(L) memory forward and backward, differentiable.
-
-    Shapes: q (B, H, L, D); k, v (B, Hkv, L, D) with H % Hkv == 0 -> (B, H, L, D) in
-    q.dtype. ``scale`` defaults to 1/sqrt(D); ``causal`` masks keys after the query;
-    ``window`` limits each query to the last ``window`` positions (itself included).
-    The path is chosen by :func:`attention_path` (env ``MOZGACH_ATTENTION``).
-    """
-    path = attention_path(q)
-    if path == "reference":
-        return reference_attention(q, k, v, scale=scale, causal=causal, window=window)
-    if path in ("metal", "cuda"):
-        from . import kernels_gpu
-
-        if kernels_gpu.supports(q, k, v, window):
-            return kernels_gpu.attention(q, k, v, scale=_check(q, k, v, scale, window),
-                                         causal=causal, window=window)
-    return blockwise_attention(q, k, v, scale=scale, causal=causal, block_size=block_size,
-                               window=window)
-
-
-def attention_path(q: mx.array | None = None) -> str:
-    """Which implementation :func:`flash_attention` uses now.
-
-    ``MOZGACH_ATTENTION`` forces one (a GPU kernel that is not available raises
-    :class:`KernelError`; one that fails its self-check warns and falls back). Unset,
-    the current backend's GPU kernel is used if its first-use self-check passes.
-    """
-    from . import backend
-
-    forced = settings.attention()
-    if forced in ("blockwise", "reference"):
-        return forced
-    avail = backend.kernels_available()
-    if forced in ("metal", "cuda"):
-        if not avail[forced]:
-            raise KernelError(f"MOZGACH_ATTENTION={forced} but MLX runs on the "
-                              f"{backend.backend()} backend here; unset it or use blockwise.")
-        return forced if _gpu_kernel_ok(forced, forced=True) else "blockwise"
-    for kind in ("metal", "cuda"):
-        if avail[kind] and _gpu_kernel_ok(kind):
-            return kind
-    return "blockwise"
-
-
-_self_check: dict[str, bool] = {}
-_faster: dict[str, bool] = {}
-
-
-def _gpu_kernel_ok(kind: str, forced: bool = False) -> bool:
-    """First-use self-check of the GPU kernel against blockwise (values and grads); unless
-    the kernel is forced, also a one-off timing so an unmeasured kernel that is slower
-    than the blockwise path on this GPU is not used by default."""
-    from . import kernels_gpu
-
-    if kind not in _self_check:
-        ok, why = kernels_gpu.self_check(kind)
-        _self_check[kind] = ok
-        if not ok:
-            warnings.warn(f"mozgach_mlx: the {kind} attention kernel failed its self-check "
-                          f"({why}); using the blockwise MLX path instead.", stacklevel=3)
-    if not _self_check[kind] or forced:
-        return _self_check[kind]
-    if kind not in _faster:
-        t_kernel, t_blockwise = kernels_gpu.speed_check(kind)
-        _faster[kind] = t_kernel <= t_blockwise
-    return _faster[kind]
