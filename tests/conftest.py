@@ -1,10 +1,44 @@
 # ruff: noqa: I001  (import order matters: mozgach_mlx must load the fast BLAS before mlx.core)
+"""Shared fixtures and the small seeded model builders the test files use
+(``from conftest import small_config, randomize``)."""
+
 import mozgach_mlx  # noqa: F401
 import mlx.core as mx
+import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
     yield
+
+
+def small_config(model_type: str = "llama", **overrides) -> dict:
+    """A Hugging Face config.json dict of a 2-block model (d=64, 4/2 heads, byte vocab)."""
+    cfg = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 259, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 256, "tie_word_embeddings": False}
+    cfg.update(overrides)
+    return cfg
+
+
+def randomize(model, seed: int = 0, std: float = 0.1, vector_std: float | None = None,
+              norm_mean: float = 0.0):
+    """Give every parameter a seeded normal value (numpy's generator, so independent of
+    MLX's): ``std`` for matrices, ``vector_std`` (default ``std``) for 1-D parameters,
+    norm weights centred on ``norm_mean``. Returns ``model``."""
+    rng = np.random.default_rng(seed)
+    vstd = std if vector_std is None else vector_std
+    model.load_weights([(k, mx.array(rng.normal(norm_mean if "norm" in k else 0.0, std if v.ndim > 1 else vstd,
+                                                v.shape).astype(np.float32)))
+                        for k, v in tree_flatten(model.parameters())])
+    return model
+
+
+def random_model(cfg: dict, seed: int = 0, **kw):
+    """Our Model built from a config dict, randomized (see :func:`randomize`)."""
+    from mozgach_mlx.models import Model, ModelArgs
+
+    return randomize(Model(ModelArgs.from_dict(cfg)), seed, **kw)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
+from conftest import random_model, small_config
 from mlx.utils import tree_flatten
 
 import mozgach_mlx as mz
@@ -20,22 +20,6 @@ from mozgach_mlx.quant import QuantizedLinear
 from mozgach_mlx.tokenizer import ByteTokenizer
 
 X = mx.array([[256, 104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]], dtype=mx.int32)
-
-
-def small_config(model_type="llama", **kw):
-    cfg = {"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 259, "rms_norm_eps": 1e-5,
-           "max_position_embeddings": 256, "tie_word_embeddings": False}
-    cfg.update(kw)
-    return cfg
-
-
-def random_model(cfg, seed=0):
-    m = Model(ModelArgs.from_dict(cfg))
-    rng = np.random.default_rng(seed)
-    m.load_weights([(k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
-                    for k, v in tree_flatten(m.parameters())])
-    return m
 
 
 def write_hf_dir(d: Path, cfg: dict, weights: dict, dtype=mx.bfloat16):

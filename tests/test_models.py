@@ -7,6 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import randomize as shared_randomize
+from conftest import small_config
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -25,23 +27,15 @@ SCALINGS = {
 
 
 def tiny_config(model_type: str, scaling=None, tie=False, **kw) -> dict:
-    cfg = {
-        "model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 97, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "max_position_embeddings": 16, "tie_word_embeddings": tie,
-        "rope_scaling": scaling,
-    }
-    cfg.update(kw)
-    return cfg
+    """The shared small config at mlx-lm-comparable odd sizes (vocab 97, 16 positions)."""
+    return small_config(model_type, **{"intermediate_size": 96, "vocab_size": 97, "rope_theta": 10000.0,
+                                       "max_position_embeddings": 16, "tie_word_embeddings": tie,
+                                       "rope_scaling": scaling, **kw})
 
 
 def randomize(model: nn.Module, seed: int = 0) -> None:
-    """Give every parameter (norm weights and biases too) a distinct random value."""
-    rng = np.random.default_rng(seed)
-    params = tree_flatten(model.parameters())
-    model.load_weights([(k, mx.array(rng.normal(0, 0.2 if v.ndim > 1 else 0.5, v.shape).astype(np.float32)
-                                     + (1.0 if "norm" in k else 0.0)))
-                        for k, v in params])
+    """Every parameter (norm weights and biases too) a distinct random value."""
+    shared_randomize(model, seed, std=0.2, vector_std=0.5, norm_mean=1.0)
 
 
 def mlx_lm_twin(cfg: dict, ours: Model) -> nn.Module:
