@@ -45,6 +45,9 @@ from mlx.utils import tree_unflatten
 from . import data as data_mod
 from . import lora
 from .errors import AdapterError, ConfigError
+from .lora.files import apply_adapter_rope
+from .models import paths
+from .models.rope import rope_of
 
 __all__ = ["AdapterBank", "BankLinear", "Mix"]
 
@@ -210,15 +213,15 @@ class AdapterBank:
         self._scale_py = [float(x) for x in scales]
         self.ranks = ranks
 
-        self._rope_before = lora._rope_of(model)
+        self._rope_before = rope_of(model)
         self._was_training = model.training
         if rope is not None:
-            lora._apply_rope(model, {"rope_scaling": rope[0], "max_position_embeddings": rope[1]}, rope_src)
+            apply_adapter_rope(model, {"rope_scaling": rope[0], "max_position_embeddings": rope[1]}, rope_src)
 
         try:
             layers = self._build_layers(per_module, len(dirs), max(ranks, default=1), dtype)
         except Exception:
-            if lora._rope_of(model) != self._rope_before:
+            if rope_of(model) != self._rope_before:
                 model.set_rope(*self._rope_before)
             raise
         if layers:
@@ -230,12 +233,12 @@ class AdapterBank:
         model = self.model
         self._originals: list[tuple[str, nn.Module]] = []
         layers = []
-        for path in sorted(per_module, key=lora._natural_key):
-            module = lora._get(model, path)
+        for path in sorted(per_module, key=paths.natural_key):
+            module = paths.get_module(model, path)
             base = module.linear if isinstance(module, lora.LoRALinear) else module
-            if not lora._is_linear(base):
+            if not paths.is_linear(base):
                 raise AdapterError(f"{path} is a {type(module).__name__}, not a linear layer; cannot hold adapters")
-            in_dims, out_dims = lora._linear_dims(base)
+            in_dims, out_dims = paths.linear_dims(base)
             a_rows, b_rows = [], []
             for j in range(n):
                 a, b = per_module[path].get(j, (None, None))
@@ -260,7 +263,7 @@ class AdapterBank:
             return
         if self._originals:
             self.model.update_modules(tree_unflatten(self._originals))
-        if lora._rope_of(self.model) != self._rope_before and hasattr(self.model, "set_rope"):
+        if rope_of(self.model) != self._rope_before and hasattr(self.model, "set_rope"):
             self.model.set_rope(*self._rope_before)
         if self._was_training:
             self.model.train()

@@ -16,6 +16,7 @@ import mozgach_mlx as mz
 from mozgach_mlx import lora, synthetic
 from mozgach_mlx.bank import AdapterBank, BankLinear
 from mozgach_mlx.errors import AdapterError
+from mozgach_mlx.models import paths
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 
@@ -141,7 +142,7 @@ def _fused_reference(adapters, weights):
                 deltas[path] = deltas.get(path, 0.0) + w * cfg.scale * (b.T @ a.T)  # (out, in)
     updates = []
     for path, d in deltas.items():
-        layer = lora._get(model, path)
+        layer = paths.get_module(model, path)
         updates.append((path + ".weight", mx.array((np.array(layer.weight, np.float64) + d).astype(np.float32))))
     model.load_weights(updates, strict=False)
     return model
