@@ -148,6 +148,7 @@ class _Setup(NamedTuple):
 
 
 def _setup(model: nn.Module, hidden: mx.array, targets: mx.array, mask: mx.array, chunk: int | None) -> _Setup:
+    """Check the shapes and the chunk (default ``auto_chunk(vocab, B)``); find the head."""
     if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
         raise ValueError(
             f"expected hidden (B, L, d) and targets/mask (B, L); got hidden {hidden.shape}, "
