@@ -37,7 +37,7 @@ def apply(model: nn.Module, cfg: LoRAConfig | None = None, *, seed: int | None =
 
     Args:
         model: our model (or an mlx-lm model: same paths) without adapters.
-        cfg: what to adapt; default ``LoRAConfig()`` (r=16, alpha=32, dropout 0.1, q/k/v/o).
+        cfg: what to adapt; default ``LoRAConfig()`` (its field defaults).
         seed: seed for the ``lora_a`` initialisation (default: MLX's global generator).
 
     Returns:
