@@ -27,6 +27,9 @@ recomputation of the head matmul; that matters on the CPU, where ``exp`` over th
 costs as much as the matmul itself. Chunks are chained with ``mx.depends`` so the lazy
 graph evaluates them one after another.
 
+:func:`row_losses` runs the same chunk loop without gradient work and keeps one sum per
+batch row (the adapter bank scores N adapters' rows in one batch with it).
+
 Live memory of the loss: O(c * V) + O(L * d) for the hidden-state gradient, never
 O(L * V). Measured: a chunk holds ~4 fp32 (c, V) buffers at once, and MLX's scheduler
 lets the next chunk's allocations overlap the running one (at most ~10 buffers in flight,
@@ -44,6 +47,7 @@ Naive full logits (``nn.losses.cross_entropy``): 1004 MiB at 2K, 4012 MiB at 8K 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,7 +56,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import ops
 from .errors import ConfigError
 
-__all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "sequence_loss"]
+__all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "row_losses", "sequence_loss"]
 
 
 def _head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
@@ -73,19 +77,28 @@ def _head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
     return module, module.as_linear
 
 
-def _chunk_loss(logits: mx.array, tc: mx.array, wc: mx.array):
-    """Summed weighted CE of one chunk, plus what its gradient needs.
+def _chunk_ce(logits: mx.array, tc: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Unweighted CE of each position of one chunk, plus what its gradient needs.
 
-    Shapes: logits (B, c, V), tc (B, c) int32, wc (B, c) fp32 ->
-    (loss scalar, e (B, c, V) = exp(z - max z), s (B, c, 1) = sum e).
+    Shapes: logits (B, c, V), tc (B, c) int32 ->
+    (ce (B, c), e (B, c, V) = exp(z - max z), s (B, c, 1) = sum e).
     """
     z = logits.astype(mx.float32)
     zmax = z.max(axis=-1, keepdims=True)  # (B, c, 1)
     e = ops.exp_pow(z - zmax)  # (B, c, V): the only exponential pass
     s = e.sum(axis=-1, keepdims=True)  # (B, c, 1)
     tgt = mx.take_along_axis(z, tc[..., None], axis=-1)  # (B, c, 1)
-    loss = ((mx.log(s) + zmax - tgt)[..., 0] * wc).sum()
-    return loss, e, s
+    return (mx.log(s) + zmax - tgt)[..., 0], e, s
+
+
+def _chunk_loss(logits: mx.array, tc: mx.array, wc: mx.array):
+    """Summed weighted CE of one chunk, plus what its gradient needs.
+
+    Shapes: logits (B, c, V), tc (B, c) int32, wc (B, c) fp32 ->
+    (loss scalar, e (B, c, V) = exp(z - max z), s (B, c, 1) = sum e).
+    """
+    ce, e, s = _chunk_ce(logits, tc)
+    return (ce * wc).sum(), e, s
 
 
 def _chunk_loss_and_grads(call, params, hc, tc, wc):
@@ -106,18 +119,104 @@ def _chunk_loss_and_grads(call, params, hc, tc, wc):
     return loss, grads[0], grads[1:]
 
 
-
-
-def auto_chunk(vocab_size: int, batch: int = 1) -> int:
+def auto_chunk(vocab_size: int, batch: int = 1, *, minimum: int = 64) -> int:
     """Positions per chunk so one fp32 (batch, chunk, vocab) buffer is ~64 MiB: a multiple
     of 64 in [64, 1024] (512 for a 32K vocab, 128 for 128K). Measured on the CPU: chunks
-    of 256 and 1024 take the same time, so there is no reason to hold more."""
-    c = (2**24 // max(vocab_size * batch, 1)) // 64 * 64
-    return max(64, min(1024, c))
+    of 256 and 1024 take the same time, so there is no reason to hold more.
+
+    ``minimum`` is the floor: at 64 (the default, for training batches) the buffer grows
+    past 64 MiB once ``batch * vocab`` exceeds 2**18; a smaller floor (the adapter bank
+    scores many rows at once) keeps it bounded with chunks under 64 that are not rounded.
+    """
+    raw = 2**24 // max(vocab_size * batch, 1)
+    c = raw // 64 * 64 if raw >= 64 else raw
+    return max(minimum, min(1024, c))
 
 
 def _vocab_size(module: nn.Module) -> int:
     return int(module["weight"].shape[0])  # (V, d) for Linear, Embedding and their quantized forms
+
+
+class _Setup(NamedTuple):
+    """What every path of the chunked loss shares, checked and prepared once."""
+
+    module: nn.Module  # holds the output head's parameters
+    head_fn: Callable[[mx.array], mx.array]  # (B, c, d) -> (B, c, V)
+    t: mx.array  # (B, L) int32 targets, ignored positions at 0
+    w: mx.array  # (B, L) fp32 weights
+    bounds: list[tuple[int, int]]  # [start, end) of each chunk along L
+
+
+def _setup(model: nn.Module, hidden: mx.array, targets: mx.array, mask: mx.array, chunk: int | None) -> _Setup:
+    """Check the shapes and the chunk (default ``auto_chunk(vocab, B)``); find the head."""
+    if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"expected hidden (B, L, d) and targets/mask (B, L); got hidden {hidden.shape}, "
+            f"targets {targets.shape}, mask {mask.shape}"
+        )
+    module, head_fn = _head(model)
+    if chunk is None:
+        chunk = auto_chunk(_vocab_size(module), hidden.shape[0])
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ConfigError(f"chunk must be a positive number of positions, got {chunk!r}.")
+    w = mx.stop_gradient(mask.astype(mx.float32))
+    # Ignored positions may carry -100 and similar: point them at token 0 (weight 0).
+    t = mx.stop_gradient(mx.where(w != 0, targets, 0).astype(mx.int32))
+    L = hidden.shape[1]
+    return _Setup(module, head_fn, t, w, [(s, min(s + chunk, L)) for s in range(0, L, chunk)])
+
+
+def _forward_sum(st: _Setup, hidden: mx.array, *, per_row: bool) -> mx.array:
+    """The loss without gradient work: () summed, or (B,) summed per row with ``per_row``."""
+    total = mx.zeros((hidden.shape[0],) if per_row else (), dtype=mx.float32)
+    for s, e in st.bounds:
+        # Each chunk waits for the previous one, so few (c, V) buffers are alive at once.
+        hc = hidden[:, s:e] if s == 0 else mx.depends(hidden[:, s:e], total)
+        ce = _chunk_ce(st.head_fn(hc), st.t[:, s:e])[0] * st.w[:, s:e]  # (B, c)
+        total = total + (ce.sum(axis=1) if per_row else ce.sum())
+    return total
+
+
+def _fused_sum(st: _Setup, hidden: mx.array) -> mx.array:
+    """The summed loss with its gradient computed chunk by chunk in the forward pass and
+    handed out by a custom VJP (scaled by the incoming cotangent)."""
+    module, head_fn, t, w = st.module, st.head_fn, st.t, st.w
+    flat = tree_flatten(module.trainable_parameters())
+    names = [k for k, _ in flat]
+    params = [v for _, v in flat]
+
+    def call(h, *ps):
+        if ps:
+            module.update(tree_unflatten(list(zip(names, ps, strict=True))))
+        return head_fn(h)
+
+    @mx.custom_function
+    def fused(h, *ps):
+        total = mx.array(0.0, dtype=mx.float32)
+        grads_h, grads_p = [], [None] * len(ps)
+        for s, e in st.bounds:
+            hc = h[:, s:e]
+            if s > 0:
+                # Make chunk k+1 depend on everything of chunk k, so the lazy graph runs
+                # the chunks in order instead of holding many chunks' (c, V) buffers.
+                hc = mx.depends(hc, [total, grads_h[-1], *grads_p])
+            loss_c, gh, gp = _chunk_loss_and_grads(call, list(ps), hc, t[:, s:e], w[:, s:e])
+            total = total + loss_c
+            grads_h.append(gh)
+            grads_p = [g if acc is None else acc + g for acc, g in zip(grads_p, gp, strict=True)]
+        if ps:
+            module.update(tree_unflatten(list(zip(names, ps, strict=True))))
+        return (total, mx.concatenate(grads_h, axis=1), *grads_p)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        if not isinstance(primals, (tuple, list)):  # one argument arrives unwrapped
+            primals = (primals,)
+        ct = cotangents[0]
+        gh = (outputs[1] * ct).astype(primals[0].dtype)
+        return (gh, *[(g * ct).astype(p.dtype) for g, p in zip(outputs[2:], primals[1:], strict=True)])
+
+    return fused(hidden, *params)[0]
 
 
 def chunked_cross_entropy(
@@ -150,67 +249,29 @@ def chunked_cross_entropy(
         Divide for the mean. Differentiable w.r.t. ``hidden`` and trainable head params;
         the gradient equals that of the naive full-logits cross-entropy.
     """
-    if hidden.ndim != 3 or targets.shape != hidden.shape[:2] or mask.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"expected hidden (B, L, d) and targets/mask (B, L); got hidden {hidden.shape}, "
-            f"targets {targets.shape}, mask {mask.shape}"
-        )
-    module, head_fn = _head(model)
-    if chunk is None:
-        chunk = auto_chunk(_vocab_size(module), hidden.shape[0])
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ConfigError(f"chunk must be a positive number of positions, got {chunk!r}.")
-    flat = tree_flatten(module.trainable_parameters())
-    names = [k for k, _ in flat]
-    params = [v for _, v in flat]
-
-    def call(h, *ps):
-        if ps:
-            module.update(tree_unflatten(list(zip(names, ps, strict=True))))
-        return head_fn(h)
-
-    w = mx.stop_gradient(mask.astype(mx.float32))
-    # Ignored positions may carry -100 and similar: point them at token 0 (weight 0).
-    t = mx.stop_gradient(mx.where(w != 0, targets, 0).astype(mx.int32))
-    n_tokens = w.sum()
-    L = hidden.shape[1]
-    bounds = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
-
+    st = _setup(model, hidden, targets, mask, chunk)
+    n_tokens = st.w.sum()
     if not with_grad:
-        total = mx.array(0.0, dtype=mx.float32)
-        for s, e in bounds:
-            hc = hidden[:, s:e] if s == 0 else mx.depends(hidden[:, s:e], total)
-            total = total + _chunk_loss(head_fn(hc), t[:, s:e], w[:, s:e])[0]
-        return total, n_tokens
+        return _forward_sum(st, hidden, per_row=False), n_tokens
+    return _fused_sum(st, hidden), n_tokens
 
-    @mx.custom_function
-    def fused(h, *ps):
-        total = mx.array(0.0, dtype=mx.float32)
-        grads_h, grads_p = [], [None] * len(ps)
-        for s, e in bounds:
-            hc = h[:, s:e]
-            if s > 0:
-                # Make chunk k+1 depend on everything of chunk k, so the lazy graph runs
-                # the chunks in order instead of holding many chunks' (c, V) buffers.
-                hc = mx.depends(hc, [total, grads_h[-1], *grads_p])
-            loss_c, gh, gp = _chunk_loss_and_grads(call, list(ps), hc, t[:, s:e], w[:, s:e])
-            total = total + loss_c
-            grads_h.append(gh)
-            grads_p = [g if acc is None else acc + g for acc, g in zip(grads_p, gp, strict=True)]
-        if ps:
-            module.update(tree_unflatten(list(zip(names, ps, strict=True))))
-        return (total, mx.concatenate(grads_h, axis=1), *grads_p)
 
-    @fused.vjp
-    def fused_vjp(primals, cotangents, outputs):
-        if not isinstance(primals, (tuple, list)):  # one argument arrives unwrapped
-            primals = (primals,)
-        ct = cotangents[0]
-        gh = (outputs[1] * ct).astype(primals[0].dtype)
-        return (gh, *[(g * ct).astype(p.dtype) for g, p in zip(outputs[2:], primals[1:], strict=True)])
+def row_losses(
+    model: nn.Module, hidden: mx.array, targets: mx.array, mask: mx.array, chunk: int | None = None
+) -> tuple[mx.array, mx.array]:
+    """Per-row summed cross-entropy, for scoring (no gradient work): the chunk loop of
+    :func:`chunked_cross_entropy` with ``with_grad=False``, summed over each row alone.
 
-    loss_sum = fused(hidden, *params)[0]
-    return loss_sum, n_tokens
+    Args:
+        model, hidden, targets, mask, chunk: as :func:`chunked_cross_entropy`; the
+            buffer of one chunk is (B, chunk, vocab) fp32.
+
+    Returns:
+        ``(loss_sum (B,), n_tokens (B,))`` fp32: ``sum_i mask_bi * CE_bi`` and
+        ``sum_i mask_bi`` of each row b.
+    """
+    st = _setup(model, hidden, targets, mask, chunk)
+    return _forward_sum(st, hidden, per_row=True), st.w.sum(axis=1)
 
 
 def cross_entropy_reference(

@@ -6,6 +6,9 @@ in numpy (mixing), and greedy decoding that recomputes the whole sequence every 
 (generation).
 """
 
+import dataclasses
+import inspect
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -14,8 +17,11 @@ from mlx.utils import tree_flatten
 
 import mozgach_mlx as mz
 from mozgach_mlx import lora, synthetic
-from mozgach_mlx.bank import AdapterBank, BankLinear
+from mozgach_mlx.bank import AdapterBank, BankLinear, GenerationConfig
+from mozgach_mlx.bank.layer import stack_deltas
+from mozgach_mlx.bank.scoring import batch_spans
 from mozgach_mlx.errors import AdapterError
+from mozgach_mlx.models import paths
 
 TEXT = "the quick brown fox jumps over the lazy dog"
 
@@ -141,7 +147,7 @@ def _fused_reference(adapters, weights):
                 deltas[path] = deltas.get(path, 0.0) + w * cfg.scale * (b.T @ a.T)  # (out, in)
     updates = []
     for path, d in deltas.items():
-        layer = lora._get(model, path)
+        layer = paths.get_module(model, path)
         updates.append((path + ".weight", mx.array((np.array(layer.weight, np.float64) + d).astype(np.float32))))
     model.load_weights(updates, strict=False)
     return model
@@ -320,3 +326,42 @@ def test_errors(tmp_path, adapters):
             AdapterBank(model, tok, [adapters["b"]])
         with pytest.raises(AdapterError, match="signature"):
             bank.route(TEXT, method="signature")
+
+
+def test_generate_defaults_are_the_generation_config():
+    params = inspect.signature(AdapterBank.generate).parameters
+    cfg = GenerationConfig()
+    assert (params["max_tokens"].default, params["temperature"].default) == (cfg.max_tokens, cfg.temperature)
+    assert (cfg.max_tokens, cfg.temperature) == (64, 0.0)
+    assert all(f.metadata.get("help") for f in dataclasses.fields(GenerationConfig))
+
+
+def test_stack_deltas_pads_ranks_and_fills_missing_adapters_with_zeros():
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.normal(size=(5, 2)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    a2, b2 = rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    a, b = stack_deltas({0: (mx.array(a0), mx.array(b0)), 2: [mx.array(a2), mx.array(b2)]}, 3, 4, 5, 3)
+    assert a.shape == (3, 5, 4) and b.shape == (3, 4, 3)
+    want_a = np.zeros((3, 5, 4), np.float32)
+    want_b = np.zeros((3, 4, 3), np.float32)
+    want_a[0, :, :2], want_b[0, :2], want_a[2], want_b[2] = a0, b0, a2, b2
+    np.testing.assert_array_equal(np.array(a), want_a)
+    np.testing.assert_array_equal(np.array(b), want_b)
+    for i, (ai, bi) in enumerate([(a0, b0), (None, None), (a2, b2)]):  # the padded delta is exact
+        delta = np.zeros((5, 3)) if ai is None else ai @ bi
+        np.testing.assert_allclose(np.array(a[i] @ b[i]), delta, atol=1e-6)
+    assert stack_deltas({}, 1, 2, 5, 3, mx.float16)[0].dtype == mx.float16
+
+
+def test_batch_spans_bound_rows_times_longest():
+    lengths = [3, 9, 2, 2, 2, 2, 40, 1]
+    spans = batch_spans(lengths, 12)
+    assert spans == [(0, 1), (1, 2), (2, 6), (6, 7), (7, 8)]
+    # Independent check: consecutive, covering, within budget (or a single row), and greedy
+    # (adding the next row would break the budget).
+    assert [s for s, _ in spans[1:]] == [e for _, e in spans[:-1]] and spans[0][0] == 0 and spans[-1][1] == 8
+    for s, e in spans:
+        assert e - s == 1 or (e - s) * max(lengths[s:e]) <= 12
+        if e < len(lengths):
+            assert (e - s + 1) * max(lengths[s : e + 1]) > 12
+    assert batch_spans([], 12) == []

@@ -5,8 +5,10 @@ Independent references: a numpy LoRA forward (``x W^T + s x A B``), mlx-lm's own
 and the PEFT key layout written out by hand.
 """
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,7 +19,7 @@ from mlx.utils import tree_flatten
 import mozgach_mlx as mz
 from mozgach_mlx import lora, quant
 from mozgach_mlx.errors import AdapterError, ConfigError
-from mozgach_mlx.lora import LoRAConfig, LoRALinear
+from mozgach_mlx.lora import LoRAConfig, LoRALinear, formats
 from mozgach_mlx.models import Model, ModelArgs
 from mozgach_mlx.tokenizer import ByteTokenizer
 
@@ -118,11 +120,21 @@ def test_lora_linear_matches_numpy_reference():
     assert not mx.any(rs.lora_b).item()
 
 
+def test_lora_linear_defaults_are_the_config_defaults():
+    # One source of defaults: a bare LoRALinear is the layer LoRAConfig() would build.
+    layer = LoRALinear(nn.Linear(8, 8))
+    c = LoRAConfig()
+    assert (layer.r, layer.alpha, layer.rslora, layer.scale) == (c.r, c.alpha, c.rslora, c.scale)
+    x = mx.ones((4000, 8))
+    zeroed = (layer.dropout(x) == 0).mean().item()  # training mode: a fraction p of inputs dropped
+    assert zeroed == pytest.approx(c.dropout, abs=0.02)
+
+
 @pytest.mark.parametrize("cls", [nn.QuantizedLinear, quant.QuantizedLinear])
 def test_lora_wraps_quantized_and_fuses(cls):
     dense = nn.Linear(64, 32)
     q = cls.from_linear(dense, 32, 4)
-    layer = LoRALinear(q, r=4, alpha=8)
+    layer = LoRALinear(q, r=4, alpha=8, dropout=0.0)
     assert (layer.input_dims, layer.output_dims) == (64, 32)
     x = mx.random.normal((3, 64))
     assert maxdiff(layer(x), q(x)) == 0.0  # B = 0
@@ -460,6 +472,56 @@ def test_hand_written_peft_adapter_equals_merged_weights(tmp_path):
     lora.load(ours, tmp_path)
     assert ours.lora_config == LoRAConfig(r=2, alpha=4, dropout=0.05, targets=("v_proj",))
     assert maxdiff(ours(X), merged(X)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- formats (pure dicts)
+
+
+def test_peft_tensor_layout_both_ways():
+    # Expected keys and layouts written out from PEFT's documented naming by hand.
+    a, b = mx.arange(6.0).reshape(3, 2), mx.arange(8.0).reshape(2, 4)  # ours: A (in=3, r=2), B (r=2, out=4)
+    norm = mx.ones((3,))
+    ours = {"model.layers.0.self_attn.q_proj.lora_a": a, "model.layers.0.self_attn.q_proj.lora_b": b}
+    peft = formats.weights_to_peft(ours, {"model.norm.weight": norm})
+    assert sorted(peft) == ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+                            "base_model.model.model.norm.weight"]  # fmt: skip
+    np.testing.assert_array_equal(np.array(peft["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]),
+                                  np.array(a).T)  # (r, in)
+    np.testing.assert_array_equal(np.array(peft["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]),
+                                  np.array(b).T)  # (out, r)
+    # back, including PEFT's adapter-named keys and modules_to_save copies
+    peft["base_model.model.model.layers.1.mlp.up_proj.lora_A.default.weight"] = mx.zeros((2, 3))
+    peft["base_model.model.model.embed_tokens.modules_to_save.default.weight"] = mx.zeros((5, 3))
+    back = formats.weights_from_peft(peft)
+    assert sorted(back) == ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.lora_a",
+                            "model.layers.0.self_attn.q_proj.lora_b", "model.layers.1.mlp.up_proj.lora_a",
+                            "model.norm.weight"]  # fmt: skip
+    assert back["model.layers.1.mlp.up_proj.lora_a"].shape == (3, 2)
+    for k, v in ours.items():
+        assert mx.array_equal(back[k], v).item()
+    assert formats.split_weights(back)[1].keys() == {"model.embed_tokens.weight", "model.norm.weight"}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_configs_both_ways_without_our_block(rslora):
+    cfg = LoRAConfig(r=4, alpha=6, dropout=0.05, targets=("q_proj", "down_proj"), rslora=rslora, num_layers=2)
+    paths = ["model.layers.2.self_attn.q_proj", "model.layers.3.mlp.down_proj"]
+    peft = formats.peft_config(cfg, paths, [2, 3], 4, ["model.layers.2.input_layernorm.weight"], "org/base")
+    assert (peft["r"], peft["lora_alpha"], peft["use_rslora"], peft["layers_to_transform"]) == (4, 6, rslora, [2, 3])
+    assert peft["target_modules"] == ["down_proj", "q_proj"] and peft["modules_to_save"] == ["input_layernorm"]
+    back = formats.config_from_peft(peft, 4, Path("x"))
+    assert back == dataclasses.replace(cfg, targets=("down_proj", "q_proj"), train_norms=True)
+    mlx = formats.mlx_config(cfg, paths, [2, 3], "org/base")
+    # mlx-lm multiplies by scale as is: alpha / r, or alpha / sqrt(r) with rsLoRA
+    assert mlx["lora_parameters"] == {"rank": 4, "scale": 6 / (2 if rslora else 4), "dropout": 0.05,
+                                      "keys": ["mlp.down_proj", "self_attn.q_proj"]}  # fmt: skip
+    back = formats.config_from_mlx(mlx, 4, Path("x"))
+    assert (back.r, back.scale, back.num_layers, back.rslora) == (4, pytest.approx(cfg.scale), 2, False)
+    # our own record wins over either format's keys
+    assert formats.adapter_config({**peft, "mozgach": {"lora": cfg.to_dict()}}, "peft", 4, Path("x")) == cfg
+    with pytest.raises(AdapterError, match="use_dora"):
+        formats.config_from_peft({**peft, "use_dora": True}, 4, Path("x"))
 
 
 def test_rope_scaling_travels_with_the_adapter(tmp_path):

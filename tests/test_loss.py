@@ -122,6 +122,35 @@ def test_auto_chunk_keeps_one_buffer_near_64_mib():
     assert abs(v.item() - loss.cross_entropy_reference(model, h, t, m)[0].item()) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 4, 37])
+def test_row_losses_equal_naive_per_row(chunk):
+    # Reference: the full-logits CE of each row on its own (B = 1), weights as given.
+    model = Head(24, 53)
+    h, t, m = _batch(3, 23, 24, 53, seed=9)
+    w = m.astype(mx.float32) * mx.random.uniform(0.5, 2.0, m.shape, key=mx.random.key(2))  # weighted tokens
+    sums, counts = loss.row_losses(model, h, t, w, chunk=chunk)
+    assert sums.shape == (3,) and counts.shape == (3,)
+    for b in range(3):
+        ref_sum, ref_n = loss.cross_entropy_reference(model, h[b : b + 1], t[b : b + 1], w[b : b + 1])
+        assert abs(sums[b].item() - ref_sum.item()) < 1e-4 * abs(ref_sum.item())
+        assert counts[b].item() == pytest.approx(ref_n.item(), rel=1e-6)
+    # the rows add up to the scalar loss of the whole batch
+    total, n = loss.chunked_cross_entropy(model, h, t, w, chunk=chunk, with_grad=False)
+    assert abs(sums.sum().item() - total.item()) < 1e-5 * abs(total.item())
+    assert counts.sum().item() == pytest.approx(n.item(), rel=1e-6)
+    with pytest.raises(ConfigError):
+        loss.row_losses(model, h, t, w, chunk=0)
+
+
+def test_auto_chunk_minimum_bounds_the_buffer_for_many_rows():
+    # 128K vocab x 64 rows: 64 positions would be a 2 GiB buffer; floor 1 keeps it at 64 MiB.
+    assert loss.auto_chunk(131072, batch=64) == 64
+    assert loss.auto_chunk(131072, batch=64, minimum=1) == 2
+    assert loss.auto_chunk(131072, batch=4, minimum=1) == 32  # under 64: not rounded down to 0
+    assert loss.auto_chunk(32000, minimum=1) == loss.auto_chunk(32000) == 512  # large enough: unchanged
+    assert loss.auto_chunk(2**24, batch=4, minimum=1) == 1
+
+
 def test_bad_chunk():
     model = Head(8, 10)
     h, t, m = _batch(1, 4, 8, 10)

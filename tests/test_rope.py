@@ -9,11 +9,13 @@ _parameters``), in float64 numpy.
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from mozgach_mlx.errors import ConfigError
-from mozgach_mlx.models.rope import build_rope, scaling_type
+from mozgach_mlx.models import Model, ModelArgs
+from mozgach_mlx.models.rope import build_rope, rope_of, scaling_type
 
 D, BASE = 64, 10000.0
 
@@ -183,3 +185,13 @@ def test_bad_dims_and_base():
     with pytest.raises(ConfigError, match="needs max_position_embeddings"):
         build_rope(D, BASE, {"type": "dynamic", "factor": 2.0}, None)
     assert scaling_type({"rope_type": "LLAMA3", "factor": 2}) == "llama3"
+
+
+def test_rope_of_reads_the_model_args():
+    args = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+            "num_attention_heads": 2, "vocab_size": 16, "max_position_embeddings": 512}  # fmt: skip
+    model = Model(ModelArgs.from_dict(args))
+    assert rope_of(model) == (None, 512)
+    model.set_rope({"type": "linear", "factor": 4.0}, 2048)
+    assert rope_of(model) == ({"type": "linear", "factor": 4.0}, 2048)
+    assert rope_of(nn.Linear(2, 2)) == (None, None)  # no .args: nothing recorded

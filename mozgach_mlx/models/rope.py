@@ -211,6 +211,13 @@ class DynamicNTKRoPE(nn.Module):
                             offset=offset)
 
 
+def rope_of(model: nn.Module) -> tuple[dict | None, int | None]:
+    """``(rope_scaling, max_position_embeddings)`` of ``model.args`` (None where absent):
+    the RoPE a model runs with, as adapters record it and ``model.set_rope`` takes it."""
+    args = getattr(model, "args", None)
+    return getattr(args, "rope_scaling", None), getattr(args, "max_position_embeddings", None)
+
+
 def build_rope(dims: int, base: float, scaling: dict | None, max_position_embeddings: int | None,
                traditional: bool = False) -> RoPE | DynamicNTKRoPE:
     """Build the RoPE module for one attention layer.
