@@ -7,7 +7,7 @@ _backend.load_fast_blas()
 _backend.tune_malloc()
 
 from . import attention, data, lora, loss, models, quant  # noqa: E402
-from .bank import AdapterBank  # noqa: E402
+from .bank import AdapterBank, GenerationConfig  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
     CheckpointError,
@@ -22,7 +22,9 @@ from .fleet import train_fleet  # noqa: E402
 from .lora import LoRAConfig  # noqa: E402
 from .models import ModelArgs, load, save  # noqa: E402
 from .plan import Plan, plan  # noqa: E402
-from .trainer import TrainConfig, TrainResult, train_adapter  # noqa: E402
+from .rundir import RunConfig  # noqa: E402
+from .train_config import TrainConfig  # noqa: E402
+from .trainer import TrainResult, train_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,11 +34,13 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "GenerationConfig",
     "KernelError",
     "LoRAConfig",
     "ModelArgs",
     "MozgachError",
     "Plan",
+    "RunConfig",
     "TokenizerError",
     "TrainConfig",
     "TrainResult",

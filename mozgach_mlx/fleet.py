@@ -41,7 +41,8 @@ from .trainer import TrainConfig, TrainResult, train_adapter
 __all__ = ["FleetResult", "adapter_dir_name", "base_identity", "parse_domains", "train_fleet"]
 
 ADAPTER_PREFIX = "mozgach108_"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapters.safetensors", "adapter_config.json")
+# every file of a saved adapter (hashed in the manifest, verified before a skip)
+ADAPTER_FILES = (lora.PEFT_WEIGHTS, lora.MLX_WEIGHTS, lora.MLX_EXTRA_WEIGHTS, lora.CONFIG_FILE)
 
 
 def adapter_dir_name(domain_id: int) -> str:

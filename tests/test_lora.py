@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import random_model
+from conftest import small_config as shared_config
 from mlx.utils import tree_flatten
 
 import mozgach_mlx as mz
@@ -27,25 +29,13 @@ X = mx.array([[1, 5, 9, 200, 17, 3, 3, 250, 41, 7, 0, 100]])
 
 
 def small_config(**kw) -> dict:
-    cfg = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 259, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 256, "tie_word_embeddings": False,
-    }  # fmt: skip
-    cfg.update(kw)
-    return cfg
+    """The shared small config with 3 blocks (so num_layers < all is testable)."""
+    return shared_config(**{"num_hidden_layers": 3, **kw})
 
 
 def small_model(seed=0, **kw) -> Model:
     """A seeded random model; norm weights random too, so training them is visible."""
-    m = Model(ModelArgs.from_dict(small_config(**kw)))
-    rng = np.random.default_rng(seed)
-    m.load_weights(
-        [
-            (k, mx.array(rng.normal(1.0 if "norm" in k else 0.0, 0.1, v.shape).astype(np.float32)))
-            for k, v in tree_flatten(m.parameters())
-        ]
-    )
+    m = random_model(small_config(**kw), seed, std=0.1, norm_mean=1.0)
     m.eval()
     return m
 
