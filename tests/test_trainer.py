@@ -207,3 +207,25 @@ def _step_peak(L: int) -> int:
 def test_training_step_memory_is_linear_from_8k_to_16k():
     p8, p16 = _step_peak(8192), _step_peak(16384)
     assert p16 < 2.2 * p8, (p8, p16)
+
+
+def test_train_adapter_owns_the_lifecycle_measures_the_base_and_restores_the_model(tmp_path, monkeypatch):
+    model, tok = mz.load("tiny")
+    data = {"train": _task(tok, 8, seed=0), "valid": _task(tok, 3, seed=1)}
+    cfg = _cfg(max_steps=2, grad_checkpoint=True, mlp_chunk=16, lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0))
+    # an independent base loss: the same data through a plain model without adapters
+    ref_model, _ = mz.load("tiny")
+    ref_loss, _ = trainer.evaluate(ref_model, data["valid"], cfg)
+    resets = []
+    real_reset = lora.reset
+    monkeypatch.setattr(lora, "reset", lambda m, seed=None: resets.append(seed) or real_reset(m, seed=seed))
+    model.grad_checkpoint, model.mlp_chunk = False, None
+    model.eval()
+    res = train_adapter(model, tok, data, cfg, tmp_path / "a", base_loss=True)
+    assert resets == [cfg.seed]  # one fresh adapter, seeded by the config
+    assert res.base_valid_loss == pytest.approx(ref_loss, rel=1e-6)
+    assert res.valid_loss < res.base_valid_loss
+    assert (model.grad_checkpoint, model.mlp_chunk, model.training) == (False, None, False)
+    assert model.lora_config == cfg.lora
+    # without base_loss nothing is measured
+    assert train_adapter(model, tok, data, cfg, tmp_path / "b").base_valid_loss is None
