@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +21,7 @@ from .errors import ConfigError, MozgachError
 from .lora import LoRAConfig
 from .rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN, RunConfig, parse_quantize
 from .train_config import TrainConfig
+from .typecheck import load_yaml
 
 __all__ = ["DEFAULT_RUN_LORA", "DEFAULT_RUN_TRAIN", "RunConfig", "build_configs", "main"]
 
@@ -54,24 +54,11 @@ def _apply(opts):
     return deco
 
 
-def _load_yaml(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
+def build_configs(cli: dict, yaml_cfg: dict, source: str = "--config"):
+    """Merge CLI > YAML > preset > defaults into (RunConfig, TrainConfig).
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"--config {path}: file not found") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: invalid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping at the top level")
-    return data
-
-
-def build_configs(cli: dict, yaml_cfg: dict):
-    """Merge CLI > YAML > preset > defaults into (RunConfig, TrainConfig)."""
+    The YAML values are checked on their own first, so an error in the file names the
+    file (``source``) and the key; an error in the merged result is the CLI's."""
     run_names = {f.name for f in dataclasses.fields(RunConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"lora"}
     lora_names = {f.name for f in dataclasses.fields(LoRAConfig)}
@@ -79,13 +66,21 @@ def build_configs(cli: dict, yaml_cfg: dict):
     y_run = {k: v for k, v in yaml_cfg.items() if k not in ("train", "lora")}
     unknown = set(y_run) - run_names
     if unknown:
-        raise ConfigError(f"--config: unknown top-level key(s) {sorted(unknown)}; "
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; "
                           f"valid: {sorted(run_names)} plus 'train:' and 'lora:' sections")
     y_train, y_lora = yaml_cfg.get("train") or {}, yaml_cfg.get("lora") or {}
     for sect, names, given in (("train", train_names, y_train), ("lora", lora_names, y_lora)):
+        if not isinstance(given, dict):
+            raise ConfigError(f"{source}: '{sect}:' must be a mapping of keys to values, got {given!r}")
         bad = set(given) - names
         if bad:
-            raise ConfigError(f"--config: unknown key(s) {sorted(bad)} in '{sect}:'; valid: {sorted(names)}")
+            raise ConfigError(f"{source}: unknown key(s) {sorted(bad)} in '{sect}:'; valid: {sorted(names)}")
+    if yaml_cfg:
+        try:  # the file's values on their own, so that an error names the file
+            RunConfig(**y_run)
+            TrainConfig(**y_train, lora=LoRAConfig(**y_lora))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     c_run = {k: v for k, v in cli.items() if k in run_names and v is not None}
     run = RunConfig(**{**y_run, **c_run})
@@ -105,14 +100,70 @@ def build_configs(cli: dict, yaml_cfg: dict):
     return run, tcfg
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _guarded(run, args, debug: bool):
+    """Run a click entry point so that no error a user can cause shows a traceback.
+
+    Usage errors, our own errors (:class:`MozgachError`) and OS errors (a path that is a
+    file, a permission, a full disk) print one line and exit 2; an unexpected internal
+    error prints one line and the hint to rerun with ``--debug``, and exits 1 (with
+    ``--debug`` the traceback is shown instead).
+    """
+    try:
+        run(args)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
+        sys.exit(2)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except MozgachError as e:
+        click.echo(f"error: {_one_line(e)}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"error: {e.strerror or _one_line(e)}{where}", err=True)
+        sys.exit(2)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"error: internal error ({type(e).__name__}: {_one_line(e)}); "
+                   "run again with --debug for the traceback", err=True)
+        sys.exit(1)
+
+
+class _Guarded:
+    """click Command / Group whose ``main`` runs inside :func:`_guarded`."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        _guarded(lambda a: super(_Guarded, self).main(a, prog_name, complete_var, standalone_mode=False, **extra),
+                 argv, debug="--debug" in argv)
+
+
+class GuardedCommand(_Guarded, click.Command):
+    pass
+
+
+class GuardedGroup(_Guarded, click.Group):
+    command_class = GuardedCommand
+
+
+_debug_option = click.option("--debug", is_flag=True, default=None, expose_value=False,
+                             help="show the traceback of an internal error")
+
+
+@click.group(cls=GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@_debug_option
 def main() -> None:
     """mozgach: long-context QLoRA fine-tuning of many LoRA experts over one base."""
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
 
 
 @main.command("train")
@@ -120,31 +171,26 @@ def _fail(e: Exception) -> None:
 @_apply(_field_options(RunConfig))
 @_apply(_field_options(TrainConfig, skip=("lora", "progress")))
 @_apply(_field_options(LoRAConfig, prefix="lora_"))
+@_debug_option
 def train_cmd(config_path: str | None, **cli: Any) -> None:
     """Train one adapter per domain over one base (the 108 by default)."""
-    try:
-        from .commands import run_fleet
+    from .commands import run_fleet
 
-        run, tcfg = build_configs(cli, _load_yaml(config_path))
-        code = run_fleet(run, tcfg)
-    except MozgachError as e:
-        _fail(e)
-    sys.exit(code)
+    yaml_cfg = load_yaml(config_path) if config_path else {}
+    run, tcfg = build_configs(cli, yaml_cfg, source=f"--config {config_path}")
+    sys.exit(run_fleet(run, tcfg))
 
 
 @main.command("eval")
 @click.option("--out", required=True, help="the run directory to evaluate")
 @click.option("--max-batches", type=int, default=None, help="validation batches per domain")
 @click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
+@_debug_option
 def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> None:
     """Per domain: base loss, own adapter's loss, best other adapter's loss; routing accuracy."""
-    try:
-        from .commands import eval_run
+    from .commands import eval_run
 
-        code = eval_run(out, max_batches=max_batches, route_samples=route_samples)
-    except MozgachError as e:
-        _fail(e)
-    sys.exit(code)
+    sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples))
 
 
 @main.command("generate")
@@ -153,15 +199,13 @@ def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> No
 @click.option("--adapter", default=None, help="adapter name or directory (default: none = base)")
 @click.option("--prompt", required=True)
 @_apply(_field_options(GenerationConfig))
+@_debug_option
 def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
     """Generate text with the base or one adapter."""
-    try:
-        from .commands import generate_text
+    from .commands import generate_text
 
-        cfg = GenerationConfig(**{k: v for k, v in gen.items() if v is not None})
-        click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt, gen=cfg))
-    except MozgachError as e:
-        _fail(e)
+    cfg = GenerationConfig(**{k: v for k, v in gen.items() if v is not None})
+    click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt, gen=cfg))
 
 
 @main.command("plan")
@@ -175,19 +219,17 @@ def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
 @click.option("--gflops", type=float, default=None, help="measured training throughput, GFLOP/s")
 @click.option("--backend", type=click.Choice(["cpu", "metal", "cuda"]), default=None,
               help="plan for this backend (default: the one here)")
+@_debug_option
 def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend) -> None:
     """Estimate peak memory and step time of LoRA training at a context length."""
-    try:
-        from .plan import plan
+    from .plan import plan
 
-        given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
-                 "gflops": gflops, "backend": backend}
-        kw = {k: v for k, v in given.items() if v is not None}
-        if quantize is not None:
-            kw["quantize"] = parse_quantize(quantize)
-        click.echo(plan(model or RunConfig.model, **kw).table())
-    except MozgachError as e:
-        _fail(e)
+    given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
+             "gflops": gflops, "backend": backend}
+    kw = {k: v for k, v in given.items() if v is not None}
+    if quantize is not None:
+        kw["quantize"] = parse_quantize(quantize)
+    click.echo(plan(model or RunConfig.model, **kw).table())
 
 
 if __name__ == "__main__":

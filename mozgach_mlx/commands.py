@@ -16,12 +16,20 @@ from .bank import AdapterBank, GenerationConfig
 from .errors import ConfigError
 from .evaluate import evaluate_run
 from .fleet import adapter_dir_name, parse_domains, train_fleet
-from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
+from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, locked, read_manifest
 from .trainer import TrainConfig
 
 
 def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
-    """Train the selected domains; print the summary table. Exit code 1 if any failed."""
+    """Train the selected domains; print the summary table. Exit code 1 if any failed.
+
+    The run directory is held (:func:`rundir.locked`) from the start, before the base is
+    loaded or the built-in corpus written, so a second process on it refuses at once."""
+    with locked(run.out):
+        return _run_fleet(run, tcfg)
+
+
+def _run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
     out = Path(run.out)
     domains = data_mod.discover_domains(data_dir(run))
     ids = parse_domains(run.domains, [d.id for d in domains])

@@ -34,6 +34,7 @@ from .rundir import (
     base_identity,
     domain_files,
     fingerprint,
+    locked,
     read_manifest,
 )
 from .trainer import TrainConfig, TrainResult, train_adapter
@@ -136,14 +137,23 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
             ``{"run": {...}}`` (the pre-0.2 form) is accepted too.
         on_event: progress hook ``(kind, info)``; kinds: start, skip, done, failed.
 
+    One process per run directory: the fleet holds ``OUT/.lock`` (:func:`rundir.locked`)
+    while it runs; a second one refuses with ConfigError naming the holder's pid.
+
     Adapter lifecycle: :func:`train_adapter` owns it (ensure the LoRA config, reset to a
     fresh adapter with the domain's seed, train, save). The fleet only applies the config
     once before the loop, so that the memory baseline includes the adapter's arrays.
     """
-    out_dir = Path(out_dir)
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    manifest = open_manifest(out_dir, base if base is not None else base_identity(model),
-                             _config(cfg, run_config))
+    with locked(out_dir) as out_dir:
+        return _train_fleet(model, tok, domains, cfg, out_dir, base if base is not None else base_identity(model),
+                            _config(cfg, run_config), on_event)
+
+
+def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, base: dict, config: dict,
+                 on_event: Callable[[str, dict], None] | None) -> FleetResult:
+    """:func:`train_fleet` with the run directory held."""
+    (out_dir / "logs").mkdir(exist_ok=True)
+    manifest = open_manifest(out_dir, base, config)
     result = FleetResult(out_dir=str(out_dir))
     events = out_dir / "logs" / "fleet.jsonl"
 

@@ -11,17 +11,23 @@ with :func:`mozgach_mlx.train_fleet` from Python without a :class:`RunConfig`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .io import atomic_write_json
+from .typecheck import check_fields
 
 MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
 SCHEMA_VERSION = 2
 BUILTIN_DATA_DIR = "builtin_data"
 BUILTIN_MODEL = "tiny"
@@ -50,6 +56,12 @@ class RunConfig:
 
     # Fields that say how to run, not what the run is: not recorded in the manifest.
     NOT_RECORDED = ("quiet", "domains")
+
+    def __post_init__(self) -> None:
+        if self.quantize is None or (isinstance(self.quantize, int) and not isinstance(self.quantize, bool)):
+            self.quantize = str(self.quantize).lower()  # YAML `quantize: 4` / `quantize: null`
+        check_fields(self)
+        parse_quantize(self.quantize)
 
     @property
     def builtin_default(self) -> bool:
@@ -217,6 +229,48 @@ def read_manifest(out: str | Path) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path}: corrupt manifest ({e}); move it away to start a new run") from None
     return Manifest.from_dict(d, path)
+
+
+@contextlib.contextmanager
+def locked(out: str | Path) -> Iterator[Path]:
+    """Hold the run directory ``out`` for this process: an exclusive ``flock`` on
+    ``OUT/.lock`` (which holds the holder's pid). The kernel drops the lock when the
+    process dies, however it dies, so a stale lock file from a killed run never blocks
+    a resume.
+
+    Raises:
+        ConfigError: another process holds the directory (naming its pid), or ``out``
+            exists and is not a directory.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory; pass a directory for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _held:  # re-entered by the process that holds it (the CLI, then train_fleet)
+        yield out
+        return
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = path.read_text().strip() or "unknown"
+        raise ConfigError(f"{out} is in use by another mozgach process (pid {holder}); wait for it to finish "
+                          "or pass another --out") from None
+    _held.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield out
+    finally:
+        _held.discard(key)
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+_held: set[Path] = set()  # run directories this process holds
 
 
 # ----------------------------------------------------------------------------- base and data

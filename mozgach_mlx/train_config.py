@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 from .lora import LoRAConfig
+from .typecheck import check_fields
 
 
 def _help(text: str, **kw) -> dict:
@@ -50,8 +51,7 @@ class TrainConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora, dict):
-            self.lora = LoRAConfig(**self.lora)
+        check_fields(self)
         checks = [
             ("learning_rate", self.learning_rate > 0, "a positive number"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),

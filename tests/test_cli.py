@@ -126,3 +126,82 @@ def test_plan_command_without_options_is_the_default_plan():
     res = CliRunner().invoke(main, ["plan"])
     assert res.exit_code == 0, res.output
     assert res.output.strip() == mz.plan(RunConfig.model).table().strip()
+
+
+def _one_line_exit_2(res):
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.output, res.output
+    return lines[0]
+
+
+def test_yaml_numbers_are_numbers_and_bad_types_are_one_line(tmp_path):
+    from mozgach_mlx.typecheck import load_yaml
+
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  learning_rate: 1e-4\n  max_steps: 1e3\nlora:\n  alpha: 2E1\n")
+    run, t = build_configs(_cli(), load_yaml(good), source=f"--config {good}")
+    assert (t.learning_rate, t.max_steps, t.lora.alpha) == (1e-4, 1000, 20.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: many\n")
+    line = _one_line_exit_2(CliRunner().invoke(main, ["train", "--config", str(bad)]))
+    assert str(bad) in line and "max_steps='many'" in line and "integer" in line
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n  lora: {\n")
+    line = _one_line_exit_2(CliRunner().invoke(main, ["train", "--config", str(broken)]))
+    assert "invalid YAML at line" in line
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    assert "is a file" in _one_line_exit_2(CliRunner().invoke(main, ["train", "--out", str(f)]))
+    assert "--max-steps" in _one_line_exit_2(CliRunner().invoke(main, ["train", "--max-steps", "many"]))
+    assert "no manifest" in _one_line_exit_2(CliRunner().invoke(main, ["eval", "--out", str(tmp_path / "none")]))
+    assert "max_tokens" in _one_line_exit_2(CliRunner().invoke(main, ["generate", "--prompt", "a",
+                                                                       "--max-tokens", "0"]))
+
+
+def test_internal_error_is_one_line_with_the_debug_hint(monkeypatch):
+    import sys
+
+    plan_mod = sys.modules["mozgach_mlx.plan"]  # `mozgach_mlx.plan` the attribute is the function
+
+    def boom(*a, **k):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(plan_mod, "plan", boom)
+    res = CliRunner().invoke(main, ["plan"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [
+        "error: internal error (RuntimeError: kaput); run again with --debug for the traceback"]
+    res = CliRunner().invoke(main, ["plan", "--debug"])
+    assert isinstance(res.exception, RuntimeError)
+
+
+def test_a_second_process_on_a_run_directory_refuses(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from mozgach_mlx import rundir
+
+    code = ("import sys, time; from mozgach_mlx import rundir\n"
+            "with rundir.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=f"in use by another mozgach process \\(pid {holder.pid}\\)"):
+            with rundir.locked(tmp_path):
+                pass
+        line = _one_line_exit_2(CliRunner().invoke(main, ["train", "--out", str(tmp_path)]))
+        assert str(holder.pid) in line
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed with SIGKILL: the kernel dropped the lock; the stale .lock file does not block
+    assert (tmp_path / rundir.LOCK_FILE).exists()
+    with rundir.locked(tmp_path):
+        assert (tmp_path / rundir.LOCK_FILE).read_text().strip() == str(os.getpid())
+        with rundir.locked(tmp_path):  # re-entrant within the holding process
+            pass

@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..errors import ConfigError
+from ..typecheck import check_fields
 from .layer import BankView
 
 __all__ = ["GenerationConfig", "decode", "generate"]
@@ -25,12 +26,19 @@ class GenerationConfig:
 
     Args:
         max_tokens: most tokens generated per prompt (decoding also stops at EOS).
-        temperature: 0 (or below) is greedy decoding; otherwise tokens are sampled from
+        temperature: 0 is greedy decoding; otherwise tokens are sampled from
             ``softmax(logits / temperature)``.
     """
 
     max_tokens: int = field(default=64, metadata={"help": "most tokens to generate per prompt"})
     temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0 = greedy)"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.max_tokens < 1:
+            raise ConfigError(f"GenerationConfig.max_tokens={self.max_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"GenerationConfig.temperature={self.temperature} must be >= 0 (0 = greedy)")
 
 
 def decode(model: nn.Module, eos: int | None, ids: np.ndarray, cfg: GenerationConfig,

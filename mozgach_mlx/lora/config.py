@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..typecheck import check_fields
 
 __all__ = ["ALL_LINEAR", "LoRAConfig", "scale_of"]
 
@@ -50,6 +51,7 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
+        check_fields(self)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoRAConfig.r must be a positive integer, got {self.r!r}.")
         if (
