@@ -131,8 +131,7 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
     model.eval()
     total, count = 0.0, 0
     try:
-        for i, (x, y, m, seg) in enumerate(data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=0,
-                                                           shuffle=False, segments=_documents(cfg))):
+        for i, (x, y, m, seg) in enumerate(_micro_batches(seqs, cfg, 0, 0, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
             s, n = loss_fn(model, x, y, m, cfg, **_segment_kwargs(loss_fn, seg))
@@ -242,9 +241,10 @@ def _documents(cfg: TrainConfig) -> bool:
     return cfg.attention_mask == "document"
 
 
-def _micro_batches(train, cfg: TrainConfig, epoch: int, start: int) -> Iterator:
+def _micro_batches(seqs, cfg: TrainConfig, epoch: int, start: int, *, shuffle: bool = True) -> Iterator:
     """(inputs, targets, mask, segment_ids or None) micro-batches of one epoch."""
-    it = data_mod.batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, segments=_documents(cfg))
+    it = data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, shuffle=shuffle,
+                          segments=_documents(cfg))
     return it if _documents(cfg) else ((*b, None) for b in it)
 
 
