@@ -138,7 +138,7 @@ def _samples(split, n: int | None, bos: int | None) -> list[tuple[np.ndarray, np
     """The first ``n`` documents' opening windows of a split loaded with windows of
     ``sample_tokens`` (windows that start with BOS; every window without a BOS token)."""
     out = []
-    for ids, mask in (split or []):
+    for ids, mask, *_ in (split or []):
         if (bos is None or ids[0] == bos) and len(ids) >= 2 and mask[1:].any():
             out.append((ids, mask))
         if n is not None and len(out) >= n:

@@ -294,17 +294,23 @@ def sequence_loss(
     chunk: int | None = None,
     *,
     with_grad: bool = True,
+    segment_ids: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """``chunked_cross_entropy(model, model.hidden(inputs), targets, mask, chunk, with_grad=...)``.
 
     Args:
         inputs: (B, L) int token ids; targets (B, L) the next tokens; mask (B, L).
+        segment_ids: (B, L) document ids of packed inputs (attention stays inside a
+            document), or None; our models only.
 
     Returns:
         ``(loss_sum, n_tokens)`` as :func:`chunked_cross_entropy`.
     """
     if hasattr(model, "hidden"):
-        h = model.hidden(inputs)
+        h = model.hidden(inputs) if segment_ids is None else model.hidden(inputs, segment_ids=segment_ids)
+    elif segment_ids is not None:
+        raise ConfigError(f"{type(model).__name__} takes no segment_ids (document masks need a mozgach model); "
+                          "set attention_mask='causal'.")
     else:  # mlx-lm models: the inner model returns the normed hidden states
         h = model.model(inputs)
     return chunked_cross_entropy(model, h, targets, mask, chunk=chunk, with_grad=with_grad)

@@ -20,6 +20,14 @@ def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
 
 
+def _s2_group_ok(v) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return 0 < v < 1 or (v >= 1 and float(v).is_integer())
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines one adapter's training run. Defaults are the seed's."""
@@ -49,9 +57,15 @@ class TrainConfig:
         "positions per chunk of lm_head + cross-entropy (default: ~64 MiB of logits per chunk)"))
     progress: bool = field(default=True, metadata=_help("show a progress bar"))
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    attention_mask: str = field(default="document", metadata=_help(
+        "attention of packed sequences: document (each document alone) | causal (across documents)"))
+    s2_attn_group: float | int | None = field(default=None, metadata=_help(
+        "S2-Attn (LongLoRA) group in training: tokens, or a fraction of the sequence such as 0.25 (None = off)"))
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if _s2_group_ok(self.s2_attn_group) and self.s2_attn_group is not None and self.s2_attn_group >= 1:
+            self.s2_attn_group = int(self.s2_attn_group)  # tokens (the CLI parses numbers as floats)
         checks = [
             ("learning_rate", self.learning_rate > 0, "a positive number"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
@@ -67,6 +81,8 @@ class TrainConfig:
             ("mlp_chunk", self.mlp_chunk is None or self.mlp_chunk >= 1, ">= 1 or None"),
             ("save_every", self.save_every >= 0, ">= 0"),
             ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("attention_mask", self.attention_mask in ("document", "causal"), "document or causal"),
+            ("s2_attn_group", _s2_group_ok(self.s2_attn_group), "None, whole tokens or a fraction in (0, 1)"),
         ]
         for name, ok, want in checks:
             if not ok:

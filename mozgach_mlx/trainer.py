@@ -8,6 +8,12 @@ Memory: the model runs with per-block gradient checkpointing (``model.grad_check
 the MLP in chunks along the sequence (``model.mlp_chunk``) and a chunked loss that never
 builds (L, vocab) logits, so a step's peak memory grows linearly in the sequence length.
 
+Attention: packed documents attend only within themselves (``attention_mask="document"``,
+the batches' segment ids; evaluation too, so the valid loss is each document's own);
+``s2_attn_group`` turns on LongLoRA's S²-Attn (``model.s2_group``) for the training
+steps only -- the model uses it in training mode, so validation and generation use full
+attention.
+
 Resume: every ``save_every`` optimizer steps the adapter, the optimizer state and
 ``state.json`` (step, data position, loss history) are written atomically under
 ``out_dir/checkpoint``; ``state.json`` is written last and names the step-tagged weight
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import shutil
@@ -67,6 +74,14 @@ class TrainResult:
         return dataclasses.asdict(self)
 
 
+def training_record(cfg: TrainConfig) -> dict:
+    """How an adapter was trained, as its ``adapter_config.json`` records it (the
+    ``"mozgach"`` block's ``"training"``; trainable embeddings / norms are in its
+    ``"lora"``): the attention it saw and the sequence length."""
+    return {"max_seq_length": cfg.max_seq_length, "pack": cfg.pack, "attention_mask": cfg.attention_mask,
+            "s2_attn_group": cfg.s2_attn_group}
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup from 0 to the peak
     over ``warmup_steps``, then cosine/linear decay to ``min_lr_ratio * peak`` at the end."""
@@ -84,10 +99,25 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg: TrainConfig, *,
-                 with_grad: bool = True):
+                 with_grad: bool = True, segment_ids: mx.array | None = None):
     """Sum of token losses and the token count (chunked lm_head + cross-entropy).
-    ``with_grad=False`` (evaluation) skips the per-chunk gradient work."""
-    return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk, with_grad=with_grad)
+    ``with_grad=False`` (evaluation) skips the per-chunk gradient work; ``segment_ids``
+    (B, L) keeps the attention of packed documents apart."""
+    return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk, with_grad=with_grad,
+                                  segment_ids=segment_ids)
+
+
+def _segment_kwargs(loss_fn: Callable, segment_ids: mx.array | None) -> dict:
+    """``{"segment_ids": ...}`` for a batch that packs several documents (else ``{}``),
+    checking that ``loss_fn`` takes the keyword."""
+    if segment_ids is None:
+        return {}
+    params = inspect.signature(loss_fn).parameters.values()
+    if not any(p.name == "segment_ids" or p.kind is p.VAR_KEYWORD for p in params):
+        raise ConfigError("loss_fn takes no segment_ids= keyword but the batch packs several documents "
+                          "(TrainConfig.attention_mask='document'); accept segment_ids=None in loss_fn and pass it "
+                          "to the model, or set attention_mask='causal'.")
+    return {"segment_ids": segment_ids}
 
 
 def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
@@ -101,11 +131,10 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
     model.eval()
     total, count = 0.0, 0
     try:
-        for i, (x, y, m) in enumerate(data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=0,
-                                                      shuffle=False)):
+        for i, (x, y, m, seg) in enumerate(_micro_batches(seqs, cfg, 0, 0, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
-            s, n = loss_fn(model, x, y, m, cfg)
+            s, n = loss_fn(model, x, y, m, cfg, **_segment_kwargs(loss_fn, seg))
             mx.eval(s, n)
             total += s.item()
             count += int(n.item())
@@ -208,8 +237,15 @@ def _resolve_data(data: Any, tok, cfg: TrainConfig) -> dict:
                                  overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
 
 
-def _micro_batches(train, cfg: TrainConfig, epoch: int, start: int) -> Iterator:
-    return data_mod.batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start)
+def _documents(cfg: TrainConfig) -> bool:
+    return cfg.attention_mask == "document"
+
+
+def _micro_batches(seqs, cfg: TrainConfig, epoch: int, start: int, *, shuffle: bool = True) -> Iterator:
+    """(inputs, targets, mask, segment_ids or None) micro-batches of one epoch."""
+    it = data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, shuffle=shuffle,
+                          segments=_documents(cfg))
+    return it if _documents(cfg) else ((*b, None) for b in it)
 
 
 @contextlib.contextmanager
@@ -269,14 +305,14 @@ class _Batches:
         return batch
 
 
-def _accumulate(grad_fn, batches: _Batches, cfg: TrainConfig, step: int):
+def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig, step: int):
     """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts."""
     acc, step_loss, step_tokens = None, 0.0, 0
     for micro in range(cfg.grad_accumulation):
-        x, y, m = batches.next()
+        x, y, m, seg = batches.next()
         # Dropout keys from (seed, micro-step): exact replay after resume.
         mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
-        (s, n), g = grad_fn(x, y, m)
+        (s, n), g = grad_fn(x, y, m, **_segment_kwargs(loss_fn, seg))
         acc = g if acc is None else tree_map(mx.add, acc, g)
         mx.eval(s, n, acc)
         step_loss += s.item()
@@ -332,13 +368,16 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         model: a mozgach model. This function owns the adapter's lifecycle: it applies
             ``cfg.lora`` (replacing adapters of another config), resets the adapter to a
             fresh one seeded by ``cfg.seed``, trains and saves it. The model's
-            ``grad_checkpoint`` / ``mlp_chunk`` and train/eval mode are restored after.
+            ``grad_checkpoint`` / ``mlp_chunk`` / ``s2_group`` and train/eval mode are
+            restored after.
         tok: its tokenizer.
         data: a dataset path (dir with train/valid JSONL, or one JSONL file) or a dict
             ``{"train": seqs, "valid": seqs}`` of already tokenized sequences.
         cfg: the training configuration (defaults: the seed's).
         out_dir: where the adapter, checkpoints and logs go.
-        loss_fn: ``(model, inputs, targets, mask, cfg) -> (loss_sum, n_tokens)``.
+        loss_fn: ``(model, inputs, targets, mask, cfg) -> (loss_sum, n_tokens)``; it also
+            gets ``segment_ids=`` (B, L) for a batch that packs several documents when
+            ``cfg.attention_mask == "document"`` (pass it to ``model.hidden``).
         callback: called with a dict after every optimizer step and evaluation.
         resume: continue from ``out_dir/checkpoint`` if it exists and matches ``cfg``.
         save_formats: adapter layouts to write: ``peft``, ``mlx-lm`` or ``both``.
@@ -356,7 +395,8 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     train, valid = splits["train"], splits.get("valid")
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
-    with _model_settings(model, grad_checkpoint=cfg.grad_checkpoint, mlp_chunk=cfg.mlp_chunk):
+    with _model_settings(model, grad_checkpoint=cfg.grad_checkpoint, mlp_chunk=cfg.mlp_chunk,
+                         s2_group=cfg.s2_attn_group):
         lora.ensure(model, cfg.lora)
         lora.reset(model, seed=cfg.seed)
         eval_fn = None if loss_fn is default_loss else loss_fn
@@ -364,7 +404,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback, resume,
                         Path(log_path) if log_path is not None else out_dir / LOG_FILE)
         result.base_valid_loss = base_valid
-        lora.save(model, out_dir, format=save_formats)
+        lora.save(model, out_dir, format=save_formats, training=training_record(cfg))
     atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
     # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
     # a crash before this line just replays the steps after the last checkpoint.
@@ -386,14 +426,14 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else [])
 
     model.train()
-    grad_fn = nn.value_and_grad(model, lambda x, y, k: loss_fn(model, x, y, k, cfg))
+    grad_fn = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     bar = _progress(cfg, total_steps, prog.step)
     batches = _Batches(train, cfg, prog)
     try:
         while prog.step < total_steps:
-            acc, loss_sum, step_tokens = _accumulate(grad_fn, batches, cfg, prog.step)
+            acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step)
             loss_value = _check_step(loss_sum, step_tokens, prog.step, out_dir)
             gnorm = _update(model, opt, acc, step_tokens, cfg, lr_at(prog.step, cfg, total_steps))
             prog.step += 1

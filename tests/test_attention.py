@@ -462,3 +462,19 @@ def test_dispatcher_keeps_blockwise_when_kernel_is_slower(monkeypatch):
     assert A.attention_path(q) == "blockwise" and calls == []
     monkeypatch.setenv("MOZGACH_ATTENTION", "metal")  # forcing skips the timing
     assert A.attention_path(q) == "metal"
+
+
+def test_dispatcher_sends_patterns_the_kernel_lacks_to_blockwise(monkeypatch):
+    """Segment ids and S² groups are not in the GPU kernels: a kernel that passed its
+    checks still never sees them (never silently wrong), causal / window calls still go to it."""
+    calls = _fake_gpu(monkeypatch)
+    q, k, v, _ = _inputs(1, 4, 2, 40, 64)
+    seg = mx.array([[0] * 15 + [1] * 25], mx.int32)
+    for kw in (dict(segment_ids=seg), dict(s2_group=16), dict(segment_ids=seg, window=8)):
+        out = A.flash_attention(q, k, v, **kw)
+        assert calls == [], kw
+        assert _max_abs(out, A.reference_attention(q, k, v, **kw)) <= 1e-5, kw
+    A.flash_attention(q, k, v, window=8)
+    A.flash_attention(q, k, v, s2_group=40)  # one group holds the whole sequence: plain causal
+    assert calls == [q.shape, q.shape]
+    assert not gpu.supports(q, k, v, segment_ids=seg) and gpu.supports(q, k, v, causal=False, window=3)

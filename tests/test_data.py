@@ -173,7 +173,7 @@ def test_template_breaking_prefix_property_is_a_data_error():
 # ---------------------------------------------------------------------------- windows and packing
 
 def _targets(seqs):
-    return sum(int(m[1:].sum()) for _, m in seqs)
+    return sum(int(s[1][1:].sum()) for s in seqs)
 
 
 @pytest.mark.parametrize("n, L, overlap", [(50, 8, 0), (50, 8, 3), (9, 8, 0), (10, 8, 7), (23, 5, 2)])
@@ -203,9 +203,9 @@ def test_windows_bad_overlap():
 def test_pack_short_documents_with_eos_between():
     docs = [data.encode_record({"text": t}, TOK) for t in ["ab", "cde", "f", "ghijklmnopqrstuvwxyz", "x"]]
     seqs = data.pack(docs, 10, EOS)
-    assert all(len(i) <= 11 for i, _ in seqs)
+    assert all(len(i) <= 11 for i, *_ in seqs)
     assert _targets(seqs) == _targets(docs)
-    flat = np.concatenate([i for i, _ in seqs]).tolist()
+    flat = np.concatenate([i for i, *_ in seqs]).tolist()
     assert flat.count(EOS) >= 5  # every document ends with EOS, windows may repeat one
     first = seqs[0][0].tolist()
     # greedy packing in order; a short document is never split across sequences
@@ -223,6 +223,36 @@ def test_pack_appends_missing_eos_and_drops_empty():
     seqs = data.pack([(np.array([BOS, 1, 2]), np.array([False, True, True])),
                       (np.array([BOS]), np.array([False]))], 16, EOS)
     assert seqs[0][0].tolist() == [BOS, 1, 2, EOS, BOS, EOS]
+
+
+def test_pack_records_each_tokens_document():
+    docs = [data.encode_record({"text": t}, TOK) for t in ["ab", "cde", "f", "g" * 30, "x"]]
+    seqs = data.pack(docs, 10, EOS)
+    for s in seqs:
+        assert isinstance(s, data.Packed) and s.segments.dtype == np.int32 and len(s.segments) == len(s.ids)
+        # documents in order: ids 0, 1, ... and, packed together, each starts with BOS
+        assert (np.diff(s.segments) >= 0).all() and s.segments[0] == 0
+        starts = np.flatnonzero(np.diff(s.segments, prepend=-1))
+        if len(starts) > 1:
+            assert s.ids[starts].tolist() == [BOS] * len(starts)
+    assert seqs[0].segments.tolist() == [0] * 4 + [1] * 5  # [BOS a b EOS] [BOS c d e EOS]
+    # the 30-token document is cut into windows of 11 tokens: one segment per window
+    windows = [s for s in seqs if len(s.ids) == 11 and s.ids[1] == b("g")[0]]
+    assert windows and all((s.segments == 0).all() for s in windows)
+    assert all((s.segments == 0).all() for s in data.pack(docs, 10, EOS, pack=False))
+
+
+def test_batches_yield_segment_ids_of_the_inputs():
+    docs = [data.encode_record({"text": t}, TOK) for t in ["ab", "cde", "fghij"]]
+    seqs = data.pack(docs, 9, EOS)  # [ab][cde] packed (9 tokens), [fghij] alone (7)
+    assert [len(s.ids) for s in seqs] == [9, 7]
+    x, y, m, seg = next(data.batches(seqs, 2, shuffle=False, segments=True))
+    assert seg.dtype == mx.int32 and seg.shape == x.shape == (2, 8)
+    assert np.array(seg).tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0] * 8]  # padding continues row 1
+    # one document per row (or plain (ids, mask) sequences): no segments to apply
+    assert next(data.batches(seqs[1:], 1, segments=True))[3] is None
+    assert next(data.batches(_seqs([5, 7]), 2, segments=True))[3] is None
+    assert len(next(data.batches(seqs, 2))) == 3  # without segments=True: (inputs, targets, mask)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -281,7 +311,7 @@ def test_load_dataset_dir(tmp_path, caplog):
     assert "no validation split" in caplog.text
     assert ds["valid"] is None and len(ds["test"]) == 1
     tr = ds["train"]
-    assert tr.n_records == 2 and tr.n_targets == 31 + 2 and all(len(i) <= 17 for i, _ in tr)
+    assert tr.n_records == 2 and tr.n_targets == 31 + 2 and all(len(i) <= 17 for i, *_ in tr)
     write_jsonl(tmp_path / "valid.jsonl", [{"text": "v"}])
     assert len(data.load_dataset(tmp_path, TOK, max_seq_length=16)["valid"]) == 1
 
@@ -349,8 +379,8 @@ def test_discover_domain_field(tmp_path):
     assert [(d.id, d.name) for d in doms] == [(1, "a"), (2, "b")]
     assert doms[0].n_records == {"train": 3, "valid": 1}
     ds = data.load_domain(doms[0], TOK, 64, pack=False)
-    assert [TOK.decode(i) for i, _ in ds["train"]] == ["a0", "a1", "a2"]
-    assert [TOK.decode(i) for i, _ in ds["valid"]] == ["held"]
+    assert [TOK.decode(i) for i, *_ in ds["train"]] == ["a0", "a1", "a2"]
+    assert [TOK.decode(i) for i, *_ in ds["valid"]] == ["held"]
     assert data.load_domain(doms[1], TOK, 64)["valid"] is None
     held = data.load_domain(doms[1], TOK, 64, pack=False, valid_fraction=0.34)
     assert held["train"].n_records == 2 and held["valid"].n_records == 1

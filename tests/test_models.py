@@ -278,3 +278,53 @@ def test_attention_is_looked_up_at_call_time(monkeypatch):
     assert len(calls) == 4
     Model(ModelArgs.from_dict(tiny_config("llama")))(x)
     assert calls[-1][2]["window"] is None
+
+
+# ---------------------------------------------------------------------------- attention masks
+
+def _packed(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = mx.array(rng.integers(0, 259, (1, sum(lengths))).astype(np.int32))
+    seg = mx.array(np.repeat(np.arange(len(lengths)), lengths)[None].astype(np.int32))
+    return ids, seg
+
+
+def test_packed_documents_equal_each_document_alone():
+    """Document masks: each packed document's hidden states equal the document run alone
+    (RoPE positions keep counting across documents; attention sees only differences)."""
+    m = Model(ModelArgs.from_dict(small_config("llama", max_position_embeddings=512)))
+    randomize(m)
+    lengths = [1, 40, 7, 100, 13]
+    ids, seg = _packed(lengths)
+    packed = m.hidden(ids, segment_ids=seg)
+    a = 0
+    for n in lengths:
+        alone = m.hidden(ids[:, a:a + n])
+        assert float(mx.abs(packed[:, a:a + n] - alone).max()) < 1e-4, (a, n)
+        a += n
+    assert float(mx.abs(m.hidden(ids)[:, 41:48] - packed[:, 41:48]).max()) > 1e-2  # causal leaks across
+
+
+def test_s2_attention_only_in_training_mode(monkeypatch):
+    m = Model(ModelArgs.from_dict(small_config("llama", max_position_embeddings=512)))
+    randomize(m)
+    ids, _ = _packed([200])
+    full = m(ids)
+    m.s2_group = 0.25  # groups of 50 tokens
+    m.train()
+    s2 = m(ids)
+    assert float(mx.abs(s2 - full).max()) > 1e-2
+    monkeypatch.setenv("MOZGACH_ATTENTION", "reference")  # the naive dense masks, same S² groups
+    assert float(mx.abs(m(ids) - s2).max()) < 1e-4
+    monkeypatch.delenv("MOZGACH_ATTENTION")
+    m.eval()  # evaluation and generation: full attention
+    assert mx.array_equal(m(ids), full)
+
+
+def test_masks_are_refused_while_decoding():
+    m = Model(ModelArgs.from_dict(small_config("llama")))
+    ids, seg = _packed([3, 2])
+    cache = m.make_cache()
+    m(ids, cache)
+    with pytest.raises(ConfigError, match="segment_ids"):
+        m(ids[:, :1], cache, segment_ids=seg[:, :1])

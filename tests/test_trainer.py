@@ -229,3 +229,108 @@ def test_train_adapter_owns_the_lifecycle_measures_the_base_and_restores_the_mod
     assert model.lora_config == cfg.lora
     # without base_loss nothing is measured
     assert train_adapter(model, tok, data, cfg, tmp_path / "b").base_valid_loss is None
+
+
+# ---------------------------------------------------------------------------- attention masks
+
+def _docs(tok, n, seed):
+    """Short documents of 2-12 words, to pack several per sequence."""
+    rng = np.random.default_rng(seed)
+    words = ["lion", "tiger", "bear", "wolf"]
+    texts = [" ".join(words[(int(rng.integers(0, 4)) + i) % 4] for i in range(int(rng.integers(2, 13))))
+             for _ in range(n)]
+    return [mz.data.encode_record({"text": t}, tok) for t in texts]
+
+
+def test_document_mask_scores_each_packed_document_alone():
+    """The valid loss of packed documents (attention_mask='document') equals their loss
+    one document per sequence; plain causal attention over the pack does not."""
+    model, tok = mz.load("tiny")
+    docs = _docs(tok, 12, seed=0)
+    packed = mz.data.pack(docs, 128, tok.eos_token_id)
+    alone = mz.data.pack(docs, 128, tok.eos_token_id, pack=False)
+    assert len(packed) < len(alone) and max(int(s.segments.max()) for s in packed) >= 2
+    loss_packed, n_packed = trainer.evaluate(model, packed, _cfg(max_seq_length=128))
+    loss_alone, n_alone = trainer.evaluate(model, alone, _cfg(max_seq_length=128))
+    assert n_packed == n_alone and loss_packed == pytest.approx(loss_alone, abs=1e-5)
+    loss_causal, _ = trainer.evaluate(model, packed, _cfg(max_seq_length=128, attention_mask="causal"))
+    assert abs(loss_causal - loss_alone) > 1e-3
+
+
+def test_custom_loss_without_segment_ids_is_told_what_to_do(tmp_path):
+    model, tok = mz.load("tiny")
+    train = mz.data.pack(_docs(tok, 12, seed=0), 128, tok.eos_token_id)
+    assert all(s.segments.max() > 0 for s in train[:-1])
+
+    def loss_fn(model, x, y, m, cfg):
+        return trainer.default_loss(model, x, y, m, cfg)
+
+    with pytest.raises(ConfigError, match="segment_ids"):
+        train_adapter(model, tok, {"train": train}, _cfg(max_steps=1, max_seq_length=128), tmp_path / "a",
+                      loss_fn=loss_fn)
+    res = train_adapter(model, tok, {"train": train}, _cfg(max_steps=1, max_seq_length=128, attention_mask="causal"),
+                        tmp_path / "b", loss_fn=loss_fn)
+    assert res.steps == 1
+
+
+@pytest.mark.parametrize("kw,field", [({"attention_mask": "documents"}, "attention_mask"),
+                                      ({"s2_attn_group": 0}, "s2_attn_group"),
+                                      ({"s2_attn_group": 1.5}, "s2_attn_group"),
+                                      ({"s2_attn_group": "8k"}, "s2_attn_group")])
+def test_attention_fields_are_checked(kw, field):
+    with pytest.raises(ConfigError, match=f"TrainConfig.{field}"):
+        TrainConfig(**kw)
+    assert TrainConfig(s2_attn_group=8192.0).s2_attn_group == 8192  # the CLI's float for tokens
+    assert TrainConfig(s2_attn_group=0.25).s2_attn_group == 0.25
+
+
+def test_s2_with_trainable_embeddings_and_norms(tmp_path, monkeypatch):
+    """LongLoRA's recipe: S²-Attn in the training steps only (validation uses full
+    attention), embeddings and norms trained with LoRA, packed documents; the adapter
+    records it, reloads exactly, and mlx-lm still loads its low-rank part."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model
+
+    from mozgach_mlx import attention
+
+    seen = []
+    real = attention.flash_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((kw.get("s2_group"), kw.get("segment_ids") is not None, model.training))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention, "flash_attention", spy)
+    model, tok = mz.load("tiny")
+    embed0 = np.array(model.model.embed_tokens.weight)
+    train = mz.data.pack(_docs(tok, 40, seed=0), 64, tok.eos_token_id)
+    valid = mz.data.pack(_docs(tok, 8, seed=1), 64, tok.eos_token_id)
+    cfg = _cfg(max_steps=6, s2_attn_group=0.25, save_every=0, learning_rate=5e-3,
+               lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0, train_embeddings=True, train_norms=True))
+    with pytest.warns(UserWarning, match="adapter_extra"):
+        res = train_adapter(model, tok, {"train": train, "valid": valid}, cfg, tmp_path / "a")
+    assert res.losses[-1] < res.losses[0]
+    in_training = {(g, s) for g, s, t in seen if t}
+    assert in_training and all(g is not None and g < 64 for g, _ in in_training)  # 0.25 of the batch
+    assert any(s for _, s in in_training)  # document masks in the same steps
+    assert all(g is None for g, _, t in seen if not t)  # validation: full attention
+    assert model.s2_group is None  # restored
+
+    assert np.abs(np.array(model.model.embed_tokens.weight) - embed0).max() > 0
+    block = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["mozgach"]
+    assert block["training"] == {"max_seq_length": 64, "pack": True, "attention_mask": "document",
+                                 "s2_attn_group": 0.25}
+    assert block["lora"]["train_embeddings"] and block["lora"]["train_norms"]
+
+    x = mx.array(train[0].ids[None, :-1])
+    want = model(x)
+    fresh, _ = mz.load("tiny")
+    lora.load(fresh, tmp_path / "a")
+    assert float(mx.abs(fresh(x) - want).max()) < 1e-5
+    base, _ = mz.load("tiny")
+    mz.save(base, tok, tmp_path / "base")
+    theirs, _ = load_model(tmp_path / "base")
+    load_adapters(theirs, str(tmp_path / "a"))
+    assert {k for k, _ in tree_flatten(theirs.parameters()) if ".lora_" in k} == set(
+        k for k in lora.trainable(model) if ".lora_" in k)

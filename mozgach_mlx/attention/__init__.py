@@ -11,8 +11,11 @@ forward *and* the backward pass:
 * backward (``mx.custom_function`` VJP, FlashAttention-2): per block pair it recomputes
   ``P = exp(S - lse)``, then ``dV += P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - Delta)``
   with ``Delta = rowsum(dO * O)``, ``dQ += dS K``, ``dK += dS^T Q``.
-* causal / sliding-window masks: key blocks that are fully masked for a query block are
-  skipped (never computed); only blocks crossing the mask boundary are masked.
+* masks (:mod:`.masks`, one vocabulary for every path): causal, sliding window, segment
+  ids of packed documents (a token sees only its own document) and LongLoRA's S²-Attn
+  groups (training only), in any combination. Key blocks that are fully masked for a
+  query block are skipped (computed neither forward nor backward); only blocks crossing
+  a mask boundary are masked elementwise, by the conditions that cross it.
 * GQA: q has H heads, k/v have Hkv (H % Hkv == 0). The ``rep = H // Hkv`` query heads
   that share a KV head are stacked as rows of one matrix, so K/V are never repeated and
   dK/dV come out already summed over the group.
@@ -34,15 +37,18 @@ forces a path (forcing a GPU kernel that cannot run here raises :class:`KernelEr
 Unset: the GPU kernel of the current backend if it passed its first-use self-check (and
 a one-off timing against blockwise), otherwise ``blockwise``.
 
-Layout: :mod:`.reference` (the naive attention, tests only), :mod:`.blockwise` (the
-pure-MLX path, its custom VJP, block sizes and CPU streams), :mod:`.gpu` (the Metal/CUDA
-kernel wrappers), :mod:`.dispatch` (:func:`flash_attention`, :func:`attention_path` and
-the first-use self-check and timing of a GPU kernel against the blockwise path).
+Layout: :mod:`.reference` (the naive attention, tests only), :mod:`.masks` (the mask
+vocabulary, S² groups and the block plan), :mod:`.blockwise` (the pure-MLX path, its
+custom VJP, block sizes, CPU streams and :func:`computed_pairs`), :mod:`.gpu` (the
+Metal/CUDA kernel wrappers: causal and window only), :mod:`.dispatch`
+(:func:`flash_attention`, :func:`attention_path` and the first-use self-check and timing
+of a GPU kernel against the blockwise path).
 """
 
-from .blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, blockwise_attention
+from .blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, blockwise_attention, computed_pairs
 from .dispatch import attention_path, flash_attention
 from .gpu import SUPPORTED_HEAD_DIMS
+from .masks import s2_group_tokens
 from .reference import reference_attention
 
 __all__ = [
@@ -51,6 +57,8 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "attention_path",
     "blockwise_attention",
+    "computed_pairs",
     "flash_attention",
     "reference_attention",
+    "s2_group_tokens",
 ]

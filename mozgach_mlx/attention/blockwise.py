@@ -3,8 +3,10 @@
 Runs on every backend. The algorithm, the memory argument (the ``mx.depends`` chain) and
 the numerics are described in the package docstring (:mod:`mozgach_mlx.attention`).
 :func:`blockwise_attention` is differentiable through one ``mx.custom_function`` per
-static configuration (scale, causal, window, block sizes); :func:`check_inputs` is the
-shape check the dispatcher shares with it.
+call, built around that call's :class:`~.masks.BlockPlan` (which key blocks each query
+block computes, which it masks elementwise; the mask vocabulary is in :mod:`.masks`).
+:func:`check_inputs` is the argument check the dispatcher shares with it;
+:func:`computed_pairs` counts the work a mask leaves (the planner's FLOPs).
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import math
 from functools import lru_cache
 
 import mlx.core as mx
+import numpy as np
 
 from .. import ops, settings
 from ..errors import ConfigError
+from .masks import MASK, SKIP, BlockPlan, MaskSpec, host_segments, s2_halves, visible
 
 # A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
-# row that is fully masked inside one key block (possible with windows) cannot produce
+# row that is fully masked inside one key block (windows, segments, groups) cannot produce
 # inf - inf = nan; its pollution is cancelled by the exp(m_old - m_new) == 0 rescale
 # once a block with a visible key arrives (every row sees at least its own key).
 _NEG = -1e30
@@ -30,50 +34,6 @@ _NEG = -1e30
 # blocks much smaller pay MLX's per-op overhead. Working set O(block_q * rep * block_k).
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
-
-
-def _spans(n: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
-
-
-def _block_kind(qa: int, qb: int, ka: int, kb: int, causal: bool, window: int | None) -> str:
-    """"skip" (every pair masked), "full" (none masked) or "mask" for query rows
-    [qa, qb) against key columns [ka, kb)."""
-    if causal and ka > qb - 1:
-        return "skip"
-    if window is not None:
-        if qa - (kb - 1) >= window:
-            return "skip"
-        if not causal and ka - (qb - 1) >= window:
-            return "skip"
-    if causal and kb - 1 > qa:
-        return "mask"
-    if window is not None:
-        if (qb - 1) - ka >= window:
-            return "mask"
-        if not causal and (kb - 1) - qa >= window:
-            return "mask"
-    return "full"
-
-
-def _visible(qpos: mx.array, kpos: mx.array, causal: bool, window: int | None) -> mx.array:
-    """Boolean (R, C) visibility for query positions (R, 1) and key positions (1, C)."""
-    vis = None
-    if causal:
-        vis = kpos <= qpos
-    if window is not None:
-        w = (qpos - kpos) < window
-        if not causal:
-            w = w & ((kpos - qpos) < window)
-        vis = w if vis is None else vis & w
-    return vis
-
-
-def _positions(qa: int, qb: int, rep: int, ka: int, kb: int) -> tuple[mx.array, mx.array]:
-    # Rows of a query block are (head-in-group, position) pairs, head-major.
-    qpos = mx.tile(mx.arange(qa, qb, dtype=mx.int32), (rep,))[:, None]  # (rep*n, 1)
-    kpos = mx.arange(ka, kb, dtype=mx.int32)[None, :]  # (1, C)
-    return qpos, kpos
 
 
 # Elementwise parts: MLX's CPU exp is the dominant cost of attention there, so scores are
@@ -95,23 +55,28 @@ def _finish(acc, m, lsum):
     return acc / lsum, m + mx.log2(lsum)
 
 
-def _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, dep):
-    """Online softmax of one query block over its visible key blocks.
+def _block_mask(plan: BlockPlan, i: int, j: int, rep: int, seg: mx.array | None) -> mx.array:
+    (qa, qb), (ka, kb) = plan.qspans[i], plan.kspans[j]
+    return visible(plan.partial(i, j), plan.spec, qa, qb, ka, kb, rep, seg)
+
+
+def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
+    """Online softmax of query block ``i`` over the key blocks the plan computes.
 
     qi (B, Hkv, R, D) base-2-scaled queries, R = rep * (qb - qa) -> (o (B, Hkv, R, D),
     lse2 (B, Hkv, R, 1)). ``dep``: arrays the first K/V slice must wait for.
     """
     m = lsum = acc = None
-    for ka, kb in _spans(kf.shape[2], bk):
-        kind = _block_kind(qa, qb, ka, kb, causal, window)
-        if kind == "skip":
+    for j, (ka, kb) in enumerate(plan.kspans):
+        kind = plan.at(i, j)
+        if kind == SKIP:
             continue
         kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
         if dep:
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-        if kind == "mask":
-            s = _mask_scores(s, _visible(*_positions(qa, qb, rep, ka, kb), causal, window))
+        if kind == MASK:
+            s = _mask_scores(s, _block_mask(plan, i, j, rep, seg))
         m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, R, 1)
         if m is not None:
             m_new = mx.maximum(m, m_new)
@@ -128,7 +93,7 @@ def _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, dep):
     return _finish(acc, m, lsum)
 
 
-def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
+def _blockwise_forward(q, k, v, scale, plan, seg):
     """(o (B, H, L, D) in q.dtype, lse2 (B, Hkv, rep, L) float32: the logsumexp in base 2,
     log2(sum_j 2**s2_j), of the base-2 scores s2 = log2(e) * scale * q.k)."""
     B, H, L, D = q.shape
@@ -140,13 +105,13 @@ def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
     o_parts, lse_parts = [], []
     lanes = _lanes()
     deps: list[list[mx.array]] = [[] for _ in lanes]
-    for bi, (qa, qb) in enumerate(_spans(L, bq)):
+    for bi, (qa, qb) in enumerate(plan.qspans):
         lane, n = bi % len(lanes), qb - qa
         with _on(lanes[lane]):
             # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows;
             # base-2 scores s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
             qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * ops.LOG2E)).reshape(B, Hkv, rep * n, D)
-            o_i, lse_i = _fwd_query_block(qi, kf, vf, qa, qb, rep, causal, window, bk, deps[lane])
+            o_i, lse_i = _fwd_query_block(qi, kf, vf, bi, plan, rep, seg, deps[lane])
             o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
             lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
         deps[lane] = [o_parts[-1], lse_parts[-1]]
@@ -155,7 +120,35 @@ def _blockwise_forward(q, k, v, scale, causal, window, bq, bk):
     return o.reshape(B, H, L, D), lse
 
 
-def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
+def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva, dep):
+    """dQ of query block ``i`` (scaled queries ``qs``; (B, Hkv, R, D)); adds its dK/dV
+    contributions to the per-key-block accumulators ``dka`` / ``dva`` in place."""
+    qi = qs * ops.LOG2E  # base-2 scores, as in the forward
+    dqi = None
+    for j, (ka, kb) in enumerate(plan.kspans):
+        kind = plan.at(i, j)
+        if kind == SKIP:
+            continue
+        kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+        if dep:
+            kj, vj = mx.depends([kj, vj], dep)
+        s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+        p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
+        if kind == MASK:
+            p = mx.where(_block_mask(plan, i, j, rep, seg), p, 0.0)
+        dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
+        dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
+        ds = _dscores(p, dp, delta)
+        dqc = ds @ kj  # (B, Hkv, R, D)
+        dkj = ds.swapaxes(-1, -2) @ qs  # (B, Hkv, C, D); qs carries the scale
+        dqi = dqc if dqi is None else dqi + dqc
+        dka[j] = dkj if dka[j] is None else dka[j] + dkj
+        dva[j] = dvj if dva[j] is None else dva[j] + dvj
+        dep = [dqi, dka[j], dva[j]]
+    return dqi, dep
+
+
+def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
     """(dq, dk, dv) in the dtypes of (q, k, v)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
@@ -165,46 +158,23 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk):
     do5 = do.reshape(B, Hkv, rep, L, D)
     kf = k.astype(mx.float32)
     vf = v.astype(mx.float32)
-    kspans = _spans(L, bk)
+    kspans = plan.kspans
     lanes = _lanes()
     # Per lane (stream) dK/dV accumulators, summed at the end: no cross-stream chains.
     dk_acc: list[list[mx.array | None]] = [[None] * len(kspans) for _ in lanes]
     dv_acc: list[list[mx.array | None]] = [[None] * len(kspans) for _ in lanes]
     dq_parts = []
     deps: list[list[mx.array]] = [[] for _ in lanes]
-    for bi, (qa, qb) in enumerate(_spans(L, bq)):
+    for bi, (qa, qb) in enumerate(plan.qspans):
         lane, n = bi % len(lanes), qb - qa
-        dka, dva, dep = dk_acc[lane], dv_acc[lane], deps[lane]
         with _on(lanes[lane]):
             R = rep * n
             qs = (q5[:, :, :, qa:qb].astype(mx.float32) * scale).reshape(B, Hkv, R, D)
-            qi = qs * ops.LOG2E  # base-2 scores, as in the forward
             doi = do5[:, :, :, qa:qb].astype(mx.float32)
             delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
-            doi = doi.reshape(B, Hkv, R, D)
-            delta = delta.reshape(B, Hkv, R, 1)
             lse_i = lse[:, :, :, qa:qb].reshape(B, Hkv, R, 1)
-            dqi = None
-            for j, (ka, kb) in enumerate(kspans):
-                kind = _block_kind(qa, qb, ka, kb, causal, window)
-                if kind == "skip":
-                    continue
-                kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
-                if dep:
-                    kj, vj = mx.depends([kj, vj], dep)
-                s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-                p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
-                if kind == "mask":
-                    p = mx.where(_visible(*_positions(qa, qb, rep, ka, kb), causal, window), p, 0.0)
-                dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
-                dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-                ds = _dscores(p, dp, delta)
-                dqc = ds @ kj  # (B, Hkv, R, D)
-                dkj = ds.swapaxes(-1, -2) @ qs  # (B, Hkv, C, D); qs carries the scale
-                dqi = dqc if dqi is None else dqi + dqc
-                dka[j] = dkj if dka[j] is None else dka[j] + dkj
-                dva[j] = dvj if dva[j] is None else dva[j] + dvj
-                dep = [dqi, dka[j], dva[j]]
+            dqi, dep = _bwd_query_block(qs, doi.reshape(B, Hkv, R, D), delta.reshape(B, Hkv, R, 1), lse_i,
+                                        kf, vf, bi, plan, rep, seg, dk_acc[lane], dv_acc[lane], deps[lane])
             dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(q.dtype))
         deps[lane] = [dq_parts[-1]] + [a for a in dep if a is not dqi]
     dk_parts, dv_parts = [], []
@@ -245,37 +215,90 @@ def _on(stream):
     return contextlib.nullcontext() if stream is None else mx.stream(stream)
 
 
-@lru_cache(maxsize=64)
-def _blockwise_fn(scale: float, causal: bool, window: int | None, bq: int, bk: int):
-    """One differentiable function per static configuration."""
+def _blockwise_fn(scale: float, plan: BlockPlan, seg: mx.array | None):
+    """The differentiable attention of one call (its plan depends on the segment ids)."""
 
     @mx.custom_function
     def attn(q, k, v):
-        return _blockwise_forward(q, k, v, scale, causal, window, bq, bk)
+        return _blockwise_forward(q, k, v, scale, plan, seg)
 
     @attn.vjp
     def attn_vjp(primals, cotangents, outputs):
         q, k, v = primals
         do = cotangents[0]
         o, lse = outputs
-        return _blockwise_backward(q, k, v, o, lse, do, scale, causal, window, bq, bk)
+        return _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg)
 
     return attn
 
 
+def plan_for(q: mx.array, k: mx.array, spec: MaskSpec, segment_ids: mx.array | None,
+             block_size: int | tuple[int, int] | None = None) -> BlockPlan:
+    """The block plan :func:`blockwise_attention` follows for q (B, H, L, D), k (B, Hkv, L, D)."""
+    bq, bk = _block_sizes(block_size)
+    seg, known = host_segments(segment_ids)
+    return BlockPlan(spec, q.shape[2], bq, bk, seg, known)
+
+
+def _attend(q, k, v, scale, spec, segment_ids, block_size):
+    plan = plan_for(q, k, spec, segment_ids, block_size)
+    seg = segment_ids.astype(mx.int32) if plan.uses_segments else None
+    o, _ = _blockwise_fn(scale, plan, seg)(q, k, v)
+    return o
+
+
+def s2_heads(q: mx.array, k: mx.array, v: mx.array) -> list[tuple[mx.array, mx.array, mx.array]]:
+    """Split q (B, H, L, D), k, v (B, Hkv, L, D) into the S² halves: query heads
+    [0, H // 2) and [H // 2, H), each with the KV heads it reads (an empty first half for
+    H = 1). When the split falls inside a GQA group (H // 2 not a multiple of H // Hkv),
+    K and V are repeated per query head first (their gradients sum back through it)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    h, rep = H // 2, H // Hkv
+    if h % rep:
+        k, v, rep = mx.repeat(k, rep, axis=1), mx.repeat(v, rep, axis=1), 1
+    hk = h // rep
+    return [(q[:, :h], k[:, :hk], v[:, :hk]), (q[:, h:], k[:, hk:], v[:, hk:])]
+
+
 def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
                         causal: bool = True, block_size: int | tuple[int, int] | None = None,
-                        window: int | None = None) -> mx.array:
+                        window: int | None = None, segment_ids: mx.array | None = None,
+                        s2_group: int | None = None) -> mx.array:
     """Pure-MLX flash attention, O(L) memory in forward and backward. Runs on every backend.
 
     Shapes: q (B, H, L, D); k, v (B, Hkv, L, D), H % Hkv == 0 -> (B, H, L, D), q.dtype.
-    ``block_size``: query-block rows (int) or ``(block_q, block_k)``; default
-    ``(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)``.
+    The mask (see :mod:`.masks`): ``causal``; ``window`` positions (itself included);
+    ``segment_ids`` (B, L) integers, a token sees only its own segment; ``s2_group``
+    tokens, S²-Attn groups with the last ``H - H // 2`` heads shifted by half a group
+    (no grouping when ``s2_group >= L``). Key blocks a query block cannot see are never
+    computed, forward or backward. ``block_size``: query-block rows (int) or
+    ``(block_q, block_k)``; default ``(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)``.
     """
-    scale = check_inputs(q, k, v, scale, window)
+    scale = check_inputs(q, k, v, scale, window, segment_ids, s2_group)
+    halves = s2_halves(s2_group, q.shape[2])
+    if halves is None:
+        return _attend(q, k, v, scale, MaskSpec(bool(causal), window), segment_ids, block_size)
+    outs = [_attend(qh, kh, vh, scale, MaskSpec(bool(causal), window, groups), segment_ids, block_size)
+            for (qh, kh, vh), groups in zip(s2_heads(q, k, v), halves, strict=True) if qh.shape[1]]
+    return mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
+def computed_pairs(length: int, *, heads: int = 1, causal: bool = True, window: int | None = None,
+                   segment_ids=None, s2_group: int | None = None,
+                   block_size: int | tuple[int, int] | None = None) -> int:
+    """(query, key) score entries :func:`blockwise_attention` computes for one sequence of
+    ``length`` over ``heads`` query heads, skipped blocks excluded: the attention work of
+    a mask (the planner's FLOPs). ``segment_ids``: (L,) or (1, L) ids (NumPy or MLX)."""
     bq, bk = _block_sizes(block_size)
-    o, _ = _blockwise_fn(scale, bool(causal), window, bq, bk)(q, k, v)
-    return o
+    seg = None if segment_ids is None else np.asarray(segment_ids).reshape(1, -1).astype(np.int64)
+    if seg is not None and seg.shape[1] != length:
+        raise ConfigError(f"segment_ids has {seg.shape[1]} positions for a sequence of {length}.")
+    halves = s2_halves(s2_group, length)
+    if halves is None:
+        return heads * BlockPlan(MaskSpec(causal, window), length, bq, bk, seg).pairs()
+    n = (heads // 2, heads - heads // 2)
+    return sum(h * BlockPlan(MaskSpec(causal, window, g), length, bq, bk, seg).pairs()
+               for h, g in zip(n, halves, strict=True) if h)
 
 
 def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
@@ -290,9 +313,11 @@ def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
     return bq, bk
 
 
-def check_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: int | None) -> float:
-    """Raise :class:`ConfigError` unless q (B, H, L, D), k and v (B, Hkv, L, D) with H % Hkv == 0
-    and ``window`` is None or >= 1; return the softmax scale (default 1/sqrt(D))."""
+def check_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None, window: int | None,
+                 segment_ids: mx.array | None = None, s2_group: int | None = None) -> float:
+    """Raise :class:`ConfigError` unless q (B, H, L, D), k and v (B, Hkv, L, D) with H % Hkv == 0,
+    ``window`` is None or >= 1, ``segment_ids`` None or (B, L) integers and ``s2_group``
+    None or an int >= 1; return the softmax scale (default 1/sqrt(D))."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ConfigError(f"attention expects q, k, v of shape (B, H, L, D); got {q.shape}, "
                           f"{k.shape}, {v.shape}.")
@@ -304,4 +329,10 @@ def check_inputs(q: mx.array, k: mx.array, v: mx.array, scale: float | None, win
         raise ConfigError(f"attention: query heads {H} must be a multiple of KV heads {k.shape[1]}.")
     if window is not None and window < 1:
         raise ConfigError(f"attention window must be >= 1 or None, got {window}.")
+    if segment_ids is not None and (tuple(segment_ids.shape) != (B, L)
+                                    or not mx.issubdtype(segment_ids.dtype, mx.integer)):
+        raise ConfigError(f"attention segment_ids must be integers of shape (B, L) = {(B, L)}, got "
+                          f"{segment_ids.dtype} {tuple(segment_ids.shape)}; pass the batch's segment ids.")
+    if s2_group is not None and (isinstance(s2_group, bool) or not isinstance(s2_group, int) or s2_group < 1):
+        raise ConfigError(f"attention s2_group must be a whole number of tokens >= 1 or None, got {s2_group!r}.")
     return 1.0 / math.sqrt(D) if scale is None else float(scale)

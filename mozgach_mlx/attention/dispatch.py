@@ -23,23 +23,33 @@ from .reference import reference_attention
 
 
 def flash_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float | None = None,
-                    causal: bool = True, block_size: int | tuple[int, int] | None = None,
-                    window: int | None = None) -> mx.array:
+                    causal: bool = True, segment_ids: mx.array | None = None, window: int | None = None,
+                    s2_group: int | None = None, block_size: int | tuple[int, int] | None = None) -> mx.array:
     """Public attention entry point: O(L) memory forward and backward, differentiable.
 
     Shapes: q (B, H, L, D); k, v (B, Hkv, L, D) with H % Hkv == 0 -> (B, H, L, D) in
-    q.dtype. ``scale`` defaults to 1/sqrt(D); ``causal`` masks keys after the query;
-    ``window`` limits each query to the last ``window`` positions (itself included).
-    The path is chosen by :func:`attention_path` (env ``MOZGACH_ATTENTION``).
+    q.dtype. ``scale`` defaults to 1/sqrt(D). The mask (one vocabulary, see
+    :mod:`.masks`; every condition given must hold):
+
+    * ``causal``: keys after the query are hidden;
+    * ``segment_ids`` (B, L) integers: a token sees only tokens of its own segment
+      (packed documents);
+    * ``window``: a query sees only the last ``window`` positions (itself included);
+    * ``s2_group`` (tokens): S²-Attn, groups of ``s2_group`` tokens with the last
+      ``H - H // 2`` heads' groups shifted by half a group (LongLoRA, for training; no
+      grouping when ``s2_group >= L``).
+
+    Blocks a mask hides are never computed. The path is chosen by :func:`attention_path`
+    (env ``MOZGACH_ATTENTION``); a GPU kernel runs only the patterns it supports
+    (:func:`.gpu.supports`), everything else goes to the blockwise path.
     """
     path = attention_path(q)
+    mask = dict(causal=causal, window=window, segment_ids=segment_ids, s2_group=s2_group)
     if path == "reference":
-        return reference_attention(q, k, v, scale=scale, causal=causal, window=window)
-    if path in ("metal", "cuda") and gpu.supports(q, k, v, window):
-        return gpu.attention(q, k, v, scale=check_inputs(q, k, v, scale, window),
-                             causal=causal, window=window)
-    return blockwise_attention(q, k, v, scale=scale, causal=causal, block_size=block_size,
-                               window=window)
+        return reference_attention(q, k, v, scale=scale, **mask)
+    if path in ("metal", "cuda") and gpu.supports(q, k, v, **mask):
+        return gpu.attention(q, k, v, scale=check_inputs(q, k, v, scale, window), causal=causal, window=window)
+    return blockwise_attention(q, k, v, scale=scale, block_size=block_size, **mask)
 
 
 def attention_path(q: mx.array | None = None) -> str:
@@ -87,20 +97,28 @@ def _gpu_kernel_ok(kind: str, forced: bool = False) -> bool:
     return _faster[kind]
 
 
+# One small case per mask pattern the kernels claim (gpu.supports): causal, bidirectional,
+# causal window, bidirectional window; odd L, GQA and D below the lane count's multiple.
+# (H, Hkv, L, D, causal, window)
+SELF_CHECK_CASES = [(4, 2, 67, 64, True, None), (2, 2, 33, 80, False, None),
+                    (4, 1, 40, 128, True, 9), (2, 1, 45, 96, False, 7)]
+
+
 def self_check(kind: str) -> tuple[bool, str]:
     """Compare the ``kind`` GPU kernel with the blockwise path (values and dq/dk/dv) on
-    small inputs.
+    small inputs, one per pattern the kernel claims (:data:`SELF_CHECK_CASES`).
 
     Returns (ok, reason). Never raises: a kernel that fails to compile is reported here.
     """
     try:
-        for (H, Hkv, L, D, causal, window) in [(4, 2, 67, 64, True, None), (2, 2, 33, 80, False, None),
-                                                (4, 1, 40, 128, True, 9)]:
+        for (H, Hkv, L, D, causal, window) in SELF_CHECK_CASES:
             keys = mx.random.split(mx.random.key(1234), 4)
             q = mx.random.normal((1, H, L, D), key=keys[0])
             k = mx.random.normal((1, Hkv, L, D), key=keys[1])
             v = mx.random.normal((1, Hkv, L, D), key=keys[2])
             w = mx.random.normal((1, H, L, D), key=keys[3])
+            if not gpu.supports(q, k, v, causal=causal, window=window):
+                return False, f"the kernel does not support its own claimed pattern causal={causal} window={window}"
 
             def run(fn, q, k, v, causal=causal, window=window, w=w):
                 def loss(q, k, v):
@@ -115,7 +133,8 @@ def self_check(kind: str) -> tuple[bool, str]:
             for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
                 err = float(mx.abs(a - b).max())
                 if not err <= 1e-3 * max(1.0, float(mx.abs(b).max())):  # also catches nan
-                    return False, f"{name} differs by {err:.3g} (H={H} Hkv={Hkv} L={L} D={D})"
+                    return False, (f"{name} differs by {err:.3g} (H={H} Hkv={Hkv} L={L} D={D} "
+                                   f"causal={causal} window={window})")
     except Exception as e:  # compile errors, missing backend: reported, never fatal
         return False, f"{type(e).__name__}: {e}"
     return True, "ok"

@@ -61,8 +61,16 @@ def _kernels(kind: str):
     return fwd, dq, dkdv
 
 
-def supports(q: mx.array, k: mx.array, v: mx.array, window: int | None) -> bool:
-    """Shapes/dtypes the kernels handle (everything else goes to the blockwise path)."""
+def supports(q: mx.array, k: mx.array, v: mx.array, *, causal: bool = True, window: int | None = None,
+             segment_ids: mx.array | None = None, s2_group: int | None = None) -> bool:
+    """Whether the kernels compute this call exactly; everything else goes to the blockwise path.
+
+    Patterns: causal or bidirectional, with or without a sliding window (each covered by
+    the dispatcher's first-use self-check). Not in the kernels: segment ids and S²-Attn
+    groups (a segment-aware kernel needs per-row key ranges; see kernels/attention.metal).
+    """
+    if segment_ids is not None or (s2_group is not None and s2_group < q.shape[2]):
+        return False  # causal and window (any combination) are in the kernels
     return (q.shape[-1] in SUPPORTED_HEAD_DIMS and q.dtype in _FLOAT_TYPES
             and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[2] == k.shape[2]
             # CUDA grids: rows go on grid.y (< 65536 blocks of _ROWS_PER_GROUP rows).

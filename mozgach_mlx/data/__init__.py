@@ -21,12 +21,14 @@ so every target of a document is counted exactly once. Shorter documents are pac
 greedily (in file order) into sequences of at most ``max_seq_length + 1`` tokens, each
 ending in EOS.
 
-Packing tradeoff: packed sequences use plain causal attention (no block-diagonal mask),
-so a token of a later document can attend to the earlier documents of its sequence. The
-EOS between documents tells the model a new document starts, and this is what most LLM
-pre-training does; for chat/instruction data where cross-document leakage matters, use
-``pack=False`` (one document per sequence, padded at batch time: more padding, less
-throughput, no leakage).
+Segments: a packed sequence (:class:`Packed`) records each token's document, 0, 1, ...
+in order; a window of a long document is one segment. ``batches(..., segments=True)``
+yields them as ``segment_ids`` and the trainer, with ``TrainConfig.attention_mask =
+"document"`` (the default), passes them to attention: a token attends only to earlier
+tokens of its own document, as if each document were trained alone, and the blocks
+between documents are never computed (packing costs no cross-document attention). With
+``attention_mask = "causal"`` packed documents attend to the earlier documents of their
+sequence (the EOS between them marks the border), as most LLM pre-training does.
 
 Domains (:func:`discover_domains`) for training many adapters: a directory with one
 sub-folder per domain (each with ``train.jsonl`` and optionally ``valid.jsonl`` /
@@ -53,13 +55,14 @@ from .dataset import load_dataset
 from .domains import Domain, discover_domains, load_domain, number_domains
 from .encode import Seq, encode_record
 from .jsonl import ROLES, read_jsonl, record_format
-from .packing import pack, windows
+from .packing import Packed, pack, windows
 from .splits import SPLITS, Split, load_split
 
 __all__ = [
     "ROLES",
     "SPLITS",
     "Domain",
+    "Packed",
     "Seq",
     "Split",
     "batches",

@@ -41,7 +41,7 @@ def pad_rows(rows: Sequence[np.ndarray], length: int | None = None, *, fill: flo
 
 def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, *,
             shuffle: bool = True, pad_id: int = 0, drop_last: bool = False,
-            pad_to_multiple: int = 1) -> Iterator[tuple[mx.array, mx.array, mx.array]]:
+            pad_to_multiple: int = 1, segments: bool = False) -> Iterator[tuple]:
     """Yield ``(inputs, targets, mask)`` for one epoch: int32, int32, float32, each (B, L).
 
     ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``mask = mask[1:]`` per sequence, padded
@@ -50,6 +50,12 @@ def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0
     order with ``shuffle=False``); ``start`` is the index of the first batch to yield, so
     a run resumed after ``k`` batches of this epoch continues with exactly batch ``k``.
     The last batch may be smaller unless ``drop_last``.
+
+    ``seqs`` holds ``(ids, mask)`` or ``(ids, mask, segments)`` (:class:`Packed`). With
+    ``segments`` the batches are ``(inputs, targets, mask, segment_ids)``: int32 (B, L)
+    segment ids of the inputs (padding continues its row's last segment; causally no real
+    token sees it), or None when no row of the batch holds more than one document -- then
+    document masking is plain causal attention and costs nothing.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -58,8 +64,21 @@ def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0
     for b in range(max(0, start), num_batches(n, batch_size, drop_last)):
         idx = order[b * batch_size: (b + 1) * batch_size]
         items = [seqs[int(i)] for i in idx]
-        length = max(len(ids) for ids, _ in items) - 1
+        length = max(len(s[0]) for s in items) - 1
         length = -(-length // pad_to_multiple) * pad_to_multiple
-        ids_b = pad_rows([ids for ids, _ in items], length + 1, fill=pad_id, dtype=np.int32)
-        mask_b = pad_rows([m for _, m in items], length + 1, fill=0, dtype=np.float32)
-        yield mx.array(ids_b[:, :-1]), mx.array(ids_b[:, 1:]), mx.array(mask_b[:, 1:])
+        ids_b = pad_rows([s[0] for s in items], length + 1, fill=pad_id, dtype=np.int32)
+        mask_b = pad_rows([s[1] for s in items], length + 1, fill=0, dtype=np.float32)
+        batch = (mx.array(ids_b[:, :-1]), mx.array(ids_b[:, 1:]), mx.array(mask_b[:, 1:]))
+        yield (*batch, _segment_ids(items, length)) if segments else batch
+
+
+def _segment_ids(items, length: int) -> mx.array | None:
+    """(B, length) int32 segment ids of the inputs, or None if every row is one document."""
+    rows = [np.asarray(s[2][:-1]) if len(s) > 2 else np.zeros(len(s[0]) - 1, np.int32) for s in items]
+    if not any(len(r) and r[-1] != r[0] for r in rows):
+        return None
+    out = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+        out[i, len(r):] = r[-1] if len(r) else 0
+    return mx.array(out)

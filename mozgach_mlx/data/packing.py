@@ -1,13 +1,25 @@
-"""Windows and packing: documents of any length into sequences of at most ``max_seq_length + 1`` tokens."""
+"""Windows and packing: documents of any length into sequences of at most ``max_seq_length + 1`` tokens,
+each token labelled with the document (segment) it belongs to."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
 from ..errors import ConfigError
 from .encode import Seq
+
+
+class Packed(NamedTuple):
+    """One training sequence: ``ids`` int32 (n,), ``mask`` bool (n,) as in :data:`Seq`,
+    and ``segments`` int32 (n,): 0, 1, ... for the documents (or windows of a long
+    document) packed into it, in order (non-decreasing; all 0 for one document)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    segments: np.ndarray
 
 
 def windows(ids: np.ndarray, mask: np.ndarray, max_seq_length: int, overlap: int = 0) -> list[Seq]:
@@ -36,8 +48,12 @@ def windows(ids: np.ndarray, mask: np.ndarray, max_seq_length: int, overlap: int
 
 
 def pack(encoded: Iterable[Seq], max_seq_length: int, eos_id: int, overlap: int = 0,
-         *, pack: bool = True) -> list[Seq]:
+         *, pack: bool = True) -> list[Packed]:
     """Window long documents and (if ``pack``) pack short ones, in order.
+
+    Each sequence records which document every token came from (:class:`Packed`
+    ``segments``), so attention can keep documents apart (``TrainConfig.attention_mask``).
+    A window of a long document fills a sequence on its own: one segment.
 
     Args:
         encoded: ``(ids, mask)`` per document (as from :func:`encode_record`).
@@ -52,7 +68,7 @@ def pack(encoded: Iterable[Seq], max_seq_length: int, eos_id: int, overlap: int 
     if max_seq_length < 1:
         raise ConfigError(f"max_seq_length must be >= 1, got {max_seq_length}")
     w = max_seq_length + 1
-    out: list[Seq] = []
+    out: list[Packed] = []
     buf_ids: list[np.ndarray] = []
     buf_mask: list[np.ndarray] = []
     buf_len = 0
@@ -60,7 +76,8 @@ def pack(encoded: Iterable[Seq], max_seq_length: int, eos_id: int, overlap: int 
     def flush() -> None:
         nonlocal buf_len
         if buf_ids:
-            out.append((np.concatenate(buf_ids).astype(np.int32), np.concatenate(buf_mask).astype(bool)))
+            seg = np.repeat(np.arange(len(buf_ids), dtype=np.int32), [len(i) for i in buf_ids])
+            out.append(Packed(np.concatenate(buf_ids).astype(np.int32), np.concatenate(buf_mask).astype(bool), seg))
         buf_ids.clear()
         buf_mask.clear()
         buf_len = 0
@@ -73,7 +90,7 @@ def pack(encoded: Iterable[Seq], max_seq_length: int, eos_id: int, overlap: int 
             mask = np.append(mask, True)
         for wid, wm in windows(ids, mask, max_seq_length, overlap):
             if not pack:
-                out.append((wid, wm))
+                out.append(Packed(wid, wm, np.zeros(len(wid), np.int32)))
                 continue
             if buf_len + len(wid) > w:
                 flush()
@@ -81,5 +98,5 @@ def pack(encoded: Iterable[Seq], max_seq_length: int, eos_id: int, overlap: int 
             buf_mask.append(wm)
             buf_len += len(wid)
     flush()
-    return [(i, m) for i, m in out if len(i) >= 2 and m[1:].any()]
+    return [s for s in out if len(s.ids) >= 2 and s.mask[1:].any()]
 

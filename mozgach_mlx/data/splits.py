@@ -15,6 +15,7 @@ from ..errors import ConfigError, DataError
 from . import packing
 from .encode import Seq, encode_record
 from .jsonl import iter_jsonl, read_jsonl
+from .packing import Packed
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ SPLITS = ("train", "valid", "test")
 class Split:
     """One tokenized split: a list-like of sequences plus where they came from."""
 
-    seqs: list[Seq]
+    seqs: list[Packed]
     source: str
     n_records: int
     n_skipped: int
@@ -33,8 +34,8 @@ class Split:
     n_targets: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.n_tokens = int(sum(len(i) for i, _ in self.seqs))
-        self.n_targets = int(sum(int(m[1:].sum()) for _, m in self.seqs))
+        self.n_tokens = int(sum(len(s[0]) for s in self.seqs))
+        self.n_targets = int(sum(int(s[1][1:].sum()) for s in self.seqs))
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -73,6 +73,7 @@ def save(
     format: str = "peft",
     *,
     base_model: str | None = None,
+    training: dict | None = None,
 ) -> Path:
     """Write the model's adapter to ``out_dir`` (atomically, file by file).
 
@@ -82,6 +83,9 @@ def save(
             of them, one adapter_config.json holding both formats' keys).
         base_model: recorded as PEFT ``base_model_name_or_path`` / mlx-lm ``model``;
             default ``model.name_or_path`` if set.
+        training: how the adapter was trained (the trainer's ``training_record``:
+            attention mask, S²-Attn group, sequence length), recorded as the
+            ``"mozgach"`` block's ``"training"``; nothing reads it back.
 
     The config's ``"mozgach"`` block holds the exact :class:`LoRAConfig`, the RoPE scaling
     and ``max_position_embeddings`` of ``model.args`` (what it was trained with), and the
@@ -120,6 +124,8 @@ def save(
             )
     written = [name for name in (PEFT_WEIGHTS, MLX_WEIGHTS, MLX_EXTRA_WEIGHTS) if (out / name) in fresh]
     config["mozgach"] = _mozgach_block(model, cfg, layers, extras) | {"files": written}
+    if training is not None:
+        config["mozgach"]["training"] = dict(training)
     # Written last: a directory with a config is a complete adapter.
     atomic_write_json(out / CONFIG_FILE, config)
     # Weights of an older save in another layout would be read instead of these.

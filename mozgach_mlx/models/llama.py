@@ -159,7 +159,11 @@ class Attention(nn.Module):
         # yarn's attention factor multiplies q and k: fold its square into the softmax scale
         return self.rope.attention_scale ** 2 / math.sqrt(self.head_dim)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, *, segment_ids: mx.array | None = None,
+                 s2_group: int | None = None) -> mx.array:
+        """x (B, L, d) -> (B, L, d). ``segment_ids`` (B, L): attend only within a segment
+        (packed documents); ``s2_group``: S²-Attn groups in tokens (training). Both only
+        for a full sequence (no cache offset)."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
@@ -170,10 +174,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
 
-        if offset == 0 and L > 1:
+        if offset == 0 and (L > 1 or segment_ids is not None):
             # training / prefill: the blockwise kernel (looked up now, so it can be swapped)
-            o = attn.flash_attention(q, k, v, scale=self.scale, causal=True, window=self.window)
+            o = attn.flash_attention(q, k, v, scale=self.scale, causal=True, window=self.window,
+                                     segment_ids=segment_ids, s2_group=s2_group)
         else:
+            if segment_ids is not None or s2_group is not None:
+                raise ConfigError("segment_ids / s2_group apply to a whole sequence, not to decoding with a "
+                                  "filled KV cache; call the model without them when generating.")
             if self.window is not None and offset + L > self.window:
                 mask = causal_mask(L, offset, self.window)
             else:
@@ -228,8 +236,9 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None, mlp_chunk: int | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache | None = None, mlp_chunk: int | None = None, *,
+                 segment_ids: mx.array | None = None, s2_group: int | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache, segment_ids=segment_ids, s2_group=s2_group)
         n = self.post_attention_layernorm(h)
         return h + (chunked_mlp(self.mlp, n, mlp_chunk) if mlp_chunk else self.mlp(n))
 
@@ -242,14 +251,16 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, *,
-                 grad_checkpoint: bool = False, mlp_chunk: int | None = None) -> mx.array:
+                 grad_checkpoint: bool = False, mlp_chunk: int | None = None,
+                 segment_ids: mx.array | None = None, s2_group: int | None = None) -> mx.array:
         h = self.embed_tokens(inputs)  # (B, L, d)
         caches = cache if cache is not None else [None] * len(self.layers)
+        kw = dict(mlp_chunk=mlp_chunk, segment_ids=segment_ids, s2_group=s2_group)
         for layer, c in zip(self.layers, caches, strict=True):
             if grad_checkpoint and c is None:
-                h = _checkpointed(layer, h, mlp_chunk=mlp_chunk)
+                h = _checkpointed(layer, h, **kw)
             else:
-                h = layer(h, cache=c, mlp_chunk=mlp_chunk)
+                h = layer(h, cache=c, **kw)
         return self.norm(h)
 
 
@@ -259,9 +270,18 @@ class Model(nn.Module):
     ``model(inputs (B, L) int) -> logits (B, L, V)``; ``hidden`` and ``logits`` split
     that in two so the loss can apply the head chunk by chunk.
 
-    Training memory switches (plain attributes, default off):
+    Training switches (plain attributes, default off):
         grad_checkpoint: run every block under ``mx.checkpoint`` (recompute in backward).
         mlp_chunk: evaluate the MLP this many positions at a time along L.
+        s2_group: S²-Attn (LongLoRA) group, in tokens (int) or as a fraction of the
+            sequence (float in (0, 1)); applied only in training mode
+            (``model.train()``), so evaluation and generation use full attention.
+
+    ``segment_ids`` (B, L) int32 (packed documents, from ``data.batches(...,
+    segments=True)``): a token attends only to its own document. RoPE positions run on
+    across documents; attention scores depend only on position differences, so each
+    document sees what it would alone (up to rounding; not so for dynamic-NTK scaling,
+    whose frequencies depend on the sequence length).
     """
 
     def __init__(self, args: ModelArgs) -> None:
@@ -273,16 +293,20 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.grad_checkpoint = False
         self.mlp_chunk: int | None = None
+        self.s2_group: int | float | None = None
 
     @property
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def hidden(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def hidden(self, inputs: mx.array, cache: list[KVCache] | None = None, *,
+               segment_ids: mx.array | None = None) -> mx.array:
         """(B, L) token ids -> (B, L, d) hidden states after the final norm."""
         if self.mlp_chunk is not None and self.mlp_chunk <= 0:
             raise ConfigError(f"mlp_chunk must be a positive number of positions, got {self.mlp_chunk}")
-        return self.model(inputs, cache, grad_checkpoint=self.grad_checkpoint, mlp_chunk=self.mlp_chunk)
+        s2 = attn.s2_group_tokens(self.s2_group, inputs.shape[1]) if self.training and cache is None else None
+        return self.model(inputs, cache, grad_checkpoint=self.grad_checkpoint, mlp_chunk=self.mlp_chunk,
+                          segment_ids=segment_ids, s2_group=s2)
 
     def logits(self, h: mx.array) -> mx.array:
         """(..., d) -> (..., V) with lm_head, or the tied embedding."""
@@ -290,8 +314,9 @@ class Model(nn.Module):
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        return self.logits(self.hidden(inputs, cache))
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, *,
+                 segment_ids: mx.array | None = None) -> mx.array:
+        return self.logits(self.hidden(inputs, cache, segment_ids=segment_ids))
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
