@@ -10,6 +10,14 @@ table instead of taking the machine down.
 
     python benchmarks/bench_train.py                      # tiny + d512/8L/32K vocab at 2K, 8K, 16K
     python benchmarks/bench_train.py --shapes tiny --lengths 2048,8192 --steps 2
+    python benchmarks/bench_train.py --shapes d512 --lengths 32768 --systems ours,ours-s2 --s2-group 0.25 \
+        --steps 1 --warmup-len 1024          # S²-Attn (LongLoRA) vs full causal attention at 32K
+
+Systems: ``mlx-lm``, ``ours`` (full causal attention) and ``ours-s2`` (ours with
+``model.s2_group``: S²-Attn in the training step, groups of --s2-group tokens or that
+fraction of L). ``--warmup-len`` runs the warm-up step (kernel compilation, optimizer
+state) on the first N tokens instead of a whole step at L, which at 32K would double the
+run time.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ COMMON = {"model_type": "llama", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "m
 CHILD = r"""
 import json, resource, sys, time
 cfg = json.loads(sys.argv[1]); system, L, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-limit_gb, quant = float(sys.argv[5]), sys.argv[6]
+limit_gb, quant, s2_group, warmup_len = float(sys.argv[5]), sys.argv[6], float(sys.argv[7]), int(sys.argv[8])
 resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
 import mozgach_mlx as mz
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
@@ -75,22 +83,25 @@ else:
     lora.apply(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0))
     tc = trainer.TrainConfig(grad_checkpoint=True, mlp_chunk=4096)
     model.grad_checkpoint, model.mlp_chunk = True, tc.mlp_chunk
-    mask = mx.ones(targets.shape, mx.float32)
-    def loss_fn(m):
-        s, n = trainer.default_loss(m, inputs, targets, mask, tc)
+    if system == "ours-s2":
+        model.s2_group = int(s2_group) if s2_group >= 1 else s2_group
+    def loss_fn(m, n_tok=None):
+        x, y = (inputs, targets) if n_tok is None else (inputs[:, :n_tok], targets[:, :n_tok])
+        s, n = trainer.default_loss(m, x, y, mx.ones(y.shape, mx.float32), tc)
         return s / n
 model.train()
 mx.eval(model.parameters())
 opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.0)
 vg = nn.value_and_grad(model, loss_fn)
 
-def step():
-    loss, grads = vg(model)
+def step(*a):
+    loss, grads = vg(model, *a)
     opt.update(model, grads)
     mx.eval(loss, model.trainable_parameters(), opt.state)
     return loss.item()
 
-step()  # warm-up (and optimizer state allocation)
+# warm-up (kernel compilation, optimizer state allocation), on a prefix with --warmup-len
+step() if warmup_len <= 0 or system == "mlx-lm" else step(warmup_len)
 mx.reset_peak_memory()
 t = time.perf_counter()
 for _ in range(steps):
@@ -100,11 +111,13 @@ print(json.dumps({"tok_s": L / dt, "step_s": dt, "peak_gb": mx.get_peak_memory()
 """
 
 
-def run_one(shape: str, system: str, L: int, steps: int, limit_gb: float, quant: str) -> dict:
+def run_one(shape: str, system: str, L: int, steps: int, limit_gb: float, quant: str, s2_group: float = 0.25,
+            warmup_len: int = 0) -> dict:
     cfg = {**COMMON, **SHAPES[shape]}
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), system, str(L), str(steps),
-                        str(limit_gb), quant], capture_output=True, text=True, env=dict(os.environ))
+                        str(limit_gb), quant, str(s2_group), str(warmup_len)], capture_output=True, text=True,
+                       env=dict(os.environ))
     if p.returncode != 0:
         tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or [f"exit code {p.returncode}, no output"]
         oom = any(s in (p.stderr + p.stdout) for s in ("bad_alloc", "Unable to allocate", "MemoryError",
@@ -122,27 +135,33 @@ def main() -> None:
     ap.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit per run")
     ap.add_argument("--quantize", default="none", help="base quantization for both: none, 4 or 8")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--systems", default="mlx-lm,ours", help="mlx-lm, ours, ours-s2 (comma-separated)")
+    ap.add_argument("--s2-group", type=float, default=0.25, help="ours-s2: S² group, tokens or a fraction of L")
+    ap.add_argument("--warmup-len", type=int, default=0, help="warm up on this many tokens (0 = a whole step)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
+    systems = args.systems.split(",")
     rows = []
-    print(f"LoRA r=16 q/k/v/o training step, batch 1, quantize={args.quantize}, {args.steps} timed steps")
-    print("| shape | L | mlx-lm tok/s | mlx-lm peak GB | ours tok/s | ours peak GB | speed ratio | memory ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"LoRA r=16 q/k/v/o training step, batch 1, quantize={args.quantize}, {args.steps} timed steps, "
+          f"S² group {args.s2_group:g}")
+    print("| shape | L | " + " | ".join(f"{s} tok/s | {s} step s | {s} peak GB" for s in systems)
+          + " | " + " | ".join(f"{s} / {systems[0]} speed" for s in systems[1:]) + " |")
+    print("|---|---:|" + "---:|" * (3 * len(systems) + len(systems) - 1))
     for shape in args.shapes.split(","):
         for L in lengths:
-            theirs = run_one(shape, "mlx-lm", L, args.steps, args.limit_gb, args.quantize)
-            ours = run_one(shape, "ours", L, args.steps, args.limit_gb, args.quantize)
-            rows.append({"shape": shape, "L": L, "mlx_lm": theirs, "ours": ours})
+            res = {s: run_one(shape, s, L, args.steps, args.limit_gb, args.quantize, args.s2_group, args.warmup_len)
+                   for s in systems}
+            rows.append({"shape": shape, "L": L, **res})
 
             def f(r, k, spec):
                 return r["error"] if "error" in r else format(r[k], spec)
 
-            speed = (f"{ours['tok_s'] / theirs['tok_s']:.2f}x" if "error" not in ours and "error" not in theirs
-                     else "-")
-            mem = (f"{ours['peak_gb'] / theirs['peak_gb']:.2f}" if "error" not in ours and "error" not in theirs
-                   else "-")
-            print(f"| {shape} | {L} | {f(theirs, 'tok_s', '.0f')} | {f(theirs, 'peak_gb', '.2f')} | "
-                  f"{f(ours, 'tok_s', '.0f')} | {f(ours, 'peak_gb', '.2f')} | {speed} | {mem} |", flush=True)
+            cells = [f"{f(res[s], 'tok_s', '.0f')} | {f(res[s], 'step_s', '.1f')} | {f(res[s], 'peak_gb', '.2f')}"
+                     for s in systems]
+            first = res[systems[0]]
+            ratios = [f"{res[s]['tok_s'] / first['tok_s']:.2f}x" if "error" not in res[s] and "error" not in first
+                      else "-" for s in systems[1:]]
+            print(f"| {shape} | {L} | " + " | ".join(cells + ratios) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

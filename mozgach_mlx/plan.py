@@ -20,10 +20,13 @@ point of the design; the coefficients of the activation terms are calibrated aga
 measured peaks (tests/test_plan.py checks the estimate against ``mx.get_peak_memory``).
 
 Time: a LoRA step costs ~8 N flops per token for the N frozen parameters (forward,
-recomputed forward, input gradients; no weight gradients) and ~(2 + 2 + 5) * 2 L^2 H D
-/ 2 attention flops per layer and sequence (causal half; forward, recompute, backward),
-divided by a throughput you give (or the planner's defaults per backend). It is an
-estimate; benchmarks/bench_train.py measures.
+recomputed forward, input gradients; no weight gradients) and (2 + 2 + 5) * 2 D flops
+per layer, head and computed (query, key) pair of attention (forward, recompute,
+backward: 9 matmuls over the pair), divided by a throughput you give (or the planner's
+defaults per backend). The pairs are those the blockwise attention computes for the
+step's mask (``attention.computed_pairs``): about L^2 / 2 for causal attention, far
+fewer with packed documents, a sliding window or S²-Attn (``plan(..., attention=)``).
+It is an estimate; benchmarks/bench_train.py measures.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from . import attention as attn
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .loss import auto_chunk
@@ -199,12 +205,37 @@ def _max_context(total_at, budget: int, mlp_chunk: int | None, loss_chunk: int) 
     return int(lo + (budget - at_lo) / slope) if budget > at_lo else None
 
 
+ATTENTION_KEYS = ("document_length", "window", "s2_group")
+
+
+def _attention_pairs(attention: dict | None, L: int, heads: int) -> tuple[int, str | None]:
+    """(computed (query, key) pairs over ``heads`` heads for one sequence, a note)."""
+    attention = dict(attention or {})
+    unknown = sorted(set(attention) - set(ATTENTION_KEYS))
+    if unknown:
+        raise ConfigError(f"plan(): unknown attention key(s) {unknown}; use {list(ATTENTION_KEYS)}")
+    doc = attention.get("document_length")
+    if doc is not None and (isinstance(doc, bool) or not isinstance(doc, int) or doc < 1):
+        raise ConfigError(f"plan(): attention document_length must be a positive number of tokens, got {doc!r}")
+    window = attention.get("window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(f"plan(): attention window must be a positive number of tokens, got {window!r}")
+    group = attn.s2_group_tokens(attention.get("s2_group"), L)
+    seg = None if doc is None else np.arange(L) // doc
+    pairs = attn.computed_pairs(L, heads=heads, window=window, segment_ids=seg, s2_group=group)
+    if not attention:
+        return pairs, None
+    causal = attn.computed_pairs(L, heads=heads)
+    desc = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in attention.items() if v is not None)
+    return pairs, f"attention ({desc}) computes {pairs / causal:.1%} of the causal attention's (query, key) pairs"
+
+
 def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = TrainConfig.batch_size,
          lora_rank: int = LoRAConfig.r, lora_targets: tuple[str, ...] = LoRAConfig.targets,
          quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int = RunConfig.group_size,
          compute_bytes: int | None = None, mlp_chunk: int | None = TrainConfig.mlp_chunk,
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
-         gflops: float | None = None, backend: str | None = None) -> Plan:
+         gflops: float | None = None, backend: str | None = None, attention: dict | None = None) -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -220,6 +251,11 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         loss_chunk: the loss chunk (None = the trainer's automatic choice).
         memory_gb: a budget to check against (e.g. 48 for the reference M4 laptop).
         gflops: sustained throughput; default per backend (see DEFAULT_GFLOPS).
+        attention: the mask of the training step, which decides the attention FLOPs:
+            ``{"document_length": n}`` (packed documents of n tokens, the trainer's
+            ``attention_mask="document"``), ``{"window": w}`` (sliding window),
+            ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
+            combination; default plain causal attention.
     """
     if context < 1 or batch_size < 1:
         raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
@@ -252,7 +288,10 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     if budget is not None and max_ctx is None:
         notes.append("even a short context does not fit this budget")
     n_frozen = s.linear_params + (s.vocab * s.d)  # the head runs over every position too
-    flops = 8.0 * n_frozen * B * L + 9.0 * s.n_layers * B * s.heads * s.head_dim * L * L
+    pairs, attention_note = _attention_pairs(attention, L, s.heads)
+    if attention_note:
+        notes.append(attention_note)
+    flops = 8.0 * n_frozen * B * L + 18.0 * s.n_layers * B * s.head_dim * pairs
     g = gflops or DEFAULT_GFLOPS.get(backend, DEFAULT_GFLOPS["cpu"])
     if gflops is None:
         notes.append(f"throughput {g:,.0f} GFLOP/s is the planner's default for {backend}; pass gflops= "

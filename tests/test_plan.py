@@ -2,6 +2,7 @@
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 import mozgach_mlx as mz
@@ -68,3 +69,30 @@ def test_bad_arguments(kw, match):
     args = {"context": 1000, **kw}
     with pytest.raises(ConfigError, match=match):
         mz.plan(LLAMA_8B, **args)
+
+
+def test_attention_flops_count_only_the_blocks_a_mask_computes():
+    """The step's FLOPs: 8 N per token for the frozen linears and the head, plus 18 D per
+    layer, head and (query, key) pair the blockwise attention computes for the mask."""
+    L, d, n, H, D = 32768, 4096, 32, 32, 128
+    linear = 8.0 * (n * (d * d * 2 + d * 1024 * 2 + 3 * d * 14336) + 128256 * d) * L
+
+    def attention_flops(**kw):
+        return mz.plan(LLAMA_8B, L, backend="metal", **kw).flops_per_step - linear
+
+    causal = attention_flops()
+    assert causal == pytest.approx(18.0 * n * D * mz.attention.computed_pairs(L, heads=H))
+    assert causal == pytest.approx(9.0 * n * H * D * L * L, rel=0.02)  # ~ L^2 / 2 pairs
+    docs = attention_flops(attention={"document_length": 1024})
+    assert docs == pytest.approx(18.0 * n * D * mz.attention.computed_pairs(
+        L, heads=H, segment_ids=np.arange(L) // 1024))
+    assert causal / docs > 20
+    s2 = attention_flops(attention={"s2_group": 0.25})
+    assert s2 == pytest.approx(attention_flops(attention={"s2_group": 8192}))
+    assert 4.0 < causal / s2 < 4.5
+    p = mz.plan(LLAMA_8B, L, backend="metal", attention={"window": 4096})
+    assert any("of the causal attention" in note for note in p.notes)
+    with pytest.raises(ConfigError, match="unknown attention key"):
+        mz.plan(LLAMA_8B, L, attention={"documents": 32})
+    with pytest.raises(ConfigError, match="document_length"):
+        mz.plan(LLAMA_8B, L, attention={"document_length": 0})

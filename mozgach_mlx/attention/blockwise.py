@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import ops, settings
 from ..errors import ConfigError
-from .masks import MASK, SKIP, BlockPlan, MaskSpec, host_segments, s2_halves, visible
+from .masks import MASK, SKIP, BlockPlan, MaskSpec, host_segments, s2_halves
 
 # A finite "-inf" for masked scores: exp(_NEG - m) == 0 for any real row max m, and a
 # row that is fully masked inside one key block (windows, segments, groups) cannot produce
@@ -55,11 +55,6 @@ def _finish(acc, m, lsum):
     return acc / lsum, m + mx.log2(lsum)
 
 
-def _block_mask(plan: BlockPlan, i: int, j: int, rep: int, seg: mx.array | None) -> mx.array:
-    (qa, qb), (ka, kb) = plan.qspans[i], plan.kspans[j]
-    return visible(plan.partial(i, j), plan.spec, qa, qb, ka, kb, rep, seg)
-
-
 def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
     """Online softmax of query block ``i`` over the key blocks the plan computes.
 
@@ -76,7 +71,7 @@ def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
         if kind == MASK:
-            s = _mask_scores(s, _block_mask(plan, i, j, rep, seg))
+            s = _mask_scores(s, plan.mask(i, j, rep, seg))
         m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, R, 1)
         if m is not None:
             m_new = mx.maximum(m, m_new)
@@ -135,7 +130,7 @@ def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva,
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
         p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
         if kind == MASK:
-            p = mx.where(_block_mask(plan, i, j, rep, seg), p, 0.0)
+            p = mx.where(plan.mask(i, j, rep, seg), p, 0.0)
         dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
         dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
         ds = _dscores(p, dp, delta)

@@ -174,6 +174,7 @@ class BlockPlan:
             self.kinds["segments"] = _segment_kinds(segments, self.qspans, self.kspans)
         self.kind = _combine(list(self.kinds.values())) if self.kinds else np.full(shape, FULL, np.int8)
         self._kind_rows = self.kind.tolist()  # Python ints: the block loops read these
+        self._masks: dict[tuple, mx.array] = {}
 
     @property
     def uses_segments(self) -> bool:
@@ -185,6 +186,19 @@ class BlockPlan:
     def partial(self, i: int, j: int) -> tuple[str, ...]:
         """The conditions that mask block pair (i, j) elementwise."""
         return tuple(name for name, k in self.kinds.items() if k[i, j] == MASK)
+
+    def mask(self, i: int, j: int, rep: int, segment_ids: mx.array | None) -> mx.array:
+        """:func:`visible` of block pair (i, j) for its partial conditions. Causal and
+        window masks depend only on the offset between the blocks, so the forward and
+        backward of every diagonal block share one array (built once per plan)."""
+        (qa, qb), (ka, kb) = self.qspans[i], self.kspans[j]
+        conds = self.partial(i, j)
+        if "groups" in conds or "segments" in conds:
+            return visible(conds, self.spec, qa, qb, ka, kb, rep, segment_ids)
+        key = (conds, qa - ka, qb - qa, kb - ka, rep)
+        if key not in self._masks:
+            self._masks[key] = visible(conds, self.spec, qa - ka, qb - ka, 0, kb - ka, rep, None)
+        return self._masks[key]
 
     def pairs(self) -> int:
         """(query, key) score entries computed per batch row and head: the work the plan leaves."""
