@@ -4,7 +4,8 @@ Same model shape, same weights, same LoRA config (r=16, alpha=32 -> mlx-lm scale
 q/k/v/o, dropout 0 for determinism), same tokens, AdamW. mlx-lm runs its own model,
 LoRA layers and loss (``default_loss`` on full logits) with its ``grad_checkpoint`` on;
 we run ``mz.trainer.default_loss`` (chunked loss) with per-block checkpointing, the
-chunked MLP and blockwise attention. Each (system, shape, length) runs in a fresh
+chunked MLP and blockwise attention. Step time is reported as wall clock and as the child's CPU
+time (all threads; steadier on a shared machine). Each (system, shape, length) runs in a fresh
 subprocess with an address-space limit, so an out-of-memory shows up as "OOM" in the
 table instead of taking the machine down.
 
@@ -103,11 +104,11 @@ def step(*a):
 # warm-up (kernel compilation, optimizer state allocation), on a prefix with --warmup-len
 step() if warmup_len <= 0 or system == "mlx-lm" else step(warmup_len)
 mx.reset_peak_memory()
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 for _ in range(steps):
     loss = step()
-dt = (time.perf_counter() - t) / steps
-print(json.dumps({"tok_s": L / dt, "step_s": dt, "peak_gb": mx.get_peak_memory() / 1e9, "loss": loss}))
+dt, dc = (time.perf_counter() - t) / steps, (time.process_time() - c) / steps
+print(json.dumps({"tok_s": L / dt, "step_s": dt, "cpu_s": dc, "peak_gb": mx.get_peak_memory() / 1e9, "loss": loss}))
 """
 
 
@@ -144,9 +145,9 @@ def main() -> None:
     rows = []
     print(f"LoRA r=16 q/k/v/o training step, batch 1, quantize={args.quantize}, {args.steps} timed steps, "
           f"S² group {args.s2_group:g}")
-    print("| shape | L | " + " | ".join(f"{s} tok/s | {s} step s | {s} peak GB" for s in systems)
-          + " | " + " | ".join(f"{s} / {systems[0]} speed" for s in systems[1:]) + " |")
-    print("|---|---:|" + "---:|" * (3 * len(systems) + len(systems) - 1))
+    print("| shape | L | " + " | ".join(f"{s} tok/s | {s} step s | {s} CPU s | {s} peak GB" for s in systems)
+          + " | " + " | ".join(f"{s} / {systems[0]} speed (wall, CPU)" for s in systems[1:]) + " |")
+    print("|---|---:|" + "---:|" * (4 * len(systems) + len(systems) - 1))
     for shape in args.shapes.split(","):
         for L in lengths:
             res = {s: run_one(shape, s, L, args.steps, args.limit_gb, args.quantize, args.s2_group, args.warmup_len)
@@ -156,11 +157,11 @@ def main() -> None:
             def f(r, k, spec):
                 return r["error"] if "error" in r else format(r[k], spec)
 
-            cells = [f"{f(res[s], 'tok_s', '.0f')} | {f(res[s], 'step_s', '.1f')} | {f(res[s], 'peak_gb', '.2f')}"
-                     for s in systems]
+            cells = [f"{f(res[s], 'tok_s', '.0f')} | {f(res[s], 'step_s', '.1f')} | {f(res[s], 'cpu_s', '.1f')} | "
+                     f"{f(res[s], 'peak_gb', '.2f')}" for s in systems]
             first = res[systems[0]]
-            ratios = [f"{res[s]['tok_s'] / first['tok_s']:.2f}x" if "error" not in res[s] and "error" not in first
-                      else "-" for s in systems[1:]]
+            ratios = [f"{res[s]['tok_s'] / first['tok_s']:.2f}x, {first['cpu_s'] / res[s]['cpu_s']:.2f}x"
+                      if "error" not in res[s] and "error" not in first else "-" for s in systems[1:]]
             print(f"| {shape} | {L} | " + " | ".join(cells + ratios) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
