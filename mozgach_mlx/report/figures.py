@@ -86,7 +86,7 @@ def loss_curves(adapters: list[AdapterCurves]):
         if a.valid:  # connected only through intermediate evaluations (eval_every > 0)
             ax.plot(*zip(*a.valid, strict=True), color=VALID_COLOR, ls="-" if len(a.valid) > 2 else "none", lw=0.8,
                     marker="o", ms=2.5)
-        title = labels[i] if big else f"{labels[i]} {a.domain}"[:28]
+        title = labels[i] if big else (a.domain if a.domain.startswith(labels[i]) else f"{labels[i]} {a.domain}")[:28]
         color = "black" if a.status == "done" else BAD_COLOR
         ax.set_title(title if a.status == "done" else f"{title} ({a.status})", fontsize=7 if big else 9,
                      color=color, pad=2)
@@ -97,8 +97,8 @@ def loss_curves(adapters: list[AdapterCurves]):
         ax.set_xlabel("step", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("loss", fontsize=8)
-    fig.suptitle("Loss per adapter (nats/token): training — every step (blue line); validation — "
-                 "base at step 0, then the adapter (orange dots)", fontsize=10)
+    fig.suptitle("Loss per adapter (nats/token)\nblue: training, every step; orange: validation "
+                 "(step 0: the base)", fontsize=10)
     return fig
 
 
@@ -177,18 +177,18 @@ def loss_matrix(ev: EvalData):
     ax_raw, ax_rel = fig.subplots(1, 2)
     ad_labels, dom_labels = short_names(ev.adapters), short_names(ev.adapters)
     if n_dom <= 16:
-        dom_labels = [f"{s} {d}"[:24] for s, d in zip(dom_labels, ev.domains, strict=True)]
+        dom_labels = [(d if d.startswith(s) else f"{s} {d}")[:24] for s, d in zip(dom_labels, ev.domains, strict=True)]
     im = ax_raw.imshow(ev.matrix, cmap="viridis_r", interpolation="nearest", aspect="equal")
-    fig.colorbar(im, ax=ax_raw, shrink=0.85, label="loss (nats/token)")
+    fig.colorbar(im, ax=ax_raw, fraction=0.046, pad=0.02, label="loss (nats/token)")
     rel = ev.matrix / ev.base[:, None]
     hi = max(1.05, float(np.nanmax(rel)))
     im2 = ax_rel.imshow(rel, cmap="RdBu_r", norm=TwoSlopeNorm(vmin=min(0.95, float(np.nanmin(rel))), vcenter=1.0,
                                                               vmax=hi), interpolation="nearest", aspect="equal")
-    fig.colorbar(im2, ax=ax_rel, shrink=0.85, label="loss / base loss on that domain")
+    fig.colorbar(im2, ax=ax_rel, fraction=0.046, pad=0.02, label="loss / base loss on that domain")
     best = np.nanargmin(ev.matrix, axis=1)
     wrong = [i for i in range(n_dom) if best[i] != i]
-    for ax, title in ((ax_raw, "Held-out loss: domain (row) x adapter (column)"),
-                      (ax_rel, "Relative to the base (blue: better, red: worse)")):
+    for ax, title in ((ax_raw, "Held-out loss\n(yellow: low)"),
+                      (ax_rel, "Loss relative to the base\n(blue: better, red: worse)")):
         _index_axis(ax, "x", ad_labels)
         _index_axis(ax, "y", dom_labels)
         ax.set_xlabel("adapter")
@@ -240,7 +240,7 @@ def routing(ev: EvalData):
         _index_axis(ax, "y", labels)
         ax.set(xlabel="domain of the sample", ylabel="adapter it was routed to")
         shown = "-" if acc is None else f"{100 * acc:.1f}%"
-        ax.set_title(f"Routing {title}: {shown} of {sum(pairs.values())} samples", fontsize=10)
+        ax.set_title(f"Routing {title}\n{shown} of {sum(pairs.values())} samples correct", fontsize=10)
         ax.grid(alpha=0.2)
     return fig
 

@@ -6,6 +6,7 @@ import base64
 import html
 import math
 from collections import Counter
+from datetime import datetime
 
 from .collect import RunData
 
@@ -58,7 +59,8 @@ def _summary(data: RunData) -> str:
     items = [f"run directory <code>{html.escape(str(data.out))}</code>, base <code>{html.escape(data.base)}</code>",
              "adapters: " + ", ".join(f"{n} {html.escape(s)}" for s, n in sorted(st.items())),
              f"{beat}/{len(done)} finished adapters beat the base on their own validation data; "
-             f"training time {secs / 60:.1f} min in total ({_f(sum(a.tokens or 0 for a in done), ',')} tokens)"]
+             f"{secs / 60:.1f} min of training in total ({_f(sum(a.tokens or 0 for a in done), ',')} tokens; "
+             f"the sum over adapters, from the manifest){_span(data)}"]
     if data.eval is not None:
         ev = data.eval
         own = sum(int(i == j) for i, j in enumerate(ev.matrix.argmin(1)))
@@ -66,6 +68,21 @@ def _summary(data: RunData) -> str:
                      f"routing accuracy by loss {_pct(ev.route_loss_accuracy)}, by signature "
                      f"{_pct(ev.route_signature_accuracy)} ({ev.n_route} samples)")
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+
+
+def _span(data: RunData) -> str:
+    """'; first start to last finish: ...' from the manifest's timestamps (a resumed run's
+    span includes the time it was stopped)."""
+    recs = data.manifest.adapters.values()
+    starts = [r.started for r in recs if r.started]
+    ends = [r.finished for r in recs if r.finished]
+    if not starts or not ends:
+        return ""
+    try:
+        t0, t1 = (datetime.strptime(t, "%Y-%m-%dT%H:%M:%S%z") for t in (min(starts), max(ends)))
+    except ValueError:
+        return ""
+    return f"; first start to last finish {(t1 - t0).total_seconds() / 60:.1f} min"
 
 
 def _pct(x) -> str:
