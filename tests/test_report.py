@@ -177,3 +177,35 @@ def test_short_names_and_ticks_stay_readable_at_108():
     pos = tick_positions(108)
     assert len(pos) <= 21 and pos[0] == 0 and pos[1] == 9  # 001, 010, 020, ...
     assert tick_positions(12) == list(range(12))
+
+
+def test_figures_at_108_adapters_thin_their_ticks():
+    from mozgach_mlx.report.collect import AdapterCurves, EvalData
+    from mozgach_mlx.report.figures import loss_curves, loss_matrix, png_bytes, routing
+
+    n = 108
+    names = [f"mozgach108_{i:03d}" for i in range(1, n + 1)]
+    rng = np.random.default_rng(0)
+    m = rng.uniform(6, 8, (n, n))
+    np.fill_diagonal(m, 1.0)
+    m[5, 7] = 0.5  # domain 6's lowest loss is adapter 8's
+    routes = [{"adapter": a, "by_loss": a, "by_signature": names[(i + 1) % n] if i < 3 else a}
+              for i, a in enumerate(names)]
+    ev = EvalData(adapters=names, domains=[f"{i:03d}_d" for i in range(1, n + 1)], matrix=m, base=np.full(n, 7.0),
+                  routes=routes, route_loss_accuracy=1.0, route_signature_accuracy=(n - 3) / n, n_route=n)
+    fig = loss_matrix(ev)
+    for ax in [a for a in fig.axes if a.images]:
+        assert 10 <= len(ax.get_xticks()) <= 21 and 10 <= len(ax.get_yticks()) <= 21
+        assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["001", "010", "020"]
+        crosses = [c for c in ax.collections if len(c.get_offsets())]
+        assert [tuple(map(int, p)) for c in crosses for p in c.get_offsets()] == [(7, 5)]
+    assert "lowest on 107/108" in fig.texts[0].get_text()
+    assert len(png_bytes(fig)) > 10_000
+    sig = routing(ev).axes[1]
+    red = [c for c in sig.collections if c.get_label() == "misrouted"]
+    assert len(red) == 1 and len(red[0].get_offsets()) == 3
+    curves = [AdapterCurves(name=a, domain=a, status="done", steps=[1, 2], train_loss=[3.0, 2.0],
+                            valid=[(0, 3.5), (2, 1.5)]) for a in names]
+    grid = loss_curves(curves)
+    visible = [ax for ax in grid.axes if ax.axison]
+    assert len(visible) == n and visible[0].get_title() == "001" and visible[-1].get_title() == "108"
