@@ -214,7 +214,7 @@ def routing(ev: EvalData):
         methods.append(("by_signature", "by hidden-state signature", ev.route_signature_accuracy))
     n = len(ev.adapters)
     side = min(6.0, max(3.2, 0.05 * n + 2.5))
-    fig = _figure(len(methods) * (side + 0.6), side + 0.6)
+    fig = _figure(len(methods) * (side + 0.9), side + 1.4)  # room for two-line titles and labels
     axes = np.atleast_1d(fig.subplots(1, len(methods)))
     index = {a: i for i, a in enumerate(ev.adapters)}
     labels = short_names(ev.adapters)
