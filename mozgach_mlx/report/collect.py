@@ -25,7 +25,8 @@ from ..evaluate import REPORT_FILE as EVAL_FILE
 from ..plan import GiB, plan
 from ..rundir import Manifest, parse_quantize, read_manifest
 
-__all__ = ["AdapterCurves", "EvalData", "PlanCurve", "RunData", "collect", "device_memory_limit"]
+__all__ = ["AdapterCurves", "EvalData", "PlanCurve", "RunData", "collect", "device_memory_limit", "plan_curve",
+           "read_eval"]
 
 
 @dataclass
