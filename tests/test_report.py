@@ -106,7 +106,7 @@ def test_heatmap_draws_the_eval_matrix(run):
     assert drawn == {(idx[r["adapter"]], idx[r["by_loss"]]) for r in saved["routes"]}
 
 
-def test_loss_curves_and_throughput_come_from_the_step_logs(run):
+def test_loss_curves_andthroughput_come_from_the_step_logs(run):
     out, _ = run
     d = collect(out)
     assert [a.name for a in d.adapters] == ["mozgach108_001", "mozgach108_002", "mozgach108_003"]
@@ -209,3 +209,14 @@ def test_figures_at_108_adapters_thin_their_ticks():
     grid = loss_curves(curves)
     visible = [ax for ax in grid.axes if ax.axison]
     assert len(visible) == n and visible[0].get_title() == "001" and visible[-1].get_title() == "108"
+
+
+def testthroughput_of_a_resumed_log_counts_each_attempt_from_its_own_start():
+    from mozgach_mlx.report.collect import throughput
+
+    # steps 1-2 in 2 s (200 tokens); killed after a checkpoint at step 2; steps 3-4 replayed
+    # in a new process whose clock restarts: 150 more tokens in 3 s
+    log = [{"step": 1, "tokens": 100, "elapsed_s": 1.0}, {"step": 2, "tokens": 200, "elapsed_s": 2.0},
+           {"step": 3, "tokens": 280, "elapsed_s": 1.5}, {"step": 4, "tokens": 350, "elapsed_s": 3.0}]
+    assert throughput(log) == pytest.approx(350 / 5.0)
+    assert throughput(log[:2]) == pytest.approx(100.0) and throughput([]) is None

@@ -26,7 +26,7 @@ from ..plan import GiB, plan
 from ..rundir import Manifest, parse_quantize, read_manifest
 
 __all__ = ["AdapterCurves", "EvalData", "PlanCurve", "RunData", "collect", "device_memory_limit", "plan_curve",
-           "read_eval"]
+           "read_eval", "throughput"]
 
 
 @dataclass
@@ -102,7 +102,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _throughput(log: list[dict]) -> float | None:
+def throughput(log: list[dict]) -> float | None:
     """Training tokens per second over the logged steps. A resumed adapter's log has one
     segment per attempt (its elapsed time restarts at the resume); each segment counts
     the tokens from the step before it to its last step over its own elapsed time."""
@@ -135,7 +135,7 @@ def _curves(out: Path, name: str, rec) -> AdapterCurves:
         c.valid.insert(0, (0, float(rec.base_valid_loss)))
     if rec.valid_loss is not None and rec.status == "done":
         c.valid.append((int(rec.steps or (c.steps[-1] if c.steps else 0)), float(rec.valid_loss)))
-    c.tokens_per_s = _throughput(log)
+    c.tokens_per_s = throughput(log)
     if c.tokens_per_s is None and rec.tokens and rec.seconds:
         c.tokens_per_s = rec.tokens / rec.seconds
     if c.peak_memory_gb is None and log:
