@@ -6,6 +6,7 @@ planner called directly; the page must be self-contained and its PNGs must decod
 import base64
 import io
 import json
+import shutil
 import sys
 from html.parser import HTMLParser
 
@@ -44,7 +45,7 @@ def run(tmp_path_factory):
     assert res.ok and len(res.done) == 3
     evaluate_run(out, route_samples=2, sample_tokens=32, signature_samples=2)
     bare = root / "bare"
-    train_fleet(model, tok, doms[:2], cfg, bare, base=base_identity(model, "tiny"))
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("eval.json"))
     return out, bare
 
 
@@ -148,7 +149,7 @@ def test_report_without_eval_says_how_to_make_it(run):
     assert res.exit_code == 0, res.output
     assert f"mozgach eval --out {bare}" in res.output
     text = (bare / "report.html").read_text()
-    assert f"mozgach eval --out {bare}" in text and "mozgach108_002" in text
+    assert f"mozgach eval --out {bare}" in text and "mozgach108_003" in text
     assert sorted(p.name for p in (bare / "report").glob("*.png")) == ["loss_curves.png", "memory_plan.png",
                                                                        "overview.png"]
 
@@ -181,7 +182,7 @@ def test_short_names_and_ticks_stay_readable_at_108():
 
 def test_figures_at_108_adapters_thin_their_ticks():
     from mozgach_mlx.report.collect import AdapterCurves, EvalData
-    from mozgach_mlx.report.figures import loss_curves, loss_matrix, png_bytes, routing
+    from mozgach_mlx.report.figures import loss_curves, loss_matrix, routing
 
     n = 108
     names = [f"mozgach108_{i:03d}" for i in range(1, n + 1)]
@@ -200,7 +201,6 @@ def test_figures_at_108_adapters_thin_their_ticks():
         crosses = [c for c in ax.collections if len(c.get_offsets())]
         assert [tuple(map(int, p)) for c in crosses for p in c.get_offsets()] == [(7, 5)]
     assert "lowest on 107/108" in fig.texts[0].get_text()
-    assert len(png_bytes(fig)) > 10_000
     sig = routing(ev).axes[1]
     red = [c for c in sig.collections if c.get_label() == "misrouted"]
     assert len(red) == 1 and len(red[0].get_offsets()) == 3
