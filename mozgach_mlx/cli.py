@@ -1,4 +1,4 @@
-"""The ``mozgach`` command line: train | eval | generate | plan.
+"""The ``mozgach`` command line: train | eval | report | generate | plan.
 
 One source of defaults: the dataclasses (:class:`RunConfig`, :class:`TrainConfig`,
 :class:`LoRAConfig`, :class:`GenerationConfig`) and :func:`mozgach_mlx.plan` (whose own
@@ -191,6 +191,22 @@ def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> No
     from .commands import eval_run
 
     sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples))
+
+
+@main.command("report")
+@click.option("--out", required=True, help="the run directory to report on")
+@_debug_option
+def report_cmd(out: str) -> None:
+    """Write OUT/report.html (self-contained) and OUT/report/*.png: losses, memory, loss matrix, routing."""
+    from pathlib import Path
+
+    from .report import read_eval, write_report
+
+    page = write_report(out)
+    click.echo(f"wrote {page} and {page.parent / 'report'}/*.png")
+    problem = read_eval(Path(out))[1]
+    if problem:
+        click.echo(f"note: {problem}")
 
 
 @main.command("generate")

@@ -83,6 +83,13 @@ class Report:
     route_signature_ms_per_sample: float | None = None
     signature_fit_seconds: float | None = None
     seconds: float = 0.0
+    # the full matrix behind the rows: loss_matrix[i][k] = adapter k's loss on the held-out
+    # data of adapters[i]'s domain (token-weighted, the rows' samples); the diagonal is
+    # each domain's own adapter
+    adapters: list[str] = field(default_factory=list)
+    loss_matrix: list[list[float]] = field(default_factory=list)
+    # one entry per routed held-out sample: its domain's adapter and where each method sent it
+    routes: list[dict] = field(default_factory=list)
 
     @property
     def all_own_best(self) -> bool:
@@ -202,6 +209,10 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     for j, (name, dom) in enumerate(chosen):
         report.rows.append(_domain_row(j, name, dom, names, sums, counts, owner == j, pos < n_table, routed,
                                        by_loss, by_sig))
+    report.adapters = names
+    report.loss_matrix = _domain_losses(sums, counts, owner, pos < n_table, len(names))[:, 1:].tolist()
+    report.routes = [{"adapter": names[owner[i]], "by_loss": names[by_loss[i]],
+                      "by_signature": None if by_sig is None else names[by_sig[i]]} for i in np.flatnonzero(routed)]
     report.rows.sort(key=lambda x: x.domain_id)
     report.seconds = time.perf_counter() - t_start
     if write:
@@ -283,6 +294,16 @@ def _route_by_signature(bank: AdapterBank, names, fit, seqs, owner, routed, repo
     by_sig[idx] = scores.argmin(1)
     report.route_signature_accuracy = float(np.mean(by_sig[idx] == owner[idx]))
     return by_sig
+
+
+def _domain_losses(sums, counts, owner, in_table, n: int) -> np.ndarray:
+    """(domains, 1 + adapters) token-weighted losses of each domain's table samples
+    (column 0: the base), domain j being adapter j's."""
+    out = np.full((n, sums.shape[1]), np.nan)
+    for j in range(n):
+        rows = (owner == j) & in_table
+        out[j] = sums[rows].sum(0) / max(counts[rows, 0].sum(), 1)
+    return out
 
 
 def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, routed, by_loss,

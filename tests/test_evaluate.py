@@ -101,6 +101,16 @@ def test_evaluate_run_table_matches_independent_reference(run_dir):
         correct += row.route_loss_correct
         assert row.route_signature_correct is not None
     assert rep.route_loss_accuracy == pytest.approx(correct / (3 * N_VALID))
+    # the whole matrix (domain of adapters[i] x adapter k) and every routed sample
+    assert rep.adapters == [f"mozgach108_{k:03d}" for k in ids]
+    want = [[np.sum(ref[(k, d)], 0)[0] / np.sum(ref[(k, d)], 0)[1] for k in ids] for d in ids]
+    np.testing.assert_allclose(rep.loss_matrix, want, atol=1e-4)
+    def routed(d, s):  # the adapter with the lowest mean loss on sample s of domain d
+        return ids[int(np.argmin([ref[(k, d)][s][0] / ref[(k, d)][s][1] for k in ids]))]
+
+    routes = [(f"mozgach108_{d:03d}", f"mozgach108_{routed(d, s):03d}") for d in ids for s in range(N_VALID)]
+    assert [(r["adapter"], r["by_loss"]) for r in rep.routes] == routes
+    assert all(r["by_signature"] in rep.adapters for r in rep.routes)
     assert rep.all_own_best == all(r.own_best for r in rep.rows)
     assert rep.route_loss_ms_per_sample > 0 and rep.route_signature_ms_per_sample > 0
 
@@ -111,6 +121,7 @@ def test_evaluate_run_table_matches_independent_reference(run_dir):
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved["rows"][0]["own_loss"] == pytest.approx(rep.rows[0].own_loss)
     assert saved["all_own_best"] == rep.all_own_best
+    assert saved["loss_matrix"] == rep.loss_matrix and saved["routes"] == rep.routes
 
 
 def test_max_batches_sets_the_loss_samples(run_dir):
