@@ -86,13 +86,14 @@ def is_main(group) -> bool:
 
 def all_sum_tree(tree: Any, group, bucket_bytes: int = BUCKET_BYTES) -> Any:
     """The elementwise sum over the group of a tree of arrays, in few ``all_sum`` calls:
-    consecutive leaves of one dtype are concatenated into flat buckets of up to
+    leaves, in the order of their names (the same on every rank whatever the order the
+    tree was built in), are concatenated by dtype into flat buckets of up to
     ``bucket_bytes`` (a leaf bigger than that is its own bucket)."""
     flat = tree_flatten(tree)
     if group is None or not flat:
         return tree
     out: dict[str, mx.array] = {}
-    for bucket in _buckets(flat, bucket_bytes):
+    for bucket in _buckets(sorted(flat, key=lambda kv: kv[0]), bucket_bytes):
         names = [k for k, _ in bucket]
         arrays = [v for _, v in bucket]
         summed = mx.distributed.all_sum(mx.concatenate([a.reshape(-1) for a in arrays]), group=group)
@@ -117,7 +118,7 @@ def _buckets(flat: list, bucket_bytes: int) -> Iterator[list]:
 
 def count_all_sum_calls(tree: Any, bucket_bytes: int = BUCKET_BYTES) -> int:
     """How many ``all_sum`` calls :func:`all_sum_tree` makes for ``tree``."""
-    return sum(1 for _ in _buckets(tree_flatten(tree), bucket_bytes))
+    return sum(1 for _ in _buckets(sorted(tree_flatten(tree), key=lambda kv: kv[0]), bucket_bytes))
 
 
 def broadcast_tree(tree: Any, group) -> Any:

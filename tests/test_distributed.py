@@ -215,8 +215,10 @@ def test_data_parallel_two_ranks_equal_one_process_and_resume_after_a_rank_is_ki
     got = mx.load(str(out / "adapter" / mz.lora.MLX_WEIGHTS))
     want = mx.load(str(tmp_path / "ref" / "adapter" / mz.lora.MLX_WEIGHTS))
     assert set(got) == set(want)
-    for k in want:
-        assert mx.allclose(got[k], want[k], rtol=1e-4, atol=1e-6).item(), k
+    # Adam divides by sqrt(v): a gradient element near 0 turns fp32 summation-order noise
+    # into an update difference of up to ~lr; bound it by a small fraction of lr
+    worst = max(mx.abs(got[k] - want[k]).max().item() for k in want)
+    assert worst <= 0.05 * cfg.learning_rate, worst
 
 
 def _cli(*args: str) -> subprocess.Popen:
