@@ -266,3 +266,26 @@ def test_adapter_parallel_fleet_killed_rank_resumed_on_one_process_equals_one_pr
     assert all(r["status"] == "done" for r in manifest.values()) and len(manifest) == 4
     assert manifest[f"mozgach108_{second:03d}"]["resumed_from"] >= 2
     assert _hashes(cut) == _hashes(tmp_path / "ref") and len(_hashes(cut)) == 4 * 3
+
+
+@needs_launch
+def test_data_parallel_fleet_from_the_cli_matches_one_process(tmp_path):
+    common = ["--n-domains", "2", *SMALL, "--max-steps", "4", "--grad-accumulation", "2", "--lora-dropout", "0.1"]
+    ref = _cli("--out", str(tmp_path / "ref"), *common)
+    _, ref_err = ref.communicate(timeout=TIMEOUT)
+    assert ref.returncode == 0, ref_err[-3000:]
+    out = tmp_path / "dp"
+    with _launch("-m", "mozgach_mlx.train", "--distributed", "data", "--out", str(out), *common) as run:
+        stdout, err = _finish(run)
+    assert "exited with code" not in err, err[-3000:]
+    assert stdout.count("2 trained, 0 already done, 0 failed") == 1  # only rank 0 prints the summary
+    want = json.loads((tmp_path / "ref" / "manifest.json").read_text())["adapters"]
+    got = json.loads((out / "manifest.json").read_text())["adapters"]
+    assert set(got) == set(want)
+    for name, rec in got.items():
+        assert rec["status"] == "done" and rec["tokens"] == want[name]["tokens"]
+        for key in ("train_loss", "valid_loss", "base_valid_loss"):
+            assert rec[key] == pytest.approx(want[name][key], rel=1e-5), (name, key)
+        for f, h in rec["files"].items():
+            assert sha256_file(out / name / f) == h
+    assert [e["event"] for e in _events(out)] == ["start", "done", "start", "done"]  # one writer
