@@ -207,8 +207,8 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
                  on_event: Callable[[str, dict], None] | None, mode: str = "none", group=None) -> FleetResult:
     """:func:`train_fleet` with the run directory held."""
     main = dist.is_main(group)
-    if main:
-        (out_dir / "logs").mkdir(exist_ok=True)
+    if main or mode == "adapters":  # adapter-parallel ranks log their own adapters' steps
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     manifest = dist.together(group, lambda: open_manifest(out_dir, base, config), main_only=True)
     fleet = _Fleet(out_dir, manifest, on_event, group)
 

@@ -14,6 +14,10 @@ the batches' segment ids; evaluation too, so the valid loss is each document's o
 steps only -- the model uses it in training mode, so validation and generation use full
 attention.
 
+Data-parallel (``group=``, :mod:`mozgach_mlx.distributed`): each rank computes its share
+of every step's micro-batches, the LoRA gradients are summed over the ranks, every rank
+takes the same step; rank 0 alone reads and writes checkpoints, logs and the adapter.
+
 Resume: every ``save_every`` optimizer steps the adapter, the optimizer state and
 ``state.json`` (step, data position, loss history) are written atomically under
 ``out_dir/checkpoint``; ``state.json`` is written last and names the step-tagged weight

@@ -252,6 +252,9 @@ def test_adapter_parallel_fleet_killed_rank_resumed_on_one_process_equals_one_pr
         second = plan[1][1]  # rank 1's second adapter: its first one went to rank 0 through the group
         state = cut / f"mozgach108_{second:03d}" / "checkpoint" / "state.json"
         _wait_for(state.exists, run, "rank 1's second adapter to checkpoint")
+        first = f"mozgach108_{plan[1][0]:03d}"
+        _wait_for(lambda: json.loads((cut / "manifest.json").read_text())["adapters"][first]["status"] == "done",
+                  run, "rank 0 to record rank 1's first adapter")
         os.kill(_rank_pid(run.pid, 1), signal.SIGKILL)
         _finish(run)
     manifest = json.loads((cut / "manifest.json").read_text())["adapters"]
