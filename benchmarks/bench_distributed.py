@@ -117,13 +117,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["data", "fleet", "both"], default="both")
     ap.add_argument("--n-domains", type=int, default=8)
+    ap.add_argument("--blas-threads", type=int, default=None,
+                    help="OPENBLAS_NUM_THREADS for every process (default: OpenBLAS's own, one per core)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.blas_threads:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
     if args.worker:
         return _data_worker(Path(args.worker))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dist_"))
     try:
-        print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, python {platform.python_version()}")
+        print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, python {platform.python_version()}, "
+              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
         if args.part in ("data", "both"):
             data(tmp)
         if args.part in ("fleet", "both"):

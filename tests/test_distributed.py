@@ -239,7 +239,7 @@ def _events(out: Path) -> list[dict]:
 
 @needs_launch
 def test_adapter_parallel_fleet_killed_rank_resumed_on_one_process_equals_one_process(tmp_path):
-    common = ["--n-domains", "4", *SMALL]
+    common = ["--n-domains", "4", *SMALL, "--max-steps", "4"]  # a checkpoint at step 2
     ref = _cli("--out", str(tmp_path / "ref"), *common)
     ref_out, ref_err = ref.communicate(timeout=TIMEOUT)
     assert ref.returncode == 0, ref_err[-3000:]
