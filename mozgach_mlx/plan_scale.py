@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .train_config import TrainConfig
 
 # name -> (line rate in Gbit/s, per-message latency in seconds): nominal figures
 LINKS = {
@@ -77,7 +78,8 @@ class ScaleOut:
 
 
 def scale_out(seconds_per_micro_step: float, lora_params: int, ranks: int, link: str = "10gbe", *,
-              grad_accumulation: int = 4, grad_bytes_per_param: int = 4, link_gbps: float | None = None) -> ScaleOut:
+              grad_accumulation: int = TrainConfig.grad_accumulation, grad_bytes_per_param: int = 4,
+              link_gbps: float | None = None) -> ScaleOut:
     """Time of data- and adapter-parallel training over ``ranks`` ranks.
 
     Args:
