@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import subprocess
@@ -46,14 +47,20 @@ def _launch(n: int, *args: str) -> list[str]:
     return [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(_port()), sys.executable, *args]
 
 
-def _timed(cmd: list[str]) -> tuple[float, tuple, tuple]:
-    before = os.getloadavg()
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished descendant (the ranks too)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(cmd: list[str]) -> tuple[float, tuple, tuple, float]:
+    """(wall s, load average before, after, CPU s of the run's processes)."""
+    before, cpu0 = os.getloadavg(), _cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or "exited with code" in proc.stderr:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return wall, before, os.getloadavg()
+    return wall, before, os.getloadavg(), _cpu() - cpu0
 
 
 def _hashes(out: Path) -> dict[str, str]:
@@ -63,16 +70,16 @@ def _hashes(out: Path) -> dict[str, str]:
 
 def fleet(n_domains: int, tmp: Path) -> None:
     common = ["-m", "mozgach_mlx.train", "--n-domains", str(n_domains), "--quiet"]
-    one, l1a, l1b = _timed([sys.executable, *common, "--out", str(tmp / "one")])
-    two, l2a, l2b = _timed(_launch(2, *common, "--distributed", "adapters", "--out", str(tmp / "two")))
+    one, l1a, l1b, c1 = _timed([sys.executable, *common, "--out", str(tmp / "one")])
+    two, l2a, l2b, c2 = _timed(_launch(2, *common, "--distributed", "adapters", "--out", str(tmp / "two")))
     h1, h2 = _hashes(tmp / "one"), _hashes(tmp / "two")
     same = h1 == h2 and len(h1) == 3 * n_domains
+    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
     print(f"fleet: built-in default run, {n_domains} domains, {os.cpu_count()} cores, {platform.platform()}")
-    print("| run | wall s | load avg before (1/5/15 min) | after |")
-    print("|---|---:|---|---|")
-    print(f"| 1 process | {one:.1f} | {' / '.join(f'{x:.1f}' for x in l1a)} | {' / '.join(f'{x:.1f}' for x in l1b)} |")
-    print(f"| 2 ranks (adapters) | {two:.1f} | {' / '.join(f'{x:.1f}' for x in l2a)} | "
-          f"{' / '.join(f'{x:.1f}' for x in l2b)} |")
+    print("| run | wall s | CPU s (user+sys, all processes) | load avg before (1/5/15 min) | after |")
+    print("|---|---:|---:|---|---|")
+    print(f"| 1 process | {one:.1f} | {c1:.1f} | {avg(l1a)} | {avg(l1b)} |")
+    print(f"| 2 ranks (adapters) | {two:.1f} | {c2:.1f} | {avg(l2a)} | {avg(l2b)} |")
     print(f"speed-up {one / two:.2f}x; adapter files identical (sha256, {len(h1)} files): {same}")
 
 
