@@ -161,23 +161,23 @@ def together(group, fn: Callable[[], Any], *, main_only: bool = False) -> Any:
     """Run ``fn`` (on rank 0 only with ``main_only``) and agree on the outcome: if it
     raised a :class:`MozgachError` on any rank, every rank raises it (one line, naming the
     rank), so no rank is left waiting in a collective for one that gave up."""
-    value, error = None, None
+    value, error, caught = None, None, None
     if not main_only or is_main(group):
         try:
             value = fn()
         except MozgachError as e:
             if group is None:
                 raise
-            error = f"{type(e).__name__}|{' '.join(str(e).split())}"
+            error, caught = f"{type(e).__name__}|{' '.join(str(e).split())}", e
     if group is None:
         return value
     errors = all_gather_json(error, group)
     for r, err in enumerate(errors):
         if err is not None:
+            if r == rank(group):
+                raise caught
             kind, msg = err.split("|", 1)
-            if r == rank(group) and error is not None:
-                raise _error_type(kind)(msg)
-            raise _error_type(kind)(f"rank {r}: {msg}" if size(group) > 1 else msg)
+            raise _error_type(kind)(f"rank {r}: {msg}")
     return value
 
 
