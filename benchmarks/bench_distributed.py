@@ -68,14 +68,22 @@ def _hashes(out: Path) -> dict[str, str]:
             for f in sorted(d.iterdir()) if f.suffix in (".safetensors", ".json") and f.name != "result.json"}
 
 
-def fleet(n_domains: int, tmp: Path) -> None:
+def fleet(n_domains: int, tmp: Path, own_sessions: bool = False) -> None:
     common = ["-m", "mozgach_mlx.train", "--n-domains", str(n_domains), "--quiet"]
-    one, l1a, l1b, c1 = _timed([sys.executable, *common, "--out", str(tmp / "one")])
-    two, l2a, l2b, c2 = _timed(_launch(2, *common, "--distributed", "adapters", "--out", str(tmp / "two")))
+    # Linux's autogroup scheduler shares the CPU per session: with --own-sessions the
+    # 1-process run and each rank get a session (setsid) of their own
+    pre = ["setsid", "--wait"] if own_sessions else []
+    one, l1a, l1b, c1 = _timed([*pre, sys.executable, *common, "--out", str(tmp / "one")])
+    launch = _launch(2, *common, "--distributed", "adapters", "--out", str(tmp / "two"))
+    if own_sessions:
+        i = launch.index(sys.executable)
+        launch[i:i] = ["setsid"]
+    two, l2a, l2b, c2 = _timed(launch)
     h1, h2 = _hashes(tmp / "one"), _hashes(tmp / "two")
     same = h1 == h2 and len(h1) == 3 * n_domains
     avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
-    print(f"fleet: built-in default run, {n_domains} domains, {os.cpu_count()} cores, {platform.platform()}")
+    print(f"fleet: built-in default run, {n_domains} domains, {os.cpu_count()} cores, {platform.platform()}"
+          f"{', each process in its own session' if own_sessions else ''}")
     print("| run | wall s | CPU s (user+sys, all processes) | load avg before (1/5/15 min) | after |")
     print("|---|---:|---:|---|---|")
     print(f"| 1 process | {one:.1f} | {c1:.1f} | {avg(l1a)} | {avg(l1b)} |")
@@ -126,6 +134,8 @@ def main() -> None:
     ap.add_argument("--n-domains", type=int, default=8)
     ap.add_argument("--blas-threads", type=int, default=None,
                     help="OPENBLAS_NUM_THREADS for every process (default: OpenBLAS's own, one per core)")
+    ap.add_argument("--own-sessions", action="store_true",
+                    help="run the 1-process run and each rank in a session of its own (setsid; see fleet())")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.blas_threads:
@@ -139,7 +149,7 @@ def main() -> None:
         if args.part in ("data", "both"):
             data(tmp)
         if args.part in ("fleet", "both"):
-            fleet(args.n_domains, tmp)
+            fleet(args.n_domains, tmp, args.own_sessions)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
