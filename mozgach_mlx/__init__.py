@@ -6,7 +6,7 @@ from . import backend as _backend
 _backend.load_fast_blas()
 _backend.tune_malloc()
 
-from . import attention, data, lora, loss, models, quant  # noqa: E402
+from . import attention, data, distributed, lora, loss, models, quant, synthetic  # noqa: E402
 from .bank import AdapterBank, GenerationConfig  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
@@ -48,6 +48,7 @@ __all__ = [
     "__version__",
     "attention",
     "data",
+    "distributed",
     "load",
     "lora",
     "loss",
@@ -55,6 +56,7 @@ __all__ = [
     "plan",
     "quant",
     "save",
+    "synthetic",
     "train_adapter",
     "train_fleet",
 ]

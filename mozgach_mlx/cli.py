@@ -235,13 +235,16 @@ def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
 @click.option("--gflops", type=float, default=None, help="measured training throughput, GFLOP/s")
 @click.option("--backend", type=click.Choice(["cpu", "metal", "cuda"]), default=None,
               help="plan for this backend (default: the one here)")
+@click.option("--ranks", type=int, default=None, help="also estimate training over this many processes")
+@click.option("--link", type=click.Choice(["thunderbolt5", "10gbe", "1gbe"]), default=None,
+              help="the link between the ranks (default 10gbe)")
 @_debug_option
-def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend) -> None:
+def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link) -> None:
     """Estimate peak memory and step time of LoRA training at a context length."""
     from .plan import plan
 
     given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
-             "gflops": gflops, "backend": backend}
+             "gflops": gflops, "backend": backend, "ranks": ranks, "link": link}
     kw = {k: v for k, v in given.items() if v is not None}
     if quantize is not None:
         kw["quantize"] = parse_quantize(quantize)

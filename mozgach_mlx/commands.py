@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 from . import data as data_mod
+from . import distributed as dist
 from .bank import AdapterBank, GenerationConfig
 from .errors import ConfigError
 from .evaluate import evaluate_run
 from .fleet import adapter_dir_name, parse_domains, train_fleet
-from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, locked, read_manifest
+from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
 from .trainer import TrainConfig
 
 
@@ -24,21 +25,28 @@ def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
     """Train the selected domains; print the summary table. Exit code 1 if any failed.
 
     The run directory is held (:func:`rundir.locked`) from the start, before the base is
-    loaded or the built-in corpus written, so a second process on it refuses at once."""
-    with locked(run.out):
-        return _run_fleet(run, tcfg)
+    loaded or the built-in corpus written, so a second process on it refuses at once.
+    ``run.distributed`` (``data`` / ``adapters``): this process is one rank of a group
+    started by ``mlx.launch``; rank 0 holds the directory and alone prints the summary."""
+    group = dist.init(run.distributed)
+    with dist.hold(run.out, group):
+        return _run_fleet(run, tcfg, group)
 
 
-def _run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
+def _run_fleet(run: RunConfig, tcfg: TrainConfig, group=None) -> int:
     out = Path(run.out)
-    domains = data_mod.discover_domains(data_dir(run))
+    main = dist.is_main(group)
+    # rank 0 writes the built-in corpus first; the others then find it (or, on another
+    # machine, write their own identical copy)
+    dist.together(group, lambda: data_dir(run), main_only=True)
+    domains = dist.together(group, lambda: data_mod.discover_domains(data_dir(run)))
     ids = parse_domains(run.domains, [d.id for d in domains])
     selected = [d for d in domains if d.id in ids]
     model, tok = load_base(run)
     data_mod.check_context(tcfg.max_seq_length, model.args)
 
     bar = None
-    if not run.quiet:
+    if not run.quiet and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(selected), desc="adapters", unit="adapter", dynamic_ncols=True)
@@ -56,10 +64,12 @@ def _run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
 
     try:
         res = train_fleet(model, tok, selected, tcfg, out, base=base_identity(model, run.model),
-                          run_config=run, on_event=on_event)
+                          run_config=run, on_event=on_event, distributed=run.distributed, group=group)
     finally:
         if bar is not None:
             bar.close()
+    if not main:
+        return 0 if res.ok else 1
     adapters = res.manifest["adapters"]
     rows = [adapters.get(adapter_dir_name(d.id), {"domain": d.name}) | {"name": adapter_dir_name(d.id)}
             for d in selected]

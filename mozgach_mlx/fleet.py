@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import data as data_mod
+from . import distributed as dist
 from . import lora
 from .errors import ConfigError, MozgachError
-from .io import sha256_file
+from .io import atomic_write_bytes, sha256_file
 from .rundir import (
     MANIFEST_FILE,
     AdapterRecord,
@@ -34,7 +36,6 @@ from .rundir import (
     base_identity,
     domain_files,
     fingerprint,
-    locked,
     read_manifest,
 )
 from .trainer import TrainConfig, TrainResult, train_adapter
@@ -120,7 +121,8 @@ def _verified(adapter_dir: Path, record: AdapterRecord | None) -> bool:
 
 def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path, *,
                 base: dict | None = None, run_config: RunConfig | dict | None = None,
-                on_event: Callable[[str, dict], None] | None = None) -> FleetResult:
+                on_event: Callable[[str, dict], None] | None = None, distributed: str = "none",
+                group=None) -> FleetResult:
     """Train one adapter per domain, sequentially, over one already loaded base.
 
     Args:
@@ -135,75 +137,196 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
             manifest (``mozgach eval`` / ``generate`` rebuild the base from it; without
             it they use the recorded base identity and each domain's files). A dict
             ``{"run": {...}}`` (the pre-0.2 form) is accepted too.
-        on_event: progress hook ``(kind, info)``; kinds: start, skip, done, failed.
+        on_event: progress hook ``(kind, info)``; kinds: start, skip, done, failed
+            (called on rank 0 only).
+        distributed: ``none``, ``data`` (every adapter data-parallel over the ranks) or
+            ``adapters`` (each rank trains its share of the domains, balanced by token
+            count); see :mod:`mozgach_mlx.distributed`. Every rank calls this with the
+            same arguments (config, base and domains are compared at the start).
+        group: the ``mx.distributed`` group (default: ``distributed.init(distributed)``).
 
-    One process per run directory: the fleet holds ``OUT/.lock`` (:func:`rundir.locked`)
-    while it runs; a second one refuses with ConfigError naming the holder's pid.
+    One process per run directory: the fleet holds ``OUT/.lock`` (:func:`rundir.locked`;
+    in a distributed job rank 0 holds it for all ranks) while it runs; a second one
+    refuses with ConfigError naming the holder's pid.
 
     Adapter lifecycle: :func:`train_adapter` owns it (ensure the LoRA config, reset to a
     fresh adapter with the domain's seed, train, save). The fleet only applies the config
     once before the loop, so that the memory baseline includes the adapter's arrays.
+
+    Distributed, only rank 0 writes the manifest and ``logs/fleet.jsonl``, and its
+    result lists every rank's adapters; the other ranks' results list their own.
     """
-    with locked(out_dir) as out_dir:
-        return _train_fleet(model, tok, domains, cfg, out_dir, base if base is not None else base_identity(model),
-                            _config(cfg, run_config), on_event)
+    mode = dist.check_mode(distributed)
+    group = None if mode == "none" else (group if group is not None else dist.init(mode))
+    with dist.hold(out_dir, group) as out_dir:
+        base = base if base is not None else base_identity(model)
+        config = _config(cfg, run_config)
+        dist.check_same(group, config=fingerprint(config), base=base["fingerprint"],
+                        domains=fingerprint([[d.id, d.name] for d in domains]))
+        return _train_fleet(model, tok, domains, cfg, out_dir, base, config, on_event, mode, group)
+
+
+class _Fleet:
+    """What the loop of one fleet run shares: the manifest and event log (rank 0's),
+    the result, and how an adapter's outcome is recorded."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest | None, on_event, group) -> None:
+        self.out_dir, self.manifest, self.on_event, self.group = out_dir, manifest, on_event, group
+        self.main = dist.is_main(group)
+        self.result = FleetResult(out_dir=str(out_dir))
+        self.events = out_dir / "logs" / "fleet.jsonl"
+
+    def emit(self, kind: str, info: dict) -> None:
+        if not self.main:
+            return
+        with open(self.events, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": _now(), "event": kind, **info}, default=str) + "\n")
+        if self.on_event is not None:
+            self.on_event(kind, info)
+
+    def start(self, dom, **info) -> None:
+        name = adapter_dir_name(dom.id)
+        if self.main:
+            self.manifest.update(name, domain=dom.name, domain_id=dom.id, status="running", started=_now(),
+                                 error=None, data=domain_files(dom))
+        self.emit("start", {"name": name, "domain": dom.name, **info})
+
+    def finish(self, dom, status: str, fields: dict) -> None:
+        name = adapter_dir_name(dom.id)
+        (self.result.done if status == "done" else self.result.failed).append(name)
+        if not self.main:
+            return
+        rec = self.manifest.update(name, status=status, **fields)
+        if status == "done":
+            self.emit("done", {"name": name, **dataclasses.asdict(rec)})
+        else:
+            self.emit("failed", {"name": name, "domain": dom.name, "error": fields["error"]})
 
 
 def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, base: dict, config: dict,
-                 on_event: Callable[[str, dict], None] | None) -> FleetResult:
+                 on_event: Callable[[str, dict], None] | None, mode: str = "none", group=None) -> FleetResult:
     """:func:`train_fleet` with the run directory held."""
-    (out_dir / "logs").mkdir(exist_ok=True)
-    manifest = open_manifest(out_dir, base, config)
-    result = FleetResult(out_dir=str(out_dir))
-    events = out_dir / "logs" / "fleet.jsonl"
-
-    def emit(kind: str, info: dict) -> None:
-        with open(events, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": _now(), "event": kind, **info}, default=str) + "\n")
-        if on_event is not None:
-            on_event(kind, info)
+    main = dist.is_main(group)
+    if main or mode == "adapters":  # adapter-parallel ranks log their own adapters' steps
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    manifest = dist.together(group, lambda: open_manifest(out_dir, base, config), main_only=True)
+    fleet = _Fleet(out_dir, manifest, on_event, group)
 
     lora.ensure(model, cfg.lora)
     mx.eval(model.parameters())
     gc.collect()
     mx.clear_cache()
     baseline = mx.get_active_memory()
-    manifest.baseline_active_memory_bytes = baseline
-    manifest.save()
+    if main:
+        manifest.baseline_active_memory_bytes = baseline
+        manifest.save()
 
-    for dom in domains:
+    todo = []
+    for dom in domains if main else []:
         name = adapter_dir_name(dom.id)
-        adir = out_dir / name
-        if (rec := manifest.record(name)) is not None and rec.status == "done" and _verified(adir, rec):
-            result.skipped.append(name)
-            emit("skip", {"name": name, "domain": dom.name})
-            continue
-        manifest.update(name, domain=dom.name, domain_id=dom.id, status="running", started=_now(), error=None,
-                        data=domain_files(dom))
-        emit("start", {"name": name, "domain": dom.name})
-        try:
-            res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl")
-        except MozgachError as e:
-            manifest.update(name, status="failed", error=f"{type(e).__name__}: {e}")
-            result.failed.append(name)
-            emit("failed", {"name": name, "domain": dom.name, "error": str(e)})
-            continue
-        finally:
-            gc.collect()
-            mx.clear_cache()
-        active = mx.get_active_memory()
-        rec = manifest.update(
-            name, status="done", finished=_now(),
-            train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=res.base_valid_loss,
-            steps=res.steps, tokens=res.tokens, seconds=round(res.seconds, 3),
-            peak_memory_gb=round(res.peak_memory_gb, 4), resumed_from=res.resumed_from,
-            active_memory_after_bytes=active,
-            active_memory_vs_baseline=round(active / baseline, 4) if baseline else None,
-            files=_file_hashes(adir))
-        result.done.append(name)
-        emit("done", {"name": name, **dataclasses.asdict(rec)})
-    result.manifest = manifest.to_dict()
-    return result
+        if (rec := manifest.record(name)) is not None and rec.status == "done" and _verified(out_dir / name, rec):
+            fleet.result.skipped.append(name)
+            fleet.emit("skip", {"name": name, "domain": dom.name})
+        else:
+            todo.append(dom.id)
+    todo = set(dist.broadcast_json(todo, group))
+    todo = [d for d in domains if d.id in todo]
+    if mode == "adapters":
+        _adapter_parallel(model, tok, todo, cfg, fleet, baseline)
+    else:
+        for dom in todo:
+            fleet.start(dom)
+            fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline, group))
+    fleet.result.manifest = manifest.to_dict() if main else {}
+    return fleet.result
+
+
+def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=None) -> tuple[str, dict]:
+    """Train one domain's adapter (data-parallel over ``group`` if given): ``("done" |
+    "failed", fields of its manifest record)``."""
+    name = adapter_dir_name(dom.id)
+    adir = out_dir / name
+    try:
+        res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl", group)
+    except MozgachError as e:
+        return "failed", {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        gc.collect()
+        mx.clear_cache()
+    active = mx.get_active_memory()
+    return "done", dict(
+        finished=_now(), train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=res.base_valid_loss,
+        steps=res.steps, tokens=res.tokens, seconds=round(res.seconds, 3),
+        peak_memory_gb=round(res.peak_memory_gb, 4), resumed_from=res.resumed_from,
+        active_memory_after_bytes=active,
+        active_memory_vs_baseline=round(active / baseline, 4) if baseline else None,
+        files=_file_hashes(adir) if dist.is_main(group) else {})
+
+
+def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int) -> None:
+    """Each rank trains its share of ``todo`` (balanced by training tokens), in rounds: in
+    round k every rank trains its k-th domain, then the ranks send their records and
+    adapter files to rank 0, which records them (and writes the files it lacks)."""
+    group, out_dir = fleet.group, fleet.out_dir
+    me, world = dist.rank(group), dist.size(group)
+    sizes = {d.id: _train_tokens(d, tok, cfg) for i, d in enumerate(todo) if i % world == me}
+    counts = {int(k): v for part in dist.all_gather_json(sizes, group) for k, v in part.items()}
+    plan = dist.balance(counts, world)
+    by_id = {d.id: d for d in todo}
+    fleet.emit("assign", {"ranks": plan, "tokens": counts})
+    for k in range(max((len(p) for p in plan), default=0)):
+        for r, ids in enumerate(plan):
+            if k < len(ids):
+                fleet.start(by_id[ids[k]], rank=r)
+        report, blob = None, b""
+        if k < len(plan[me]):
+            dom = by_id[plan[me][k]]
+            status, fields = _fit(model, tok, dom, cfg, out_dir, baseline)  # one process: files hashed
+            fleet.finish(dom, status, fields)  # rank 0 records its own at once
+            if not fleet.main:
+                report, blob = _pack(dom.id, status, fields, out_dir)
+        reports = dist.all_gather_json(report, group)
+        blobs = dist.all_gather_bytes(blob, group)
+        if fleet.main:
+            for rep, data in zip(reports[1:], blobs[1:], strict=True):
+                if rep is not None:
+                    _unpack(rep, data, out_dir)
+                    fleet.finish(by_id[rep["id"]], rep["status"], rep["fields"])
+
+
+def _train_tokens(dom, tok, cfg: TrainConfig) -> int:
+    """Training tokens of a domain (what the ranks are balanced by); 0 if its data is
+    broken (its training then fails and is recorded)."""
+    try:
+        splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
+                                      overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+    except MozgachError:
+        return 0
+    return int(sum(len(s[0]) for s in splits["train"]))
+
+
+def _pack(domain_id: int, status: str, fields: dict, out_dir: Path) -> tuple[dict, bytes]:
+    """A rank's report of one adapter: its record and its files' bytes, one blob."""
+    adir = out_dir / adapter_dir_name(domain_id)
+    names = sorted(fields.get("files", {}))
+    parts = [(adir / f).read_bytes() for f in names]
+    return ({"id": domain_id, "status": status, "fields": fields, "sizes": [[f, len(b)] for f, b in zip(
+        names, parts, strict=True)]}, b"".join(parts))
+
+
+def _unpack(report: dict, blob: bytes, out_dir: Path) -> None:
+    """Rank 0 writes the reported adapter files it does not already hold (same hash)."""
+    adir = out_dir / adapter_dir_name(report["id"])
+    offset = 0
+    for f, n in report["sizes"]:
+        data, offset = blob[offset:offset + n], offset + n
+        want = report["fields"]["files"][f]
+        if (adir / f).exists() and sha256_file(adir / f) == want:
+            continue  # a shared disk: the rank wrote it here already
+        if hashlib.sha256(data).hexdigest() != want:
+            raise MozgachError(f"{adir / f}: the bytes received from a rank do not match their hash; rerun "
+                               "the same command to retrain this adapter")
+        atomic_write_bytes(adir / f, data)
 
 
 def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
@@ -213,12 +336,15 @@ def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
     return {"train": cfg.to_dict(), **(run_config or {})}
 
 
-def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path) -> TrainResult:
-    """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first."""
-    splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
-                                  overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path, group=None) -> TrainResult:
+    """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first
+    (data-parallel over ``group``: every rank loads the domain, a broken one fails on all)."""
+    splits = dist.together(group, lambda: data_mod.load_domain(
+        dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack, overlap=cfg.window_overlap,
+        skip_bad_lines=cfg.skip_bad_lines))
     dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
-    return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True)
+    return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True,
+                         group=group)
 
 
 def _now() -> str:

@@ -42,6 +42,7 @@ from . import attention as attn
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .loss import auto_chunk
+from .plan_scale import ScaleOut, scale_out
 from .rundir import RunConfig, parse_quantize
 from .train_config import TrainConfig
 
@@ -78,6 +79,7 @@ class Plan:
     gflops: float
     seconds_per_step: float
     notes: list[str] = field(default_factory=list)
+    scale: ScaleOut | None = None  # over several ranks (plan(..., ranks=, link=))
 
     @property
     def fits(self) -> bool | None:
@@ -235,7 +237,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int = RunConfig.group_size,
          compute_bytes: int | None = None, mlp_chunk: int | None = TrainConfig.mlp_chunk,
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
-         gflops: float | None = None, backend: str | None = None, attention: dict | None = None) -> Plan:
+         gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
+         ranks: int = 1, link: str = "10gbe") -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -256,6 +259,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
             ``attention_mask="document"``), ``{"window": w}`` (sliding window),
             ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
             combination; default plain causal attention.
+        ranks, link: also estimate training over ``ranks`` processes joined by ``link``
+            (``thunderbolt5``, ``10gbe``, ``1gbe``): :mod:`mozgach_mlx.plan_scale`.
     """
     if context < 1 or batch_size < 1:
         raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
@@ -300,6 +305,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     if max_pos and L > max_pos and not cfg.get("rope_scaling"):
         notes.append(f"context {L:,} > max_position_embeddings {max_pos:,}: set rope_scaling "
                      f"(e.g. linear, factor {L / max_pos:.1f})")
+    scale = scale_out(flops / (g * 1e9), lora_n, ranks, link) if ranks > 1 else None
+    notes += [scale.note()] if scale else []
     return Plan(context=L, batch_size=B, components=comp, total_bytes=sum(comp.values()), budget_bytes=budget,
                 max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=flops / (g * 1e9),
-                notes=notes)
+                notes=notes, scale=scale)

@@ -53,15 +53,20 @@ class RunConfig:
     max_position_embeddings: int | None = field(default=None, metadata={
         "help": "override the model's max_position_embeddings"})
     quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    distributed: str = field(default="none", metadata={
+        "help": "none | data (each adapter data-parallel over the ranks) | adapters (ranks train different "
+                "adapters); the ranks are started by mlx.launch"})
 
     # Fields that say how to run, not what the run is: not recorded in the manifest.
-    NOT_RECORDED = ("quiet", "domains")
+    NOT_RECORDED = ("quiet", "domains", "distributed")
 
     def __post_init__(self) -> None:
         if self.quantize is None or (isinstance(self.quantize, int) and not isinstance(self.quantize, bool)):
             self.quantize = str(self.quantize).lower()  # YAML `quantize: 4` / `quantize: null`
         check_fields(self)
         parse_quantize(self.quantize)
+        if self.distributed not in ("none", "data", "adapters"):
+            raise ConfigError(f"--distributed {self.distributed!r} is not one of none, data, adapters")
 
     @property
     def builtin_default(self) -> bool:

@@ -14,6 +14,10 @@ the batches' segment ids; evaluation too, so the valid loss is each document's o
 steps only -- the model uses it in training mode, so validation and generation use full
 attention.
 
+Data-parallel (``group=``, :mod:`mozgach_mlx.distributed`): each rank computes its share
+of every step's micro-batches, the LoRA gradients are summed over the ranks, every rank
+takes the same step; rank 0 alone reads and writes checkpoints, logs and the adapter.
+
 Resume: every ``save_every`` optimizer steps the adapter, the optimizer state and
 ``state.json`` (step, data position, loss history) are written atomically under
 ``out_dir/checkpoint``; ``state.json`` is written last and names the step-tagged weight
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -44,6 +49,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import data as data_mod
+from . import distributed as dist
 from . import lora
 from . import loss as loss_mod
 from .errors import ConfigError, TrainingError
@@ -121,10 +127,11 @@ def _segment_kwargs(loss_fn: Callable, segment_ids: mx.array | None) -> dict:
 
 
 def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
-             loss_fn: Callable | None = None) -> tuple[float, int]:
+             loss_fn: Callable | None = None, group=None) -> tuple[float, int]:
     """Mean token loss over ``seqs`` (in order, no dropout); returns (loss, tokens).
     ``loss_fn`` as in :func:`train_adapter` (default: the chunked loss without its
-    gradient work)."""
+    gradient work). With a process ``group`` each rank evaluates every W-th batch and
+    the sums are added over the group (every rank gets the same answer)."""
     if loss_fn is None:
         loss_fn = partial(default_loss, with_grad=False)
     was_training = model.training
@@ -134,6 +141,8 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
         for i, (x, y, m, seg) in enumerate(_micro_batches(seqs, cfg, 0, 0, shuffle=False)):
             if max_batches is not None and i >= max_batches:
                 break
+            if i % dist.size(group) != dist.rank(group):
+                continue
             s, n = loss_fn(model, x, y, m, cfg, **_segment_kwargs(loss_fn, seg))
             mx.eval(s, n)
             total += s.item()
@@ -141,6 +150,9 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
     finally:
         if was_training:
             model.train()
+    if group is not None:
+        total, count = dist.sum_scalars([total, count], group)
+        count = int(round(count))
     if count == 0:
         return float("nan"), 0
     return total / count, count
@@ -305,11 +317,15 @@ class _Batches:
         return batch
 
 
-def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig, step: int):
-    """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts."""
+def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig, step: int, group=None):
+    """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts
+    (data-parallel: this rank's micro-batches, then the sums over the group)."""
     acc, step_loss, step_tokens = None, 0.0, 0
+    mine = dist.my_micro_batches(cfg.grad_accumulation, group)
     for micro in range(cfg.grad_accumulation):
-        x, y, m, seg = batches.next()
+        x, y, m, seg = batches.next()  # every rank walks the whole stream: same data position
+        if micro not in mine:
+            continue
         # Dropout keys from (seed, micro-step): exact replay after resume.
         mx.random.seed((cfg.seed * 1_000_003 + step * cfg.grad_accumulation + micro) % 2**31)
         (s, n), g = grad_fn(x, y, m, **_segment_kwargs(loss_fn, seg))
@@ -317,7 +333,7 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
         mx.eval(s, n, acc)
         step_loss += s.item()
         step_tokens += int(n.item())
-    return acc, step_loss, step_tokens
+    return dist.sum_step(acc, step_loss, step_tokens, group)
 
 
 def _update(model, opt: optim.Optimizer, acc, step_tokens: int, cfg: TrainConfig, lr: float) -> float:
@@ -361,7 +377,7 @@ def _resume(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig) -> dic
 def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir: str | Path = "adapter",
                   *, loss_fn: Callable = default_loss, callback: Callable[[dict], None] | None = None,
                   resume: bool = True, save_formats: str = "both",
-                  log_path: str | Path | None = None, base_loss: bool = False) -> TrainResult:
+                  log_path: str | Path | None = None, base_loss: bool = False, group=None) -> TrainResult:
     """Train one LoRA adapter on ``data`` and save it to ``out_dir``.
 
     Args:
@@ -384,15 +400,26 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         log_path: the JSONL step log (default ``out_dir/train_log.jsonl``).
         base_loss: also measure the validation loss of the fresh adapter (B = 0: exactly
             the base) before training, as ``TrainResult.base_valid_loss``.
+        group: an ``mx.distributed`` group (``mozgach_mlx.distributed.init("data")``)
+            to train data-parallel: every rank calls this with the same model, data and
+            config (checked at the start); rank r computes micro-batches r, r + W, ...
+            of every step (``grad_accumulation`` must be a multiple of W), the LoRA
+            gradients are summed over the group, every rank takes the same step. Only
+            rank 0 writes files, logs and calls ``callback``; every rank returns the
+            same result.
 
     Returns:
         TrainResult with the loss history, validation loss/perplexity, tokens and timing.
     """
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = dist.is_main(group)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     splits = _resolve_data(data, tok, cfg)
     train, valid = splits["train"], splits.get("valid")
+    if group is not None:
+        _check_group(model, train, valid, cfg, group)
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
     with _model_settings(model, grad_checkpoint=cfg.grad_checkpoint, mlp_chunk=cfg.mlp_chunk,
@@ -400,20 +427,51 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         lora.ensure(model, cfg.lora)
         lora.reset(model, seed=cfg.seed)
         eval_fn = None if loss_fn is default_loss else loss_fn
-        base_valid = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)[0] if base_loss and valid else None
-        result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback, resume,
-                        Path(log_path) if log_path is not None else out_dir / LOG_FILE)
+        base_valid = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)[0] if base_loss and valid \
+            else None
+        result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback if main else None, resume,
+                        Path(log_path) if log_path is not None else out_dir / LOG_FILE, group)
         result.base_valid_loss = base_valid
-        lora.save(model, out_dir, format=save_formats, training=training_record(cfg))
-    atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
-    # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
-    # a crash before this line just replays the steps after the last checkpoint.
-    shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
+        if main:
+            lora.save(model, out_dir, format=save_formats, training=training_record(cfg))
+    if main:
+        atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
+        # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
+        # a crash before this line just replays the steps after the last checkpoint.
+        shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
     return result
 
 
+def _check_group(model, train, valid, cfg: TrainConfig, group) -> None:
+    """ConfigError on every rank unless all ranks train the same config over the same base
+    and data, with micro-batches that split evenly over the ranks."""
+    from .rundir import base_fingerprint
+
+    data = hashlib.sha256()
+    for seqs in (train, valid or []):
+        data.update(str(len(seqs)).encode())
+        for seq in seqs:
+            data.update(np.asarray(seq[0]).tobytes())
+    dist.check_same(group, config=cfg.fingerprint(), base=base_fingerprint(model), data=data.hexdigest()[:16])
+    dist.check_data_parallel(cfg.grad_accumulation, group)
+
+
+def _start(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig, resume: bool, group) -> dict | None:
+    """The checkpoint state to continue from (restored into model and optimizer); with a
+    group, rank 0 reads it and every rank gets rank 0's adapter, optimizer state and
+    progress, so all ranks start identical."""
+    state = dist.together(group, lambda: _resume(out_dir, model, opt, cfg) if resume else None, main_only=True)
+    if group is None:
+        return state
+    state = dist.broadcast_json(state, group)
+    params = dist.broadcast_tree(model.trainable_parameters(), group)
+    model.load_weights(tree_flatten(params), strict=False)
+    opt.state = dist.broadcast_tree(opt.state, group)
+    return state
+
+
 def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callable, eval_fn: Callable | None,
-           callback: Callable[[dict], None] | None, resume: bool, log_path: Path) -> TrainResult:
+           callback: Callable[[dict], None] | None, resume: bool, log_path: Path, group=None) -> TrainResult:
     """The optimisation loop of :func:`train_adapter` (adapter already fresh), then the
     final validation."""
     n_micro = math.ceil(len(train) / cfg.batch_size)
@@ -421,19 +479,20 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     opt = optim.AdamW(learning_rate=lr_at(0, cfg, total_steps), weight_decay=cfg.weight_decay)
     opt.init(model.trainable_parameters())
-    state = _resume(out_dir, model, opt, cfg) if resume else None
+    state = _start(out_dir, model, opt, cfg, resume, group)
     prog = _Progress.of(state)
-    log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else [])
+    main = dist.is_main(group)
+    log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else []) if main else None
 
     model.train()
     grad_fn = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    bar = _progress(cfg, total_steps, prog.step)
+    bar = _progress(cfg, total_steps, prog.step) if main else None
     batches = _Batches(train, cfg, prog)
     try:
         while prog.step < total_steps:
-            acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step)
+            acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group)
             loss_value = _check_step(loss_sum, step_tokens, prog.step, out_dir)
             gnorm = _update(model, opt, acc, step_tokens, cfg, lr_at(prog.step, cfg, total_steps))
             prog.step += 1
@@ -444,13 +503,14 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
                    "grad_norm": gnorm, "tokens": prog.tokens, "epoch": prog.epoch,
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
             if cfg.eval_every and valid and prog.step % cfg.eval_every == 0 and prog.step < total_steps:
-                rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)
-            log.write(rec)
+                rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)
+            if log is not None:
+                log.write(rec)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(prog.tokens - _tok0(state)) / elapsed:.0f}",
                                 peak=f"{mx.get_peak_memory() / 1e9:.2f}GB")
-            if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
+            if main and cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
                 _save_checkpoint(out_dir, model, opt, {
                     **dataclasses.asdict(prog), "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
             if callback is not None:
@@ -458,9 +518,10 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        if log is not None:
+            log.close()
 
-    valid_loss = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn)[0] if valid else None
+    valid_loss = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)[0] if valid else None
     losses = prog.losses
     return TrainResult(
         out_dir=str(out_dir), steps=prog.step, tokens=prog.tokens,
