@@ -50,5 +50,8 @@ def test_readers_parse_and_reject(monkeypatch):
     assert settings.blas() == "none"
     monkeypatch.setenv("MOZGACH_BLAS", "/opt/lib/libopenblas.so")
     assert settings.blas() == "/opt/lib/libopenblas.so"
+    for word in ("pip", "System"):
+        monkeypatch.setenv("MOZGACH_BLAS", word)
+        assert settings.blas() == word.lower()
     monkeypatch.setenv("MOZGACH_MALLOC", "default")
     assert settings.malloc_default()
