@@ -202,7 +202,10 @@ def read_slot(address: int) -> int:
     return ctypes.c_uint64.from_address(address).value
 
 
-def _write_slot(address: int, value: int, maps: list) -> None:
+def write_slot(address: int, value: int, maps: list | None = None) -> None:
+    """Store the pointer ``value`` at ``address``; a read-only page is made writable for
+    the store and given its old protection back (``maps``: :func:`mappings`, if known)."""
+    maps = mappings() if maps is None else maps
     row = next((m for m in maps if m[0] <= address < m[1]), None)
     if row is None:
         raise BindError(f"slot {address:#x} is not mapped")
@@ -264,11 +267,11 @@ def bind(library_path: str, check=None) -> Binding:
     try:
         for name, addrs in slots.items():
             for a in addrs:
-                _write_slot(a, targets[name], maps)
+                write_slot(a, targets[name], maps)
         (check or self_check)()
     except Exception as e:  # restore on any failure, then report it as one BindError
         for a, v in old.items():
-            _write_slot(a, v, maps)
+            write_slot(a, v, maps)
         raise BindError(f"self-check after binding {library_path} failed, bundled BLAS restored: {e}") from e
     _KEEP.append(lib)  # the library must stay loaded while MLX calls into it
     return Binding(library_path, slots, targets)

@@ -203,6 +203,28 @@ def test_missing_library_warns_once_and_stays_correct():
     assert "slow bundled BLAS" in out[1] and "/no/libx.so" in out[1]
 
 
+@linux
+def test_write_slot_on_a_read_only_page_restores_its_protection():
+    """The RELRO / BIND_NOW case: the GOT page is read-only after relocation."""
+    import ctypes
+    import mmap
+
+    buf = mmap.mmap(-1, mmap.PAGESIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(addr, mmap.PAGESIZE, 1) == 0  # PROT_READ
+
+    def perms():
+        return next(m[2] for m in blasbind.mappings() if m[0] <= addr < m[1])
+
+    assert perms().startswith("r--")
+    blasbind.write_slot(addr + 8, 0x1234_5678_9ABC)
+    assert blasbind.read_slot(addr + 8) == 0x1234_5678_9ABC
+    assert perms().startswith("r--")
+    libc.mprotect(addr, mmap.PAGESIZE, 3)  # writable again, so the buffer can be released
+
+
 def test_self_check_passes_in_this_process():
     blasbind.self_check()  # whatever BLAS is bound here, MLX's products equal numpy's
 
