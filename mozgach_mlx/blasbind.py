@@ -281,14 +281,16 @@ _KEEP: list[ctypes.CDLL] = []
 
 
 def self_check() -> None:
-    """Matmuls of float32/float64/complex64 through MLX equal numpy's float64 product.
+    """Matmuls of float32/float64/complex64 through MLX equal a BLAS-free numpy product.
 
     Shapes cover 1x1, odd sizes, both operands transposed (MLX passes the transpose flags
-    to the GEMM instead of copying) and ``addmm``'s alpha/beta. Raises AssertionError.
+    to the GEMM instead of copying) and ``addmm``'s alpha/beta. All products are evaluated
+    in one ``mx.eval``. Raises AssertionError.
     """
     import mlx.core as mx
 
     rng = np.random.default_rng(1234)
+    cases, got = [], []
     for mdt, ndt, tol in ((mx.float32, np.float32, 1e-4), (mx.float64, np.float64, 1e-10),
                           (mx.complex64, np.complex64, 1e-4)):
         for m, k, n in ((1, 1, 1), (3, 17, 5), (33, 65, 130)):
@@ -296,14 +298,15 @@ def self_check() -> None:
             ma, mb, mc = (mx.array(x, dtype=mdt) for x in (a, b, c))  # mx.array(float64) is float32
             at, bt = (mx.array(np.ascontiguousarray(x.T), dtype=mdt).T for x in (a, b))
             with mx.stream(mx.cpu):
-                got = [ma @ mb, at @ bt, mx.addmm(mc, ma, mb, alpha=0.5, beta=2.0)]
-                mx.eval(got)
-            assert all(g.dtype == mdt for g in got), f"{mdt}: MLX returned {[g.dtype for g in got]}"
-            ref = a.astype(np.complex128) @ b.astype(np.complex128)
-            want = [ref, ref, 0.5 * ref + 2.0 * c.astype(np.complex128)]
-            for g, w in zip(got, want, strict=True):
-                err = np.abs(np.array(g) - w).max() / (np.abs(w).max() + 1e-30)
-                assert err < tol, f"{mdt} {m}x{k}x{n}: relative error {err:.2e}"
+                got += [ma @ mb, at @ bt, mx.addmm(mc, ma, mb, alpha=0.5, beta=2.0)]
+            # broadcast-multiply-sum in complex128: no BLAS (numpy's own is an OpenBLAS too)
+            ref = (a.astype(np.complex128)[:, :, None] * b.astype(np.complex128)[None, :, :]).sum(axis=1)
+            cases += [(mdt, tol, f"{m}x{k}x{n}", w) for w in (ref, ref, 0.5 * ref + 2.0 * c.astype(np.complex128))]
+    mx.eval(got)
+    for g, (mdt, tol, shape, w) in zip(got, cases, strict=True):
+        assert g.dtype == mdt, f"{mdt} {shape}: MLX returned {g.dtype}"
+        err = np.abs(np.array(g) - w).max() / (np.abs(w).max() + 1e-30)
+        assert err < tol, f"{mdt} {shape}: relative error {err:.2e}"
 
 
 def _rand(rng, shape, dtype):
