@@ -7,7 +7,8 @@ import order does not matter. By default it uses the ``scipy-openblas32`` pip wh
 Linux dependency of this package), else a system OpenBLAS (Debian/Ubuntu, Fedora).
 
 Environment (read by :mod:`mozgach_mlx.settings`): ``MOZGACH_BLAS`` (``pip``,
-``system``, a library path, or ``none`` to keep MLX's own), ``MOZGACH_MALLOC``
+``system``, a library path, or ``none`` to keep MLX's own), ``MOZGACH_BLAS_THREADS``
+(default 1 for the pip wheel, see :func:`blasbind.set_threads`), ``MOZGACH_MALLOC``
 (``default`` keeps glibc's malloc thresholds, see :func:`tune_malloc`).
 """
 
@@ -104,6 +105,8 @@ def load_fast_blas() -> str | None:
             failures.append(str(e))
             continue
         _blas_path, _blas_reason = path, "bound"
+        threads = settings.blas_threads()
+        blasbind.set_threads(_binding, threads if threads is not None else (1 if path == pip_blas() else None))
         return path
     _blas_reason = "; ".join(failures)
     warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)
@@ -176,6 +179,7 @@ def info() -> dict:
         "mlx_version": mx.__version__,
         "default_device": str(mx.default_device()),
         "cpu_blas": path or f"bundled reference BLAS ({reason})",
+        "cpu_blas_threads": blasbind.set_threads(_binding) if _binding else None,
         "malloc_tuned": _malloc_tuned,
         "kernels": kernels_available(),
     }

@@ -61,6 +61,7 @@ class Binding:
     library: str
     slots: dict[str, tuple[int, ...]]
     targets: dict[str, int]
+    prefix: str = ""
 
 
 # ---------------------------------------------------------------------------- ELF file
@@ -258,7 +259,7 @@ def bind(library_path: str, check=None) -> Binding:
     :func:`self_check` by default); if it raises, the old slot values are written back and
     :class:`BindError` is raised with its message.
     """
-    lib, targets, _prefix = open_library(library_path)
+    lib, targets, prefix = open_library(library_path)
     mlx_path, bias = loaded_libmlx()
     rel = gemm_slots(mlx_path)
     slots = {n: tuple(bias + r for r in offs) for n, offs in rel.items()}
@@ -273,11 +274,30 @@ def bind(library_path: str, check=None) -> Binding:
         for a, v in old.items():
             write_slot(a, v, maps)
         raise BindError(f"self-check after binding {library_path} failed, bundled BLAS restored: {e}") from e
-    _KEEP.append(lib)  # the library must stay loaded while MLX calls into it
-    return Binding(library_path, slots, targets)
+    _KEEP[library_path] = lib  # the library must stay loaded while MLX calls into it
+    return Binding(library_path, slots, targets, prefix)
 
 
-_KEEP: list[ctypes.CDLL] = []
+_KEEP: dict[str, ctypes.CDLL] = {}
+
+
+def set_threads(binding: Binding, n: int | None = None) -> int | None:
+    """Set (if ``n``) and return the bound OpenBLAS's thread count; None if it has no such call.
+
+    Why it matters: on the shared 2-core dev machine the scipy-openblas32 build's 2-thread
+    GEMM was 10-700x *slower* than its 1-thread GEMM at n=128-512 (the caller waits for a
+    worker thread the loaded scheduler does not run), while Debian's OpenBLAS 0.3.21 was not
+    (benchmarks/RESULTS.md).
+    """
+    lib = _KEEP.get(binding.library) or ctypes.CDLL(binding.library)
+    getter = getattr(lib, binding.prefix + "openblas_get_num_threads", None)
+    setter = getattr(lib, binding.prefix + "openblas_set_num_threads", None)
+    if getter is None or setter is None:
+        return None
+    if n is not None:
+        setter.argtypes = (ctypes.c_int,)
+        setter(n)
+    return int(getter())
 
 
 def self_check() -> None:

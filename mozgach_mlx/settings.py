@@ -12,6 +12,7 @@ This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
 variable                         values                                      default
 ===============================  ==========================================  ============
 MOZGACH_BLAS                     ``pip|system|none`` or a library path       auto
+MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1)        1 for pip
 MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tuned
 MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
@@ -33,6 +34,8 @@ VARIABLES = {
     "MOZGACH_BLAS": ("`pip`, `system`, `none`, or a path of an OpenBLAS library", "auto: `pip`, else `system`",
                      "the OpenBLAS MLX's CPU matmuls are rebound to (Linux): `pip` is the scipy-openblas32 "
                      "wheel, `system` apt's/dnf's, `none` keeps MLX's slow bundled BLAS"),
+    "MOZGACH_BLAS_THREADS": ("integer >= 1", "1 for `pip`, all cores for another OpenBLAS",
+                             "threads of the bound OpenBLAS (Linux)"),
     "MOZGACH_MALLOC": ("`default`", "tuned", "`default` keeps glibc's malloc thresholds (Linux)"),
     "MOZGACH_ATTENTION": ("`blockwise`, `metal`, `cuda`, `reference`", "auto",
                           "force an attention implementation"),
@@ -53,6 +56,20 @@ def blas() -> str | None:
     if not value:
         return None
     return value.lower() if value.lower() in ("none", "pip", "system") else value
+
+
+def blas_threads() -> int | None:
+    """``MOZGACH_BLAS_THREADS``: threads of the bound OpenBLAS, or None (the default)."""
+    value = _get("MOZGACH_BLAS_THREADS")
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"MOZGACH_BLAS_THREADS={value!r} must be an integer >= 1; unset it for the default.")
+    return n
 
 
 def malloc_default() -> bool:
