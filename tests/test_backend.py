@@ -42,6 +42,19 @@ def test_blas_can_be_disabled_by_env():
     assert out == "None"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS loading is Linux-only")
+def test_blas_threads_default_one_for_pip_and_overridable():
+    """The count is read back from the library itself (openblas_get_num_threads)."""
+    if backend.pip_blas() is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    code = "import mozgach_mlx.backend as b, mozgach_mlx; print(b.info()['cpu_blas_threads'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOZGACH_", "OPENBLAS_NUM"))}
+    for extra, want in (({}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2")):
+        out = subprocess.run([sys.executable, "-c", code], env=env | {"MOZGACH_BLAS": "pip"} | extra,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == want, extra
+
+
 def test_mlx_imported_first_gives_no_warning():
     if backend.pip_blas() is None and backend.system_blas() is None:
         pytest.skip("no OpenBLAS installed here")
