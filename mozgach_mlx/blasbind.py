@@ -17,8 +17,11 @@ How (Linux ELF64, x86_64 and aarch64):
    ``GLOB_DAT`` relocations (a plain pointer slot) are accepted, anything else aborts;
 3. write the new function's address into each slot (``mprotect`` it writable first if
    its page is read-only, e.g. under ``BIND_NOW`` + RELRO, and restore the protection);
-4. self-check: matmuls of every bound dtype (odd shapes, transposed operands, ``addmm``
-   with alpha/beta) must equal numpy's float64 product; on a mismatch every slot is
+   Before any write, each slot must lie in libmlx.so's own mapping and hold a pointer
+   into executable memory (the function the dynamic linker bound, or the PLT stub), so
+   a file that differs from the loaded one cannot make us overwrite anything else;
+4. self-check: matmuls of every dtype (odd shapes, transposed operands, ``addmm`` with
+   alpha/beta) must equal a BLAS-free numpy product; on a mismatch every slot is
    restored to its old value.
 
 Only the three GEMMs are rebound; MLX's LAPACK imports (``sgetrf_`` ...) keep the
@@ -266,6 +269,7 @@ def bind(library_path: str, check=None) -> Binding:
     slots = {n: tuple(bias + r for r in offs) for n, offs in rel.items()}
     maps = mappings()
     old = {a: read_slot(a) for addrs in slots.values() for a in addrs}
+    _check_slots(old, mlx_path, maps)
     try:
         for name, addrs in slots.items():
             for a in addrs:
@@ -280,6 +284,17 @@ def bind(library_path: str, check=None) -> Binding:
 
 
 _KEEP: dict[str, ctypes.CDLL] = {}
+
+
+def _check_slots(old: dict[int, int], mlx_path: str, maps: list) -> None:
+    real = os.path.realpath(mlx_path)
+    for slot, value in old.items():
+        home = next((m for m in maps if m[0] <= slot < m[1]), None)
+        if home is None or os.path.realpath(home[3] or "/") != real:
+            raise BindError(f"computed GOT slot {slot:#x} is not inside {mlx_path}; not binding")
+        target = next((m for m in maps if m[0] <= value < m[1]), None)
+        if target is None or "x" not in target[2]:
+            raise BindError(f"GOT slot {slot:#x} holds {value:#x}, not a code address; not binding")
 
 
 def set_threads(binding: Binding, n: int | None = None) -> int | None:

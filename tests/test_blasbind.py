@@ -245,3 +245,21 @@ def test_fresh_venv_pip_only(tmp_path):
     assert "scipy_openblas32" in out["lib"] and str(env_dir) in out["lib"], out["lib"]
     assert_bound(out)
     assert np.isfinite(out["err"])
+
+
+@linux
+def test_bind_refuses_slots_that_do_not_hold_code_pointers(monkeypatch):
+    """A parse that points at the wrong place (here: libmlx.so's ELF header, and an address
+    past its end) is refused before anything is written."""
+    lib = backend.pip_blas() or backend.system_blas()
+    if lib is None:
+        pytest.skip("no OpenBLAS to bind")
+    path, bias = blasbind.loaded_libmlx()
+    header = blasbind.read_slot(bias)
+    monkeypatch.setattr(blasbind, "gemm_slots", lambda p: {"cblas_sgemm": [0]})
+    with pytest.raises(blasbind.BindError, match="not a code address"):
+        blasbind.bind(lib)
+    assert blasbind.read_slot(bias) == header
+    monkeypatch.setattr(blasbind, "gemm_slots", lambda p: {"cblas_sgemm": [1 << 40]})
+    with pytest.raises(blasbind.BindError, match="not inside"):
+        blasbind.bind(lib)
