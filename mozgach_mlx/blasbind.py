@@ -268,8 +268,7 @@ def bind(library_path: str, check=None) -> Binding:
     rel = gemm_slots(mlx_path)
     slots = {n: tuple(bias + r for r in offs) for n, offs in rel.items()}
     maps = mappings()
-    old = {a: read_slot(a) for addrs in slots.values() for a in addrs}
-    _check_slots(old, mlx_path, maps)
+    old = _current_slots([a for addrs in slots.values() for a in addrs], mlx_path, maps)
     try:
         for name, addrs in slots.items():
             for a in addrs:
@@ -286,15 +285,19 @@ def bind(library_path: str, check=None) -> Binding:
 _KEEP: dict[str, ctypes.CDLL] = {}
 
 
-def _check_slots(old: dict[int, int], mlx_path: str, maps: list) -> None:
+def _current_slots(slots: list[int], mlx_path: str, maps: list) -> dict[int, int]:
+    """slot -> the pointer it holds, once each slot is known to lie in libmlx.so's mapping."""
     real = os.path.realpath(mlx_path)
-    for slot, value in old.items():
+    old = {}
+    for slot in slots:
         home = next((m for m in maps if m[0] <= slot < m[1]), None)
         if home is None or os.path.realpath(home[3] or "/") != real:
             raise BindError(f"computed GOT slot {slot:#x} is not inside {mlx_path}; not binding")
+        old[slot] = value = read_slot(slot)
         target = next((m for m in maps if m[0] <= value < m[1]), None)
         if target is None or "x" not in target[2]:
             raise BindError(f"GOT slot {slot:#x} holds {value:#x}, not a code address; not binding")
+    return old
 
 
 def set_threads(binding: Binding, n: int | None = None) -> int | None:
