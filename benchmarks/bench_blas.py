@@ -63,7 +63,7 @@ def main() -> None:
     configs = [("MLX bundled BLAS", "none", None), ("pip scipy-openblas32", "pip", None),
                ("pip, 2 threads", "pip", 2)]
     if backend.system_blas():
-        configs += [("system OpenBLAS", "system", None), ("system, 1 thread", "system", 1)]
+        configs += [("system OpenBLAS", "system", None), ("system, 2 threads", "system", 2)]
     for n in args.n:
         rows = [(label, run(blas, n, args.repeats, thr)) for label, blas, thr in configs]
         print(f"GEMM {n}x{n}x{n}, GFLOP/s")

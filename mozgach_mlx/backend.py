@@ -8,7 +8,7 @@ Linux dependency of this package), else a system OpenBLAS (Debian/Ubuntu, Fedora
 
 Environment (read by :mod:`mozgach_mlx.settings`): ``MOZGACH_BLAS`` (``pip``,
 ``system``, a library path, or ``none`` to keep MLX's own), ``MOZGACH_BLAS_THREADS``
-(default 1 for the pip wheel, see :func:`blasbind.set_threads`), ``MOZGACH_MALLOC``
+(default 1, see :func:`blasbind.set_threads`), ``MOZGACH_MALLOC``
 (``default`` keeps glibc's malloc thresholds, see :func:`tune_malloc`).
 """
 
@@ -106,7 +106,7 @@ def load_fast_blas() -> str | None:
             continue
         _blas_path, _blas_reason = path, "bound"
         threads = settings.blas_threads()
-        blasbind.set_threads(_binding, threads if threads is not None else (1 if path == pip_blas() else None))
+        blasbind.set_threads(_binding, 1 if threads is None else threads)
         return path
     _blas_reason = "; ".join(failures)
     warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)

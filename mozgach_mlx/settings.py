@@ -12,7 +12,7 @@ This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
 variable                         values                                      default
 ===============================  ==========================================  ============
 MOZGACH_BLAS                     ``pip|system|none`` or a library path       auto
-MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1)        1 for pip
+MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1)        1
 MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tuned
 MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
@@ -34,8 +34,7 @@ VARIABLES = {
     "MOZGACH_BLAS": ("`pip`, `system`, `none`, or a path of an OpenBLAS library", "auto: `pip`, else `system`",
                      "the OpenBLAS MLX's CPU matmuls are rebound to (Linux): `pip` is the scipy-openblas32 "
                      "wheel, `system` apt's/dnf's, `none` keeps MLX's slow bundled BLAS"),
-    "MOZGACH_BLAS_THREADS": ("integer >= 1", "1 for `pip`, all cores for another OpenBLAS",
-                             "threads of the bound OpenBLAS (Linux)"),
+    "MOZGACH_BLAS_THREADS": ("integer >= 1", "1", "threads of the bound OpenBLAS (Linux)"),
     "MOZGACH_MALLOC": ("`default`", "tuned", "`default` keeps glibc's malloc thresholds (Linux)"),
     "MOZGACH_ATTENTION": ("`blockwise`, `metal`, `cuda`, `reference`", "auto",
                           "force an attention implementation"),

@@ -43,7 +43,7 @@ def test_blas_can_be_disabled_by_env():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS loading is Linux-only")
-def test_blas_threads_default_one_for_pip_and_overridable():
+def test_blas_threads_default_one_and_overridable():
     """The count is read back from the library itself (openblas_get_num_threads)."""
     if backend.pip_blas() is None:
         pytest.skip("scipy-openblas32 is not installed")
