@@ -303,10 +303,11 @@ def _current_slots(slots: list[int], mlx_path: str, maps: list) -> dict[int, int
 def set_threads(binding: Binding, n: int | None = None) -> int | None:
     """Set (if ``n``) and return the bound OpenBLAS's thread count; None if it has no such call.
 
-    Why it matters: on the shared, oversubscribed 2-core dev machine a 2-thread OpenBLAS
-    GEMM (the pip build and Debian's alike) was erratic: medians 2-25x below the 1-thread
-    GEMM at n=256-1024, single calls up to 700x slower (the caller waits for a worker
-    thread the loaded scheduler does not run); see benchmarks/RESULTS.md.
+    Why it matters: on the shared, oversubscribed 2-core dev machine 2-thread OpenBLAS
+    GEMMs (pip and Debian builds alike) were erratic, from 2x faster to 700x slower than
+    1 thread from run to run (the caller waits for a worker thread the loaded scheduler
+    does not run), and the default 108-adapter run with 2 threads cost ~50 CPU-s per
+    adapter instead of ~3.6; see benchmarks/RESULTS.md.
     """
     lib = _KEEP.get(binding.library) or ctypes.CDLL(binding.library)
     getter = getattr(lib, binding.prefix + "openblas_get_num_threads", None)
