@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import blasbind, settings
+from .errors import ConfigError
 
 # Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial), Fedora, Homebrew-on-Linux.
 _BLAS_CANDIDATES = (
@@ -95,18 +96,21 @@ def load_fast_blas() -> str | None:
                         "mozgach-mlx on Linux) or set MOZGACH_BLAS=/path/libopenblas.so")
         warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)
         return None
+    try:
+        threads = settings.blas_threads() or 1
+    except ConfigError as e:  # a bad value must not break `import mozgach_mlx`
+        warnings.warn(f"mozgach_mlx: {e} Using 1.", stacklevel=3)
+        threads = 1
     import mlx.core  # noqa: F401  (libmlx.so must be loaded before its slots are rebound)
 
     failures = []
     for path in candidates:
         try:
-            _binding = blasbind.bind(path)
+            _binding = blasbind.bind(path, threads=threads)
         except blasbind.BindError as e:
             failures.append(str(e))
             continue
         _blas_path, _blas_reason = path, "bound"
-        threads = settings.blas_threads()
-        blasbind.set_threads(_binding, 1 if threads is None else threads)
         return path
     _blas_reason = "; ".join(failures)
     warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)

@@ -256,14 +256,18 @@ def open_library(path: str) -> tuple[ctypes.CDLL, dict[str, int], str]:
     raise BindError(f"{path} exports no {GEMMS[0]} (plain or scipy_-prefixed)")
 
 
-def bind(library_path: str, check=None) -> Binding:
+def bind(library_path: str, check=None, threads: int | None = None) -> Binding:
     """Rebind libmlx.so's GEMM slots to ``library_path``'s, self-check, restore on failure.
 
     ``check`` is a callable run after the slots are written (the numeric self-check,
     :func:`self_check` by default); if it raises, the old slot values are written back and
-    :class:`BindError` is raised with its message.
+    :class:`BindError` is raised with its message. ``threads``: the library's thread
+    count, set before the self-check (None keeps the library's own default).
     """
     lib, targets, prefix = open_library(library_path)
+    _KEEP.setdefault(library_path, lib)
+    if threads is not None:
+        set_threads(Binding(library_path, {}, targets, prefix), threads)
     mlx_path, bias = loaded_libmlx()
     rel = gemm_slots(mlx_path)
     slots = {n: tuple(bias + r for r in offs) for n, offs in rel.items()}
@@ -278,7 +282,7 @@ def bind(library_path: str, check=None) -> Binding:
         for a, v in old.items():
             write_slot(a, v, maps)
         raise BindError(f"self-check after binding {library_path} failed, bundled BLAS restored: {e}") from e
-    _KEEP[library_path] = lib  # the library must stay loaded while MLX calls into it
+    _KEEP[library_path] = lib  # the library must stay loaded while MLX calls into it (ctypes never unloads)
     return Binding(library_path, slots, targets, prefix)
 
 

@@ -49,10 +49,11 @@ def test_blas_threads_default_one_and_overridable():
         pytest.skip("scipy-openblas32 is not installed")
     code = "import mozgach_mlx.backend as b, mozgach_mlx; print(b.info()['cpu_blas_threads'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOZGACH_", "OPENBLAS_NUM"))}
-    for extra, want in (({}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2")):
-        out = subprocess.run([sys.executable, "-c", code], env=env | {"MOZGACH_BLAS": "pip"} | extra,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        assert out == want, extra
+    for extra, want in (({}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2"), ({"MOZGACH_BLAS_THREADS": "x"}, "1")):
+        res = subprocess.run([sys.executable, "-c", code], env=env | {"MOZGACH_BLAS": "pip"} | extra,
+                             capture_output=True, text=True, check=True)
+        assert res.stdout.strip() == want, extra
+        assert ("MOZGACH_BLAS_THREADS='x'" in res.stderr) == (extra.get("MOZGACH_BLAS_THREADS") == "x")
 
 
 def test_mlx_imported_first_gives_no_warning():
