@@ -2,9 +2,9 @@
 
 from . import backend as _backend
 
-# Must run before anything imports mlx.core (see backend.py).
-_backend.load_fast_blas()
+# Point MLX's CPU GEMM at OpenBLAS (works whether or not mlx.core was imported first).
 _backend.tune_malloc()
+_backend.load_fast_blas()
 
 from . import attention, data, distributed, lora, loss, models, quant, synthetic  # noqa: E402
 from .bank import AdapterBank, GenerationConfig  # noqa: E402

@@ -1,27 +1,29 @@
 """Which backend MLX runs on, the fast CPU BLAS, and which attention kernels exist.
 
-Importing this module must not import ``mlx.core`` before :func:`load_fast_blas` ran:
-the ``mlx[cpu]`` wheel links a slow reference BLAS (~3-5 GFLOP/s fp32 GEMM measured on
-the 2-core dev machine) and the dynamic linker binds ``cblas_sgemm`` to the first
-library that exports it. Loading an optimized CBLAS (OpenBLAS) with ``RTLD_GLOBAL``
-*before* ``mlx.core`` makes MLX use it (~130-180 GFLOP/s on the same machine; see
-benchmarks/RESULTS.md).
+The ``mlx[cpu]`` wheel links a slow reference BLAS (~3-5 GFLOP/s fp32 GEMM measured on
+the 2-core dev machine). :func:`load_fast_blas` rebinds MLX's GEMM imports to an
+optimized OpenBLAS (:mod:`mozgach_mlx.blasbind`), after ``mlx.core`` is loaded, so the
+import order does not matter. By default it uses the ``scipy-openblas32`` pip wheel (a
+Linux dependency of this package), else a system OpenBLAS (Debian/Ubuntu, Fedora).
 
-Environment (read by :mod:`mozgach_mlx.settings`): ``MOZGACH_BLAS`` (path of a CBLAS
-shared library to load, or ``none`` to keep MLX's own), ``MOZGACH_MALLOC`` (``default``
-keeps glibc's malloc thresholds, see :func:`tune_malloc`).
+Environment (read by :mod:`mozgach_mlx.settings`): ``MOZGACH_BLAS`` (``pip``,
+``system``, a library path, or ``none`` to keep MLX's own), ``MOZGACH_BLAS_THREADS``
+(default 1, see :func:`blasbind.set_threads`), ``MOZGACH_MALLOC``
+(``default`` keeps glibc's malloc thresholds, see :func:`tune_malloc`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
 
-from . import settings
+from . import blasbind, settings
+from .errors import ConfigError
 
 # Debian/Ubuntu (libopenblas0-pthread / -openmp / -serial), Fedora, Homebrew-on-Linux.
 _BLAS_CANDIDATES = (
@@ -36,49 +38,88 @@ _BLAS_CANDIDATES = (
 
 _blas_path: str | None = None
 _blas_reason: str = "not attempted"
+_binding: blasbind.Binding | None = None
 
 
-def _find_blas() -> str | None:
-    env = settings.blas()
-    if env:
-        return None if env == "none" else env
+def pip_blas() -> str | None:
+    """Path of the ``scipy-openblas32`` wheel's library, or None if it is not installed.
+
+    Found without importing the package (its ``__init__`` loads the library globally).
+    """
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        libs = sorted((Path(folder) / "lib").glob("libscipy_openblas*.so*"))
+        if libs:
+            return str(libs[0])
+    return None
+
+
+def system_blas() -> str | None:
+    """Path of a system OpenBLAS (apt/dnf), or None."""
     for cand in _BLAS_CANDIDATES:
         if Path(cand).exists():
             return cand
-    name = ctypes.util.find_library("openblas")
-    return name
+    return ctypes.util.find_library("openblas")
+
+
+def _candidates(choice: str | None) -> list[str]:
+    if choice == "pip":
+        return [p for p in (pip_blas(),) if p]
+    if choice == "system":
+        return [p for p in (system_blas(),) if p]
+    if choice is not None:
+        return [choice]
+    return [p for p in (pip_blas(), system_blas()) if p]
 
 
 def load_fast_blas() -> str | None:
-    """Load an optimized CBLAS globally so MLX's CPU GEMM uses it. Idempotent.
+    """Point MLX's CPU GEMM at an optimized OpenBLAS. Idempotent; any import order.
 
-    Returns the path loaded, or None (not Linux, none installed, disabled, or
-    ``mlx.core`` was imported first). Never raises: the slow BLAS is still correct.
+    Returns the library bound, or None (not Linux, disabled, none found, or the
+    binding's self-check failed: one warning, and MLX's own BLAS stays, still correct).
     """
-    global _blas_path, _blas_reason
-    if _blas_path is not None or _blas_reason != "not attempted":
+    global _blas_path, _blas_reason, _binding
+    if _blas_reason != "not attempted":
         return _blas_path
     if not sys.platform.startswith("linux"):
         _blas_reason = "not Linux (macOS uses Accelerate/Metal)"
         return None
-    path = _find_blas()
-    if path is None:
-        _blas_reason = ("no OpenBLAS found; install it (Debian/Ubuntu: apt install "
-                        "libopenblas0-pthread) or set MOZGACH_BLAS=/path/libopenblas.so")
+    choice = settings.blas()
+    if choice == "none":
+        _blas_reason = "disabled by MOZGACH_BLAS=none"
         return None
-    if "mlx.core" in sys.modules:
-        _blas_reason = "mlx.core was imported before mozgach_mlx; import mozgach_mlx first"
-        warnings.warn(f"mozgach_mlx: fast BLAS not loaded: {_blas_reason}", stacklevel=3)
+    candidates = _candidates(choice)
+    if not candidates:
+        _blas_reason = ("no OpenBLAS found; `pip install scipy-openblas32` (a dependency of "
+                        "mozgach-mlx on Linux) or set MOZGACH_BLAS=/path/libopenblas.so")
+        warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)
         return None
     try:
-        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
-        _blas_reason = f"could not load {path}: {e}"
-        warnings.warn(f"mozgach_mlx: {_blas_reason}", stacklevel=3)
-        return None
-    _blas_path = path
-    _blas_reason = "loaded"
-    return path
+        threads = settings.blas_threads() or 1
+    except ConfigError as e:  # a bad value must not break `import mozgach_mlx`
+        warnings.warn(f"mozgach_mlx: {e} Using 1.", stacklevel=3)
+        threads = 1
+    import mlx.core  # noqa: F401  (libmlx.so must be loaded before its slots are rebound)
+
+    failures = []
+    for path in candidates:
+        try:
+            _binding = blasbind.bind(path, threads=threads)
+        except blasbind.BindError as e:
+            failures.append(str(e))
+            continue
+        _blas_path, _blas_reason = path, "bound"
+        return path
+    _blas_reason = "; ".join(failures)
+    warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)
+    return None
+
+
+def blas_binding() -> blasbind.Binding | None:
+    """The GOT slots rewritten by :func:`load_fast_blas` and their targets, or None."""
+    return _binding
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -142,6 +183,7 @@ def info() -> dict:
         "mlx_version": mx.__version__,
         "default_device": str(mx.default_device()),
         "cpu_blas": path or f"bundled reference BLAS ({reason})",
+        "cpu_blas_threads": blasbind.set_threads(_binding) if _binding else None,
         "malloc_tuned": _malloc_tuned,
         "kernels": kernels_available(),
     }

@@ -3,7 +3,7 @@
 Each variable has one reader here; nothing else in the package looks at ``os.environ``.
 Readers run at the moment the setting matters (most at call time, so a test or a user
 can change them between calls; ``MOZGACH_BLAS`` / ``MOZGACH_MALLOC`` only matter at
-import, before ``mlx.core`` loads). A value outside the allowed set raises
+``import mozgach_mlx``). A value outside the allowed set raises
 :class:`~mozgach_mlx.errors.ConfigError` naming the variable and the values it takes.
 
 This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
@@ -11,7 +11,8 @@ This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
 ===============================  ==========================================  ============
 variable                         values                                      default
 ===============================  ==========================================  ============
-MOZGACH_BLAS                     path of a CBLAS library, or ``none``        auto-detect
+MOZGACH_BLAS                     ``pip|system|none`` or a library path       auto
+MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1)        1
 MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tuned
 MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
@@ -30,8 +31,10 @@ QMATMUL_MODES = ("auto", "dequant", "quantized")
 
 # name -> (values, default, what it does): the README's table is generated from the same facts.
 VARIABLES = {
-    "MOZGACH_BLAS": ("path of a CBLAS shared library, or `none`", "auto-detect OpenBLAS",
-                     "the fast CPU BLAS loaded before `mlx.core` (Linux)"),
+    "MOZGACH_BLAS": ("`pip`, `system`, `none`, or a path of an OpenBLAS library", "auto: `pip`, else `system`",
+                     "the OpenBLAS MLX's CPU matmuls are rebound to (Linux): `pip` is the scipy-openblas32 "
+                     "wheel, `system` apt's/dnf's, `none` keeps MLX's slow bundled BLAS"),
+    "MOZGACH_BLAS_THREADS": ("integer >= 1", "1", "threads of the bound OpenBLAS (Linux)"),
     "MOZGACH_MALLOC": ("`default`", "tuned", "`default` keeps glibc's malloc thresholds (Linux)"),
     "MOZGACH_ATTENTION": ("`blockwise`, `metal`, `cuda`, `reference`", "auto",
                           "force an attention implementation"),
@@ -46,11 +49,26 @@ def _get(name: str) -> str:
 
 
 def blas() -> str | None:
-    """``MOZGACH_BLAS``: a library path, ``"none"`` (keep MLX's own BLAS), or None (auto)."""
+    """``MOZGACH_BLAS``: ``"pip"``, ``"system"``, ``"none"`` (keep MLX's own BLAS), a library
+    path, or None (auto: pip, else system)."""
     value = _get("MOZGACH_BLAS")
     if not value:
         return None
-    return "none" if value.lower() == "none" else value
+    return value.lower() if value.lower() in ("none", "pip", "system") else value
+
+
+def blas_threads() -> int | None:
+    """``MOZGACH_BLAS_THREADS``: threads of the bound OpenBLAS, or None (the default)."""
+    value = _get("MOZGACH_BLAS_THREADS")
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"MOZGACH_BLAS_THREADS={value!r} must be an integer >= 1; unset it for the default.")
+    return n
 
 
 def malloc_default() -> bool:

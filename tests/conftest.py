@@ -1,4 +1,4 @@
-# ruff: noqa: I001  (import order matters: mozgach_mlx must load the fast BLAS before mlx.core)
+# ruff: noqa: I001  (mozgach_mlx first: no longer required for the fast BLAS, see blasbind.py; kept as is)
 """Shared fixtures and the small seeded model builders the test files use
 (``from conftest import small_config, randomize``)."""
 

@@ -1,6 +1,6 @@
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -18,12 +18,13 @@ def test_info_reports_backend_and_kernels():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS loading is Linux-only")
-def test_fast_blas_loaded_when_installed():
+def test_fast_blas_bound_when_installed():
     path, reason = backend.blas_status()
-    installed = [c for c in backend._BLAS_CANDIDATES if Path(c).exists()]
-    if not installed:
+    expected = backend.pip_blas() or backend.system_blas()
+    if expected is None:
         pytest.skip("no OpenBLAS installed here: " + reason)
-    assert path in installed, reason
+    assert (path, reason) == (expected, "bound")
+    assert backend.info()["cpu_blas"] == path
 
 
 def test_gemm_matches_numpy_with_loaded_blas():
@@ -41,15 +42,28 @@ def test_blas_can_be_disabled_by_env():
     assert out == "None"
 
 
-def test_warns_when_mlx_imported_first():
-    code = ("import warnings; warnings.simplefilter('error');\n"
-            "import mlx.core\n"
-            "try:\n    import mozgach_mlx\nexcept UserWarning as e:\n    print('warned:', e)\n")
-    installed = [c for c in backend._BLAS_CANDIDATES if Path(c).exists()]
-    if not installed:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS loading is Linux-only")
+def test_blas_threads_default_one_and_overridable():
+    """The count is read back from the library itself (openblas_get_num_threads)."""
+    if backend.pip_blas() is None:
+        pytest.skip("scipy-openblas32 is not installed")
+    code = "import mozgach_mlx.backend as b, mozgach_mlx; print(b.info()['cpu_blas_threads'])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOZGACH_", "OPENBLAS_NUM"))}
+    for extra, want in (({}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2"), ({"MOZGACH_BLAS_THREADS": "x"}, "1")):
+        res = subprocess.run([sys.executable, "-c", code], env=env | {"MOZGACH_BLAS": "pip"} | extra,
+                             capture_output=True, text=True, check=True)
+        assert res.stdout.strip() == want, extra
+        assert ("MOZGACH_BLAS_THREADS='x'" in res.stderr) == (extra.get("MOZGACH_BLAS_THREADS") == "x")
+
+
+def test_mlx_imported_first_gives_no_warning():
+    if backend.pip_blas() is None and backend.system_blas() is None:
         pytest.skip("no OpenBLAS installed here")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "import mozgach_mlx first" in out
+    code = "import mlx.core\nimport mozgach_mlx.backend as b, mozgach_mlx\nprint(b.blas_status()[1])"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOZGACH_")}
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "bound"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")

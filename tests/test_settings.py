@@ -50,5 +50,14 @@ def test_readers_parse_and_reject(monkeypatch):
     assert settings.blas() == "none"
     monkeypatch.setenv("MOZGACH_BLAS", "/opt/lib/libopenblas.so")
     assert settings.blas() == "/opt/lib/libopenblas.so"
+    monkeypatch.setenv("MOZGACH_BLAS_THREADS", "3")
+    assert settings.blas_threads() == 3
+    for bad in ("0", "all"):
+        monkeypatch.setenv("MOZGACH_BLAS_THREADS", bad)
+        with pytest.raises(ConfigError, match="MOZGACH_BLAS_THREADS"):
+            settings.blas_threads()
+    for word in ("pip", "System"):
+        monkeypatch.setenv("MOZGACH_BLAS", word)
+        assert settings.blas() == word.lower()
     monkeypatch.setenv("MOZGACH_MALLOC", "default")
     assert settings.malloc_default()
