@@ -60,14 +60,17 @@ def blas() -> str | None:
 def blas_threads() -> int | None:
     """``MOZGACH_BLAS_THREADS``: threads of the bound OpenBLAS, or None (the default)."""
     value = _get("MOZGACH_BLAS_THREADS")
-    if not value:
-        return None
+    return _positive_int("MOZGACH_BLAS_THREADS", value, "; unset it for the default") if value else None
+
+
+def _positive_int(name: str, value: str, hint: str = "") -> int:
+    """``value`` of the variable ``name`` as an integer >= 1, else one ConfigError line."""
     try:
         n = int(value)
     except ValueError:
         n = 0
     if n < 1:
-        raise ConfigError(f"MOZGACH_BLAS_THREADS={value!r} must be an integer >= 1; unset it for the default.")
+        raise ConfigError(f"{name}={value!r} must be an integer >= 1{hint}.")
     return n
 
 
@@ -89,14 +92,7 @@ def attention() -> str | None:
 
 def attention_cpu_streams() -> int:
     """``MOZGACH_ATTENTION_CPU_STREAMS``: CPU streams the blockwise attention uses (>= 1)."""
-    value = _get("MOZGACH_ATTENTION_CPU_STREAMS") or "1"
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(f"MOZGACH_ATTENTION_CPU_STREAMS={value!r} must be an integer >= 1.")
-    return n
+    return _positive_int("MOZGACH_ATTENTION_CPU_STREAMS", _get("MOZGACH_ATTENTION_CPU_STREAMS") or "1")
 
 
 def qmatmul() -> str:
