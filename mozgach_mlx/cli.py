@@ -238,16 +238,33 @@ def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
 @click.option("--ranks", type=int, default=None, help="also estimate training over this many processes")
 @click.option("--link", type=click.Choice(["thunderbolt5", "10gbe", "1gbe"]), default=None,
               help="the link between the ranks (default 10gbe)")
+@click.option("--device", default=None, help="device profile: m4, m4-pro, m4-max, m3-max, h100 or this (measured); "
+              "--memory-gb is then its RAM")
+@click.option("--strategy", default=None, help="memory strategy: auto, none, tile, offload, tile+offload "
+              f"(default {TrainConfig.memory_strategy})")
+@click.option("--tile-chunk", type=int, default=None, help="tiled block recompute with chunks of N positions")
+@click.option("--offload/--no-offload", default=None, help="block inputs in a memory-mapped file on disk")
+@click.option("--checkpoint-every", type=int, default=None, help="store only every k-th block input")
+@click.option("--solve-context", is_flag=True, default=None, help="find the longest context that fits the budget")
 @_debug_option
-def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link) -> None:
+def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link, device, strategy,
+             tile_chunk, offload, checkpoint_every, solve_context) -> None:
     """Estimate peak memory and step time of LoRA training at a context length."""
     from .plan import plan
+    from .plan import solve_context as solve
 
     given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
-             "gflops": gflops, "backend": backend, "ranks": ranks, "link": link}
+             "gflops": gflops, "backend": backend, "ranks": ranks, "link": link, "device": device,
+             "strategy": strategy, "tile_chunk": tile_chunk}
     kw = {k: v for k, v in given.items() if v is not None}
     if quantize is not None:
         kw["quantize"] = parse_quantize(quantize)
+    if offload is not None or checkpoint_every is not None or (tile_chunk is not None and strategy is None):
+        kw["strategy"] = {"tile_chunk": tile_chunk, "offload": bool(offload), "checkpoint_every": checkpoint_every or 1}
+    if solve_context:
+        kw.pop("context", None)
+        click.echo(solve(model or RunConfig.model, **kw).table())
+        return
     click.echo(plan(model or RunConfig.model, **kw).table())
 
 

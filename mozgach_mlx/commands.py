@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .evaluate import evaluate_run
 from .fleet import adapter_dir_name, parse_domains, train_fleet
 from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
-from .trainer import TrainConfig
+from .trainer import TrainConfig, check_memory, memory_plan
 
 
 def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
@@ -28,6 +28,8 @@ def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
     loaded or the built-in corpus written, so a second process on it refuses at once.
     ``run.distributed`` (``data`` / ``adapters``): this process is one rank of a group
     started by ``mlx.launch``; rank 0 holds the directory and alone prints the summary."""
+    if tcfg.memory_gb is not None:  # pre-flight from config.json alone: before any data or weights
+        check_memory(memory_plan(run.model, tcfg, quantize=run.quant_bits()))
     group = dist.init(run.distributed)
     with dist.hold(run.out, group):
         return _run_fleet(run, tcfg, group)

@@ -38,7 +38,7 @@ from .rundir import (
     fingerprint,
     read_manifest,
 )
-from .trainer import TrainConfig, TrainResult, train_adapter
+from .trainer import TrainConfig, TrainResult, check_memory, memory_plan, train_adapter
 
 __all__ = ["FleetResult", "adapter_dir_name", "base_identity", "parse_domains", "train_fleet"]
 
@@ -213,6 +213,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     fleet = _Fleet(out_dir, manifest, on_event, group)
 
     lora.ensure(model, cfg.lora)
+    check_memory(memory_plan(model, cfg))  # refuse before any domain's data is read
     mx.eval(model.parameters())
     gc.collect()
     mx.clear_cache()
@@ -258,7 +259,7 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
         finished=_now(), train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=res.base_valid_loss,
         steps=res.steps, tokens=res.tokens, seconds=round(res.seconds, 3),
         peak_memory_gb=round(res.peak_memory_gb, 4), resumed_from=res.resumed_from,
-        active_memory_after_bytes=active,
+        memory_strategy=res.memory_strategy, active_memory_after_bytes=active,
         active_memory_vs_baseline=round(active / baseline, 4) if baseline else None,
         files=_file_hashes(adir) if dist.is_main(group) else {})
 

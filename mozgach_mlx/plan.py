@@ -15,6 +15,9 @@ loss, in the compute dtype (fp32 on the CPU, bf16/fp16 on a GPU):
     loss               (B, loss_chunk, vocab) logits, probabilities and gradients
     head               final hidden states and their gradient
 
+The peak is weights + adapter + checkpoints + the larger of (block + mlp) and (loss +
+head): the chunked loss computes its gradient in the forward pass, so its buffers are
+gone before the first block is recomputed (:func:`peak_of`; measured, see RESULTS.md).
 Every term but the weights and the adapter is linear in L (or constant), which is the
 point of the design; the coefficients of the activation terms are calibrated against
 measured peaks (tests/test_plan.py checks the estimate against ``mx.get_peak_memory``).
@@ -27,6 +30,30 @@ defaults per backend). The pairs are those the blockwise attention computes for 
 step's mask (``attention.computed_pairs``): about L^2 / 2 for causal attention, far
 fewer with packed documents, a sliding window or S²-Attn (``plan(..., attention=)``).
 It is an estimate; benchmarks/bench_train.py measures.
+
+Memory strategies (:mod:`mozgach_mlx.memory`, ``plan(..., strategy=)``), term by term:
+
+    tile_chunk c       block (the attention phase): TILE_D_WIDTHS (B, L, d) arrays (the
+                       input, the input gradient) + TILE_ATTN_WIDTHS arrays of
+                       (B, L, q_dim + 2 kv_dim) (q/k/v, RoPE'd copies, output, gradients);
+                       mlp: what the chunk phase (x, dy, dx, q/k/v, o whole + one chunk's
+                       block and MLP working set) needs beyond the attention phase
+                       time: +4 D flops per pair (attention forward once more) and
+                       +2 x the q/k/v weights per token (phase A runs twice)
+    offload            checkpoints: none in memory; time: write + read them at the
+                       device's disk bandwidth (not overlapped)
+    checkpoint_every k checkpoints: ceil(N / k) + k - 1 inputs; time: one more forward
+                       of (k - 1) / k of the blocks
+    checkpoint_dtype   checkpoints at 2 bytes per value (no change on a GPU)
+
+In a 16-bit compute dtype the block term also counts the blockwise attention's fp32
+copies of K, V and its fp32 dK, dV accumulators (read from attention/blockwise.py; the
+coefficients are calibrated in fp32 on the CPU only -- nothing here ran on a GPU).
+
+``strategy="auto"`` picks, among a fixed list of candidates (:data:`AUTO_CANDIDATES`),
+the fastest whose estimate fits the budget. ``device=`` takes a profile from
+:mod:`mozgach_mlx.devices` (the budget is its accelerator limit, e.g. Metal's default
+working set; the throughput its peak times a stated sustained fraction).
 """
 
 from __future__ import annotations
@@ -39,9 +66,12 @@ from typing import Any
 import numpy as np
 
 from . import attention as attn
+from . import devices as dev_mod
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .loss import auto_chunk
+from .memory import MemoryStrategy
+from .models import presets
 from .plan_scale import ScaleOut, scale_out
 from .rundir import RunConfig, parse_quantize
 from .train_config import TrainConfig
@@ -57,8 +87,21 @@ GiB = 2**30
 #   d=512, 4 layers, 32K vocab          L=2K 837 -> 863 MiB, 4K 819 -> 939
 # (tests/test_plan.py re-measures the tiny model).
 BLOCK_WIDTHS = 24.0
-MLP_WIDTHS = 10.0
-LOSS_WIDTHS = 8.0  # MLX overlaps the next chunk's buffers with the current one (loss.py)
+MLP_WIDTHS = 16.0
+LOSS_WIDTHS = 10.0  # MLX overlaps the next chunk's buffers with the current one (loss.py)
+# Tiled block recompute (memory.py), units of B*L*(q_dim + 2 kv_dim) alive in its
+# attention phase (q/k/v, RoPE'd copies, output, output gradient, dq/dk/dv), plus the
+# block's input, its output gradient and input gradient (3 B*L*d). Calibrated against
+# measured peaks (benchmarks/bench_memory.py, table in benchmarks/RESULTS.md).
+TILE_ATTN_WIDTHS = 5.0
+TILE_D_WIDTHS = 3.0
+ENGINE_BLOCK_WIDTHS = 22.0  # an untiled block in the block-by-block step (offload / every k without tiles)
+TILE_MLP_WIDTHS = 10.0  # one chunk's MLP working set in the tiled phase B (a plain vjp, no overlap)
+DEFAULT_TILE_CHUNK = 4096
+# strategy="auto" tries these in order of increasing cost, with the tile chunk
+# min(DEFAULT_TILE_CHUNK, context); the fastest that fits wins.
+AUTO_CANDIDATES = ({}, {"tile": True}, {"tile": True, "checkpoint_every": 2}, {"tile": True, "offload": True},
+                   {"offload": True})
 
 # Sustained training throughput by backend (GFLOP/s), used when none is given:
 # conservative figures, override with a measured one.
@@ -80,6 +123,14 @@ class Plan:
     seconds_per_step: float
     notes: list[str] = field(default_factory=list)
     scale: ScaleOut | None = None  # over several ranks (plan(..., ranks=, link=))
+    strategy: dict = field(default_factory=dict)  # MemoryStrategy fields; {} = the default step
+    device: str | None = None
+    io_seconds: float = 0.0  # offload file I/O per step (included in seconds_per_step)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def headroom_bytes(self) -> int | None:
+        return None if self.budget_bytes is None else self.budget_bytes - self.total_bytes
 
     @property
     def fits(self) -> bool | None:
@@ -90,26 +141,46 @@ class Plan:
         return self.context * self.batch_size / self.seconds_per_step
 
     def table(self) -> str:
-        lines = [f"plan: context {self.context:,} x batch {self.batch_size}"]
+        lines = [f"plan: context {self.context:,} x batch {self.batch_size}"
+                 + (f" on {self.device}" if self.device else "")]
+        if self.strategy:
+            lines.append(f"  strategy: {MemoryStrategy(**self.strategy).describe()}")
         for k, v in self.components.items():
             lines.append(f"  {k:<12} {v / GiB:9.3f} GiB")
-        lines.append(f"  {'total':<12} {self.total_bytes / GiB:9.3f} GiB")
+        lines.append(f"  {'total':<12} {self.total_bytes / GiB:9.3f} GiB  (weights + adapter + checkpoints + "
+                     "the larger of block + mlp and loss + head)")
         if self.budget_bytes is not None:
             lines.append(f"  budget {self.budget_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'does NOT fit'}"
+                         + (f", headroom {self.headroom_bytes / GiB:.1f} GiB" if self.fits else "")
                          + (f"; longest context that fits ~{self.max_context:,}" if self.max_context else ""))
+        io = f" (of which offload I/O {self.io_seconds:,.1f} s)" if self.io_seconds else ""
         lines.append(f"  time: {self.flops_per_step / 1e12:.2f} TFLOP/step at {self.gflops:,.0f} GFLOP/s "
-                     f"~ {self.seconds_per_step:.1f} s/step, {self.tokens_per_second:,.0f} tokens/s (estimate)")
+                     f"~ {_duration(self.seconds_per_step)}/step{io}, {self.tokens_per_second:,.0f} tokens/s "
+                     "(estimate)")
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  suggestion: {n}" for n in self.suggestions]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "fits": self.fits, "tokens_per_second": self.tokens_per_second}
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def _config_of(model_or_config: Any) -> tuple[dict, int | None, int | None]:
     """(HF-style config dict, stored base bytes if known, LoRA parameter count if applied)."""
     if isinstance(model_or_config, dict) and not hasattr(model_or_config, "args"):  # nn.Module is a dict
         return model_or_config, None, None
+    if presets.is_preset(model_or_config):
+        return presets.preset(model_or_config), None, None
     if isinstance(model_or_config, (str, Path)):
         from .models import checkpoint, tiny
 
@@ -150,6 +221,10 @@ class _Shapes:
     linears: dict  # name -> (in, out) of each linear layer of a block
     tied: bool
 
+    @property
+    def qkv_width(self) -> int:
+        return sum(self.linears[k][1] for k in ("q_proj", "k_proj", "v_proj"))
+
     @classmethod
     def of(cls, cfg: dict) -> _Shapes:
         d, inter = _need(cfg, "hidden_size"), _need(cfg, "intermediate_size")
@@ -183,28 +258,94 @@ class _Shapes:
 
 
 def _components(s: _Shapes, n: int, B: int, act: int, weights: int, lora_n: int, mlp_chunk: int | None,
-                loss_chunk: int) -> dict[str, int]:
+                loss_chunk: int, st: MemoryStrategy | None = None) -> dict[str, int]:
     """Bytes per component of the peak at context ``n`` (see the module docstring)."""
+    st = st or MemoryStrategy()
     chunk, lchunk = min(n, mlp_chunk or n), min(n, loss_chunk)
     width = max(s.d, s.heads * s.head_dim)
-    return {
-        "weights": weights,
-        "adapter": lora_n * 4 * 5,
-        "checkpoints": s.n_layers * B * n * s.d * act,
-        "block": int(BLOCK_WIDTHS * B * n * width * act + 2 * B * s.heads * n * 4),
-        "mlp": int(MLP_WIDTHS * B * chunk * s.inter * act),
-        "loss": int(LOSS_WIDTHS * B * lchunk * s.vocab * 4),
-        "head": 2 * B * n * s.d * act,
-    }
+    lse = 2 * B * s.heads * n * 4
+    kv_dim = s.qkv_width - s.heads * s.head_dim
+    if act < 4:  # the blockwise attention's fp32 K/V copies and dK/dV accumulators (not measured: no GPU here)
+        lse += 2 * B * n * kv_dim * 4
+    ck_act = 2 if st.checkpoint_dtype in ("float16", "bfloat16") else act
+    k = st.checkpoint_every
+    stored = 0 if st.offload else -(-s.n_layers // k)
+    checkpoints = stored * B * n * s.d * ck_act + (k - 1) * B * n * s.d * act
+    if st.tile_chunk:
+        c = min(n, st.tile_chunk)
+        block = int((TILE_D_WIDTHS * s.d + TILE_ATTN_WIDTHS * s.qkv_width) * B * n * act + lse)
+        # phase B: x, dy, dx, q/k/v and o whole, plus one chunk's block and MLP working set
+        phase_b = (3 * s.d + s.qkv_width + s.heads * s.head_dim) * B * n * act + \
+            (BLOCK_WIDTHS * width + TILE_MLP_WIDTHS * s.inter) * B * c * act
+        mlp = int(max(0, phase_b - block))
+    else:
+        widths = BLOCK_WIDTHS if st.is_default else ENGINE_BLOCK_WIDTHS
+        block = int(widths * B * n * width * act + lse)
+        mlp = int(MLP_WIDTHS * B * chunk * s.inter * act)
+    return {"weights": weights, "adapter": lora_n * 4 * 5, "checkpoints": checkpoints, "block": block,
+            "mlp": mlp, "loss": int(LOSS_WIDTHS * B * lchunk * s.vocab * 4), "head": 2 * B * n * s.d * act}
 
 
-def _max_context(total_at, budget: int, mlp_chunk: int | None, loss_chunk: int) -> int | None:
-    """Longest context whose estimate fits ``budget``: past the chunk sizes every term is
-    affine in the context, so two evaluations solve it. None if even that does not fit."""
-    lo = max(mlp_chunk or 1, loss_chunk)
-    at_lo = total_at(lo)
-    slope = (total_at(2 * lo) - at_lo) / lo
-    return int(lo + (budget - at_lo) / slope) if budget > at_lo else None
+def peak_of(components: dict[str, int]) -> int:
+    """The peak of a step from its components: the loss phase (loss + head: the chunked
+    loss computes its gradient in the forward pass) and the block phase (block + mlp: the
+    backward's recompute) are never live at once, so the larger of the two counts."""
+    c = components
+    return c["weights"] + c["adapter"] + c["checkpoints"] + max(c["block"] + c["mlp"], c["loss"] + c["head"])
+
+
+STRATEGY_WORDS = ("tile", "offload")
+
+
+def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -> MemoryStrategy | None:
+    """A MemoryStrategy from ``strategy``: None/"none" (the default step), "auto" (-> None,
+    chosen by the planner), "tile", "offload" or "tile+offload" (tiles of ``tile_chunk``,
+    default DEFAULT_TILE_CHUNK), a MemoryStrategy or a dict of its fields."""
+    if strategy is None or strategy == "none" or strategy == {}:
+        return MemoryStrategy()
+    if strategy == "auto":
+        return None
+    if isinstance(strategy, str):
+        words = set(strategy.split("+"))
+        if not words <= set(STRATEGY_WORDS):
+            raise ConfigError(f"memory strategy {strategy!r}: use auto, none, tile, offload or tile+offload")
+        return MemoryStrategy(tile_chunk=min(tile_chunk or DEFAULT_TILE_CHUNK, context) if "tile" in words else None,
+                              offload="offload" in words)
+    if isinstance(strategy, MemoryStrategy):
+        return strategy
+    if isinstance(strategy, dict):
+        names = {f.name for f in dataclasses.fields(MemoryStrategy)}
+        bad = sorted(set(strategy) - names)
+        if bad:
+            raise ConfigError(f"plan(): unknown strategy key(s) {bad}; use {sorted(names)}")
+        return MemoryStrategy(**strategy)
+    raise ConfigError(f"plan(): strategy={strategy!r}; use 'auto', 'none', a MemoryStrategy or a dict of its fields")
+
+
+def auto_candidates(context: int, tile_chunk: int | None = None) -> list[MemoryStrategy]:
+    """The strategies ``strategy="auto"`` tries, cheapest first (:data:`AUTO_CANDIDATES`)."""
+    c = min(tile_chunk or DEFAULT_TILE_CHUNK, context)
+    out = []
+    for cand in AUTO_CANDIDATES:
+        kw = {k: v for k, v in cand.items() if k != "tile"}
+        out.append(MemoryStrategy(tile_chunk=c if cand.get("tile") else None, **kw))
+    return out
+
+
+def _max_context(total_at, budget: int, mlp_chunk: int | None = None, loss_chunk: int | None = None) -> int | None:
+    """Longest context whose estimate fits ``budget`` (the estimate grows with the
+    context: exponential search, then bisection). None if even one token does not fit."""
+    if total_at(1) > budget:
+        return None
+    a, b = 1, 2
+    while total_at(b) <= budget:
+        a, b = b, b * 2
+        if b > 2**40:
+            return b
+    while b - a > 1:
+        mid = (a + b) // 2
+        a, b = (mid, b) if total_at(mid) <= budget else (a, mid)
+    return a
 
 
 ATTENTION_KEYS = ("document_length", "window", "s2_group")
@@ -232,13 +373,30 @@ def _attention_pairs(attention: dict | None, L: int, heads: int) -> tuple[int, s
     return pairs, f"attention ({desc}) computes {pairs / causal:.1%} of the causal attention's (query, key) pairs"
 
 
+def _current_backend() -> str:
+    from .backend import backend
+
+    return backend()
+
+
+def _check_args(context: int, batch_size: int, quantize) -> None:
+    if context < 1 or batch_size < 1:
+        raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
+    if quantize not in (None, 4, 8):
+        raise ConfigError(f"plan(): quantize={quantize!r}; use 4, 8 or None")
+
+
+DEFAULT_DISK_GBS = 2.0  # sequential SSD bandwidth assumed for offload without a device profile
+
+
 def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = TrainConfig.batch_size,
          lora_rank: int = LoRAConfig.r, lora_targets: tuple[str, ...] = LoRAConfig.targets,
          quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int = RunConfig.group_size,
          compute_bytes: int | None = None, mlp_chunk: int | None = TrainConfig.mlp_chunk,
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
-         ranks: int = 1, link: str = "10gbe") -> Plan:
+         strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
+         tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe") -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -246,67 +404,170 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
 
     Args:
         model_or_config: a loaded model (its actual stored bytes are used), a config dict,
+            a preset id (``llama-3.1-8b``, ... see :mod:`mozgach_mlx.models.presets`),
             ``"tiny"`` or a model path/repo (only ``config.json`` is read).
         context: tokens per sequence.
         quantize: base bits (4, 8) or None; ignored for a loaded model (it is measured).
         compute_bytes: bytes per activation (default: 4 on the CPU, 2 on a GPU).
         mlp_chunk: the trainer's MLP chunk (None = whole sequence).
         loss_chunk: the loss chunk (None = the trainer's automatic choice).
-        memory_gb: a budget to check against (e.g. 48 for the reference M4 laptop).
-        gflops: sustained throughput; default per backend (see DEFAULT_GFLOPS).
+        memory_gb: the budget in GiB (e.g. 48); with ``device``, the machine's RAM instead,
+            and the budget is the device's accelerator limit (Metal: ~75% of it).
+        gflops: sustained throughput; default the device's, else per backend (DEFAULT_GFLOPS).
         attention: the mask of the training step, which decides the attention FLOPs:
             ``{"document_length": n}`` (packed documents of n tokens, the trainer's
             ``attention_mask="document"``), ``{"window": w}`` (sliding window),
             ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
             combination; default plain causal attention.
-        ranks, link: also estimate training over ``ranks`` processes joined by ``link``
-            (``thunderbolt5``, ``10gbe``, ``1gbe``): :mod:`mozgach_mlx.plan_scale`.
+        strategy: the memory strategy (:class:`~mozgach_mlx.memory.MemoryStrategy` or a
+            dict of its fields), ``"none"`` (the default step) or ``"auto"`` (the
+            fastest of :func:`auto_candidates` that fits the budget; no budget: none).
+        device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
+        tile_chunk: the tile chunk of ``auto`` / ``"tile"`` (default DEFAULT_TILE_CHUNK).
+        ranks, link: also plan ``ranks`` processes over ``link``: :mod:`mozgach_mlx.plan_scale`.
     """
-    if context < 1 or batch_size < 1:
-        raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
-    if quantize not in (None, 4, 8):
-        raise ConfigError(f"plan(): quantize={quantize!r}; use 4, 8 or None")
+    _check_args(context, batch_size, quantize)
+    chosen = parse_strategy(strategy, context, tile_chunk)
+    dv = device if isinstance(device, dev_mod.Device) or device is None else dev_mod.device(device, memory_gb)
     cfg, stored, lora_n = _config_of(model_or_config)
     s = _Shapes.of(cfg)
-    if backend is None:
-        from .backend import backend as _backend
-
-        backend = _backend()
+    backend = backend or (dv.backend if dv is not None else None) or _current_backend()
     act = compute_bytes or (4 if backend == "cpu" else 2)
-    if stored is None:
-        stored = s.stored_bytes(quantize, group_size, act)
-    if lora_n is None:
-        lora_n = s.lora_params(lora_rank, lora_targets)
+    stored = stored if stored is not None else s.stored_bytes(quantize, group_size, act)
+    lora_n = lora_n if lora_n is not None else s.lora_params(lora_rank, lora_targets)
     B, L = batch_size, context
-    if loss_chunk is None:
-        loss_chunk = auto_chunk(s.vocab, B)
-    # on the CPU a quantized layer is dequantized per call: one fp32 matrix is live
-    weights = stored + (max(i * o for i, o in s.linears.values()) * 4 if backend == "cpu" and quantize else 0)
-
-    def total_at(n: int) -> int:
-        return sum(_components(s, n, B, act, weights, lora_n, mlp_chunk, loss_chunk).values())
-
-    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk)
-    notes = []
-    budget = int(memory_gb * GiB) if memory_gb is not None else None
-    max_ctx = None if budget is None else _max_context(total_at, budget, mlp_chunk, loss_chunk)
-    if budget is not None and max_ctx is None:
-        notes.append("even a short context does not fit this budget")
-    n_frozen = s.linear_params + (s.vocab * s.d)  # the head runs over every position too
+    loss_chunk = loss_chunk if loss_chunk is not None else auto_chunk(s.vocab, B)
+    weights = _live_weights(stored, s, backend, quantize)
+    g = gflops or (dv.gflops if dv is not None else DEFAULT_GFLOPS.get(backend, DEFAULT_GFLOPS["cpu"]))
+    disk = dv.disk_gbs if dv is not None and dv.disk_gbs else DEFAULT_DISK_GBS
     pairs, attention_note = _attention_pairs(attention, L, s.heads)
-    if attention_note:
-        notes.append(attention_note)
-    flops = 8.0 * n_frozen * B * L + 18.0 * s.n_layers * B * s.head_dim * pairs
-    g = gflops or DEFAULT_GFLOPS.get(backend, DEFAULT_GFLOPS["cpu"])
-    if gflops is None:
+
+    def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
+        return peak_of(_components(s, n, B, act, weights, lora, mlp_chunk, loss_chunk, st))
+
+    def cost(st: MemoryStrategy) -> tuple[float, float]:
+        flops = _step_flops(s, B, L, pairs, st)
+        io = (2 * s.n_layers * B * L * s.d * act / (disk * 1e9)) if st.offload else 0.0
+        return flops, flops / (g * 1e9) + io
+
+    budget = _budget(dv, memory_gb)
+    candidates = auto_candidates(L, tile_chunk)
+    if chosen is None:  # auto: the fastest candidate that fits
+        fitting = [c for c in candidates if budget is None or total_at(c, L) <= budget]
+        chosen = min(fitting, key=lambda c: cost(c)[1]) if fitting else min(candidates, key=lambda c: total_at(c, L))
+    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk, chosen)
+    flops, seconds = cost(chosen)
+    max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
+    scale = scale_out(flops / (g * 1e9), lora_n, ranks, link) if ranks > 1 else None
+    notes = _notes(cfg, L, attention_note, budget is not None and max_ctx is None, dv, g, gflops, backend, seconds) \
+        + ([scale.note()] if scale else [])
+    total = peak_of(comp)
+    sugg = [] if budget is None or total <= budget else _suggestions(
+        total_at, candidates, chosen, L, budget, mlp_chunk, loss_chunk, lora_rank, s, lora_targets)
+    return Plan(context=L, batch_size=B, components=comp, total_bytes=total, budget_bytes=budget,
+                max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=seconds, notes=notes,
+                strategy={k: v for k, v in chosen.to_dict().items() if v != getattr(MemoryStrategy(), k)},
+                device=dv.name if dv is not None else None, io_seconds=cost(chosen)[1] - flops / (g * 1e9),
+                suggestions=sugg, scale=scale)
+
+
+def _live_weights(stored: int, s: _Shapes, backend: str, quantize: int | None) -> int:
+    """The base's bytes in a step: on the CPU a quantized layer is dequantized per call,
+    so one fp32 matrix (the largest) is live besides the stored weights."""
+    return stored + (max(i * o for i, o in s.linears.values()) * 4 if backend == "cpu" and quantize else 0)
+
+
+def _budget(dv, memory_gb: float | None) -> int | None:
+    """The budget in bytes: the device's accelerator limit, else ``memory_gb``, else none."""
+    if dv is not None:
+        return int(dv.budget_gb * GiB)
+    return None if memory_gb is None else int(memory_gb * GiB)
+
+
+def _notes(cfg: dict, L: int, attention_note: str | None, nothing_fits: bool, dv, g: float,
+           gflops: float | None, backend: str, seconds: float) -> list[str]:
+    notes = [attention_note] if attention_note else []
+    if nothing_fits:
+        notes.append("even a short context does not fit this budget")
+    if dv is not None:
+        notes += _device_notes(dv, g, gflops)
+    elif gflops is None:
         notes.append(f"throughput {g:,.0f} GFLOP/s is the planner's default for {backend}; pass gflops= "
                      "from benchmarks/bench_train.py for a real figure")
+    if seconds > 3600:
+        acc = TrainConfig.grad_accumulation
+        notes.append(f"slow: one step takes ~{_duration(seconds)}, an optimizer step of {acc} sequences "
+                     f"~{_duration(seconds * acc)}, 100 optimizer steps ~{_duration(100 * seconds * acc)} per adapter "
+                     "(x 108 adapters for the fleet)")
     max_pos = cfg.get("max_position_embeddings")
     if max_pos and L > max_pos and not cfg.get("rope_scaling"):
         notes.append(f"context {L:,} > max_position_embeddings {max_pos:,}: set rope_scaling "
                      f"(e.g. linear, factor {L / max_pos:.1f})")
-    scale = scale_out(flops / (g * 1e9), lora_n, ranks, link) if ranks > 1 else None
-    notes += [scale.note()] if scale else []
-    return Plan(context=L, batch_size=B, components=comp, total_bytes=sum(comp.values()), budget_bytes=budget,
-                max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=flops / (g * 1e9),
-                notes=notes, scale=scale)
+    return notes
+
+
+def _step_flops(s: _Shapes, B: int, L: int, pairs: int, st: MemoryStrategy) -> float:
+    """FLOPs of one step (module docstring), with the strategies' recomputation."""
+    n_frozen = s.linear_params + (s.vocab * s.d)  # the head runs over every position too
+    per_pair = 18.0
+    linear = 8.0 * n_frozen
+    if st.tile_chunk:
+        per_pair += 4.0
+        linear += 2.0 * 2 * s.n_layers * s.d * s.qkv_width
+    k = st.checkpoint_every
+    if k > 1:
+        per_pair += 4.0 * (k - 1) / k
+        linear += 2.0 * s.linear_params * (k - 1) / k
+    return linear * B * L + per_pair * s.n_layers * B * s.head_dim * pairs
+
+
+def _device_notes(dv: dev_mod.Device, g: float, gflops: float | None) -> list[str]:
+    notes = []
+    if dv.backend == "metal" and dv.limit_gb is None:
+        notes.append(f"budget = Metal's default working-set limit {dv.budget_gb:.1f} GiB of {dv.memory_gb:g} GiB "
+                     "(raise it with `sudo sysctl iogpu.wired_limit_mb=N`, at the OS's expense)")
+    if gflops is None:
+        notes.append(f"throughput {g:,.0f} GFLOP/s = {dv.source or dv.name} peak {dv.peak_tflops:g} TFLOPS x "
+                     f"{dv.sustained:.0%} sustained (an assumption; see mozgach_mlx/devices.py)")
+    return notes
+
+
+def _suggestions(total_at, candidates, chosen, L, budget, mlp_chunk, loss_chunk, lora_rank, s, targets) -> list[str]:
+    """Concrete ways out when the plan does not fit: a strategy, a context, a rank."""
+    out = []
+    fits = [c for c in candidates if total_at(c, L) <= budget]
+    if fits:
+        out.append(f"strategy {fits[0].describe()} fits at this context ({total_at(fits[0], L) / GiB:.1f} GiB)")
+    best = max(candidates, key=lambda c: _max_context(lambda n, c=c: total_at(c, n), budget, mlp_chunk,
+                                                      loss_chunk) or 0)
+    ctx = _max_context(lambda n: total_at(best, n), budget, mlp_chunk, loss_chunk)
+    if ctx:
+        out.append(f"longest context that fits: ~{ctx:,} tokens with {best.describe()}")
+    else:
+        least = min(total_at(c, 1) for c in candidates)
+        out.append(f"no context fits: the base weights and adapter alone need {least / GiB:.2f} GiB; use a larger "
+                   "budget or a smaller base")
+    if lora_rank > 4:
+        saved = total_at(chosen, L) - total_at(chosen, L, s.lora_params(lora_rank // 2, targets))
+        out.append(f"a smaller rank (r={lora_rank // 2}) saves only {saved / GiB:.2f} GiB")
+    return out
+
+
+def solve_context(model_or_config: Any, *, granularity: int = 1024, **kw) -> Plan:
+    """The plan at the longest context (a multiple of ``granularity``) that fits the
+    budget (``memory_gb=`` or ``device=`` is required): over the ``auto`` candidates, or
+    for the ``strategy=`` given. Other keywords as :func:`plan`; if nothing fits, the
+    plan at ``granularity`` tokens (which says so)."""
+    probe = plan(model_or_config, 8 * granularity, **kw)
+    if probe.budget_bytes is None:
+        raise ConfigError("solve_context needs a budget: pass memory_gb= or device=")
+    given = parse_strategy(kw.get("strategy", TrainConfig.memory_strategy), 8 * granularity, kw.get("tile_chunk"))
+    best = None
+    for st in ([given] if given is not None else auto_candidates(8 * granularity, kw.get("tile_chunk"))):
+        p = plan(model_or_config, 8 * granularity, **{**kw, "strategy": st})
+        if p.max_context and (best is None or p.max_context > best[0]):
+            best = (p.max_context, st)
+    if best is None:
+        return plan(model_or_config, granularity, **kw)
+    ctx = max(granularity, best[0] // granularity * granularity)
+    return plan(model_or_config, ctx, **{**kw, "strategy": best[1]})

@@ -137,6 +137,7 @@ class AdapterRecord:
     resumed_from: int | None = None
     active_memory_after_bytes: int | None = None
     active_memory_vs_baseline: float | None = None
+    memory_strategy: dict | None = None  # the MemoryStrategy the adapter's steps ran with ({} = default)
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
 
     @property

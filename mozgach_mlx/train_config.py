@@ -15,6 +15,8 @@ from .errors import ConfigError
 from .lora import LoRAConfig
 from .typecheck import check_fields
 
+MEMORY_STRATEGIES = ("auto", "none", "tile", "offload", "tile+offload")
+
 
 def _help(text: str, **kw) -> dict:
     return {"help": text, **kw}
@@ -62,6 +64,13 @@ class TrainConfig:
     s2_attn_group: float | int | None = field(default=None, metadata=_help(
         "S2-Attn (LongLoRA) group in training: tokens, or a fraction of the sequence such as 0.25 (None = off)"))
 
+    memory_strategy: str = field(default="auto", metadata=_help(
+        "memory strategy: auto (the planner's fastest that fits memory_gb) | none | tile | offload | tile+offload"))
+    tile_chunk: int | None = field(default=None, metadata=_help(
+        "positions per chunk of the tiled block recompute (default 4096)"))
+    memory_gb: float | None = field(default=None, metadata=_help(
+        "memory budget in GiB: plan before loading data and refuse a step that does not fit"))
+
     def __post_init__(self) -> None:
         check_fields(self)
         if _s2_group_ok(self.s2_attn_group) and self.s2_attn_group is not None and self.s2_attn_group >= 1:
@@ -83,6 +92,9 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, ">= 0"),
             ("attention_mask", self.attention_mask in ("document", "causal"), "document or causal"),
             ("s2_attn_group", _s2_group_ok(self.s2_attn_group), "None, whole tokens or a fraction in (0, 1)"),
+            ("memory_strategy", self.memory_strategy in MEMORY_STRATEGIES, ", ".join(MEMORY_STRATEGIES)),
+            ("tile_chunk", self.tile_chunk is None or self.tile_chunk >= 1, ">= 1 or None"),
+            ("memory_gb", self.memory_gb is None or self.memory_gb > 0, "> 0 or None"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -102,6 +114,8 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that change the optimisation trajectory (not logging knobs)."""
         d = self.to_dict()
-        for k in ("progress", "eval_every", "eval_batches", "save_every"):
+        # memory knobs do not change the trajectory (the strategies are exact)
+        for k in ("progress", "eval_every", "eval_batches", "save_every", "memory_strategy", "tile_chunk",
+                  "memory_gb"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

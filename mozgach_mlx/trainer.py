@@ -50,7 +50,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import data as data_mod
 from . import distributed as dist
-from . import lora
+from . import lora, memory
 from . import loss as loss_mod
 from .errors import ConfigError, TrainingError
 from .io import atomic_save_safetensors, atomic_write_json
@@ -75,6 +75,7 @@ class TrainResult:
     losses: list[float]
     resumed_from: int = 0
     base_valid_loss: float | None = None  # the fresh adapter's (= the base's), with base_loss=True
+    memory_strategy: dict = field(default_factory=dict)  # the MemoryStrategy the steps ran with
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +112,33 @@ def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg
     (B, L) keeps the attention of packed documents apart."""
     return loss_mod.sequence_loss(model, inputs, targets, mask, chunk=cfg.loss_chunk, with_grad=with_grad,
                                   segment_ids=segment_ids)
+
+
+def memory_plan(model, cfg: TrainConfig, *, quantize: int | None = None):
+    """The planner's :class:`~mozgach_mlx.plan.Plan` of ``cfg``'s training step on
+    ``model`` (a loaded model, or anything :func:`mozgach_mlx.plan` takes): the strategy
+    ``cfg.memory_strategy`` resolves to (``auto``: the fastest that fits
+    ``cfg.memory_gb``) and whether it fits."""
+    from .plan import plan
+
+    kw = {} if quantize is None else {"quantize": quantize}
+    attention = {}
+    if cfg.s2_attn_group is not None:
+        attention["s2_group"] = cfg.s2_attn_group
+    return plan(model, cfg.max_seq_length, batch_size=cfg.batch_size, lora_rank=cfg.lora.r,
+                lora_targets=tuple(t for t in cfg.lora.targets if t.endswith("_proj")), mlp_chunk=cfg.mlp_chunk,
+                loss_chunk=cfg.loss_chunk, memory_gb=cfg.memory_gb, strategy=cfg.memory_strategy,
+                tile_chunk=cfg.tile_chunk, attention=attention or None, **kw)
+
+
+def check_memory(p) -> None:
+    """ConfigError (one line: what, the numbers, concrete ways out) when plan ``p`` does
+    not fit its budget."""
+    if p.fits is False:
+        GiB = 2**30
+        raise ConfigError(f"memory: a training step of {p.context:,} tokens needs ~{p.total_bytes / GiB:.1f} GiB "
+                          f"by the plan, over the budget of {p.budget_bytes / GiB:.2f} GiB (memory_gb / --memory-gb); "
+                          + "; ".join(p.suggestions) + "; see `mozgach plan`")
 
 
 def _segment_kwargs(loss_fn: Callable, segment_ids: mx.array | None) -> dict:
@@ -414,6 +442,12 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     cfg = cfg or TrainConfig()
     out_dir = Path(out_dir)
     main = dist.is_main(group)
+    mplan = memory_plan(model, cfg)
+    check_memory(mplan)  # before any data is read
+    strategy = memory.MemoryStrategy(**mplan.strategy)
+    if not strategy.is_default and loss_fn is not default_loss:
+        raise ConfigError(f"memory strategy {strategy.describe()} runs the default loss only; pass "
+                          "memory_strategy='none' with a custom loss_fn")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
     splits = _resolve_data(data, tok, cfg)
@@ -430,15 +464,18 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         base_valid = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)[0] if base_loss and valid \
             else None
         result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback if main else None, resume,
-                        Path(log_path) if log_path is not None else out_dir / LOG_FILE, group)
+                        Path(log_path) if log_path is not None else out_dir / LOG_FILE, group, strategy)
         result.base_valid_loss = base_valid
+        result.memory_strategy = strategy.to_dict()
         if main:
             lora.save(model, out_dir, format=save_formats, training=training_record(cfg))
+    shutil.rmtree(_offload_dir(out_dir, group), ignore_errors=True)
     if main:
         atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
         # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
         # a crash before this line just replays the steps after the last checkpoint.
         shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
+        shutil.rmtree(out_dir / OFFLOAD_DIR, ignore_errors=True)
     return result
 
 
@@ -471,7 +508,8 @@ def _start(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig, resume:
 
 
 def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callable, eval_fn: Callable | None,
-           callback: Callable[[dict], None] | None, resume: bool, log_path: Path, group=None) -> TrainResult:
+           callback: Callable[[dict], None] | None, resume: bool, log_path: Path, group=None,
+           strategy: memory.MemoryStrategy | None = None) -> TrainResult:
     """The optimisation loop of :func:`train_adapter` (adapter already fresh), then the
     final validation."""
     n_micro = math.ceil(len(train) / cfg.batch_size)
@@ -485,7 +523,7 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else []) if main else None
 
     model.train()
-    grad_fn = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
+    grad_fn = _grad_fn(model, loss_fn, cfg, strategy or memory.MemoryStrategy(), _offload_dir(out_dir, group))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     bar = _progress(cfg, total_steps, prog.step) if main else None
@@ -529,6 +567,25 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
         valid_loss=valid_loss, valid_ppl=math.exp(valid_loss) if valid_loss is not None else None,
         seconds=time.perf_counter() - t0, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
         resumed_from=state["step"] if state is not None else 0)
+
+
+OFFLOAD_DIR = ".offload"
+
+
+def _offload_dir(out_dir: Path, group=None) -> Path:
+    """Where this process's offload files go: ``out_dir/.offload``, one folder per rank
+    in a group (ranks on several machines may share the disk)."""
+    return out_dir / OFFLOAD_DIR / (f"rank{dist.rank(group)}" if group is not None else "")
+
+
+def _grad_fn(model, loss_fn: Callable, cfg: TrainConfig, strategy: memory.MemoryStrategy, offload: Path):
+    """``(x, y, mask, **kw) -> ((loss_sum, n), grads)``: the default step, or the memory
+    strategy's (offload files in ``offload``; a crashed run's are removed here)."""
+    if strategy.is_default:
+        return nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
+    if offload.exists():
+        memory.clean_stale_offload(offload)
+    return memory.value_and_grad(model, strategy, loss_chunk=cfg.loss_chunk, offload_dir=offload)
 
 
 def _tok0(state: dict | None) -> int:
