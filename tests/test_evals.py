@@ -69,7 +69,7 @@ def _greedy(model, ids, n):
 def test_passkey_scoring_matches_naive_greedy_decoding(tiny):
     model, tok = tiny
     rng = np.random.default_rng(3)
-    prompts = [evals.make_prompt(tok, 96, d, random_key(rng, 3)) for d in (0.0, 0.5, 1.0)]
+    prompts = [evals.make_prompt(tok, 120, d, random_key(rng, 3)) for d in (0.0, 0.5, 1.0)]
     exact, digit = evals.score_prompts(model, prompts, batch_size=2)
     for p, ex, dg in zip(prompts, exact, digit, strict=True):
         assert ex == (_greedy(model, p.tokens, len(p.answer)) == p.answer)
@@ -84,10 +84,10 @@ def test_passkey_scoring_matches_naive_greedy_decoding(tiny):
 
 def test_passkey_grid_shape_and_table(tiny):
     model, tok = tiny
-    g = evals.passkey_grid(model, tok, [80, 96], [0.0, 1.0], trials=2, digits=3)
+    g = evals.passkey_grid(model, tok, [112, 128], [0.0, 1.0], trials=2, digits=3)
     assert g.exact.shape == (2, 2) and ((0 <= g.per_digit) & (g.per_digit <= 1)).all()
     table = evals.format_grid(g, "t")
-    assert "| 96 |" in table and "d=0" in table and "d=1" in table
+    assert "| 128 |" in table and "d=0" in table and "d=1" in table
 
 
 def _naive_nll(model, doc, window, stride):
@@ -146,7 +146,7 @@ def test_cli_bad_values_are_one_line_exit_2():
 
 
 def test_cli_passkey_and_ppl_on_tiny():
-    res = CliRunner().invoke(main, ["eval", "--passkey", "--ppl-by-position", "--lengths", "96,128",
+    res = CliRunner().invoke(main, ["eval", "--passkey", "--ppl-by-position", "--lengths", "128,160",
                                     "--depths", "0,1", "--trials", "1", "--bucket", "64"])
     assert res.exit_code == 0, res.output
-    assert "| 128 |" in res.output and "passkey tiny" in res.output and "64-128" in res.output
+    assert "| 160 |" in res.output and "passkey tiny" in res.output and "64-128" in res.output

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ConfigError
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-KEY_LINE = "The pass key is {key}. Remember it. "
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is "
 
 
