@@ -153,7 +153,7 @@ def evaluate(model: Model, tok, s: Setup, name: str, lengths: list[int], log=pri
     log(evals.format_position_table({name: table}))
     log(f"  (eval {time.perf_counter() - t:.0f} s)")
     return {"name": name, "passkey": grid.to_dict(), "ppl": table.to_dict(),
-            "long_exact": grid.mean_exact(s.long), "long_digit": grid.mean_digit(s.long)}
+            "long_exact": grid.mean_exact(lengths[-1]), "long_digit": grid.mean_digit(lengths[-1])}
 
 
 def scalings(s: Setup) -> dict[str, dict | None]:
