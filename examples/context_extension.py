@@ -52,7 +52,7 @@ class Setup:
     pre_lr: float = 2e-3
     pre_target: float = 0.95
     pre_minutes: float = 13.0  # time cap on pretraining (train + checks)
-    ft_steps: int = 150
+    ft_steps: int = 300
     ft_batch: int = 1
     ft_lr: float = 2e-3
     rank: int = 8
@@ -101,9 +101,17 @@ def min_length(tok, s: Setup) -> int:
 
 
 def weighted_loss(model: Model, x: mx.array, y: mx.array, w: mx.array) -> mx.array:
+    """Mean CE over the key tokens + ``other_weight`` x mean CE over the rest (``w`` is 1
+    on the key, ``other_weight`` elsewhere). Normalising the two parts separately keeps
+    the key's share of the loss independent of the sequence length: with one token-
+    weighted mean, 5 key tokens in a 1024-token prompt carry ~2% of it, and a first run
+    fine-tuned the filler to ppl 1.0 while passkey fell to chance."""
     logits = model(x).astype(mx.float32)  # (B, L, V)
     ce = nn.losses.cross_entropy(logits, y, reduction="none")  # (B, L)
-    return (ce * w).sum() / w.sum()
+    key = (w == 1.0).astype(mx.float32)
+    rest = 1.0 - key
+    ow = (w * rest).sum() / mx.maximum(rest.sum(), 1.0)
+    return (ce * key).sum() / key.sum() + ow * (ce * rest).sum() / mx.maximum(rest.sum(), 1.0)
 
 
 def train_loop(model: Model, tok, s: Setup, *, steps: int, lr: float, batch: int, lengths: tuple[int, int],
