@@ -182,14 +182,29 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 
 
 @main.command("eval")
-@click.option("--out", required=True, help="the run directory to evaluate")
+@click.option("--out", default=None, help="the run directory to evaluate (fleet evaluation)")
 @click.option("--max-batches", type=int, default=None, help="validation batches per domain")
 @click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
+@click.option("--passkey", is_flag=True, default=False, help="passkey retrieval over --lengths x --depths")
+@click.option("--ppl-by-position", is_flag=True, default=False,
+              help="perplexity by position bucket on long filler documents (of the largest --lengths)")
+@click.option("--model", default=None, help="base model for --passkey / --ppl-by-position (default tiny)")
+@click.option("--adapter", default=None, help="adapter directory to apply (its RoPE scaling travels with it)")
+@click.option("--lengths", default=None, help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k,2k,4k)")
+@click.option("--depths", default=None, help="key depths in [0, 1], e.g. 0,0.25,0.5,0.75,1 (the default)")
+@click.option("--trials", type=int, default=None, help="random keys per (length, depth) cell (default 10)")
+@click.option("--stride", type=int, default=None, help="ppl sliding-window stride (default window/2)")
+@click.option("--bucket", type=int, default=None, help="ppl position bucket in tokens (default 256)")
 @_debug_option
-def eval_cmd(out: str, max_batches: int | None, route_samples: int | None) -> None:
-    """Per domain: base loss, own adapter's loss, best other adapter's loss; routing accuracy."""
-    from .commands import eval_run
+def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None, passkey: bool,
+             ppl_by_position: bool, **long_ctx: Any) -> None:
+    """Fleet run: per-domain losses and routing (--out). Long context: --passkey / --ppl-by-position."""
+    from .commands import eval_long_context, eval_run
 
+    if passkey or ppl_by_position:
+        sys.exit(eval_long_context(passkey=passkey, ppl=ppl_by_position, **long_ctx))
+    if out is None:
+        raise ConfigError("mozgach eval needs --out RUN (fleet evaluation) or --passkey / --ppl-by-position")
     sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples))
 
 

@@ -112,6 +112,32 @@ def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | N
     return 0 if report.all_own_best else 1
 
 
+def eval_long_context(*, passkey: bool, ppl: bool, model: str | None = None, adapter: str | None = None,
+                      lengths: str | None = None, depths: str | None = None, trials: int | None = None,
+                      stride: int | None = None, bucket: int | None = None) -> int:
+    """``mozgach eval --passkey / --ppl-by-position``: print the passkey grid (exact % /
+    per-digit %) and the perplexity-by-position table of a base, with or without an adapter."""
+    from . import evals, lora, models
+
+    lens = evals.parse_lengths(lengths if lengths is not None else "1k,2k,4k")
+    deps = evals.parse_depths(depths if depths is not None else "0,0.25,0.5,0.75,1")
+    if adapter is not None and not Path(adapter).is_dir():
+        raise ConfigError(f"--adapter {adapter}: no such adapter directory")
+    base, tok = models.load(model or RunConfig.model)
+    if adapter is not None:
+        lora.load(base, adapter)
+    name = (model or RunConfig.model) + (f" + {adapter}" if adapter else "")
+    if passkey:
+        grid = evals.passkey_grid(base, tok, lens, deps, trials=10 if trials is None else trials)
+        print(evals.format_grid(grid, title=f"passkey {name} (exact % / per-digit %)"))
+    if ppl:
+        docs = evals.filler_documents(tok, max(lens), 2)
+        table = evals.ppl_by_position(base, docs, window=max(lens), stride=stride,
+                                      bucket=256 if bucket is None else bucket)
+        print(evals.format_position_table({name: table}))
+    return 0
+
+
 def generate_text(*, out: str | None, model: str | None, adapter: str | None, prompt: str,
                   gen: GenerationConfig | None = None) -> str:
     """Text generated from ``prompt`` by a run's base (or ``model``) with one adapter or none."""
