@@ -22,16 +22,16 @@ import math
 import time
 from pathlib import Path
 
-import mozgach_mlx as mz  # noqa: F401  (binds the fast CPU BLAS before training)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+import mozgach_mlx as mz  # noqa: F401  (binds the fast CPU BLAS before training)
 from mozgach_mlx import loss as mzloss
 from mozgach_mlx import quant
-from mozgach_mlx.models import Model, ModelArgs, TINY_CONFIG, save
+from mozgach_mlx.models import TINY_CONFIG, Model, ModelArgs, save
 from mozgach_mlx.tokenizer import HFTokenizer
 
 SPECIALS = ["<s>", "</s>", "<pad>"]
