@@ -92,7 +92,7 @@ def two_domain_samples(by_domain: dict[str, list], half: int):
 
 def run(args) -> dict:
     manifest = json.loads((args.run / "manifest.json").read_text())
-    model_name = manifest["run"]["model"]
+    model_name = manifest["config"]["run"]["model"]
     adapters = {n: r["domain"] for n, r in sorted(manifest["adapters"].items()) if r["status"] == "done"}
     model, tok = mz.load(model_name)
     results: dict = {"run": str(args.run), "data": str(args.data), "model": model_name, "lengths": {}}
