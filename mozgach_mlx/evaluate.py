@@ -10,7 +10,9 @@ That one (samples x adapters) loss matrix gives:
   domain's samples);
 * routing by loss: a sample is routed to the adapter with the lowest loss on it;
 * routing by signature: nearest centroid of the base's mean final hidden state, the
-  centroids fitted on a few *train* samples per domain (:meth:`AdapterBank.fit_signatures`).
+  centroids fitted on a few *train* samples per domain (:meth:`AdapterBank.fit_signatures`);
+* routing by tokens: multinomial naive Bayes over the sample's tokens, fitted on the
+  token counts of every train window of each domain (:meth:`AdapterBank.fit_tokens`).
 
 Cost: N adapters x D domains x S samples x T tokens forward tokens, run as batches with
 one adapter per row (the base matmuls once per layer for all rows). The defaults (S=2,
@@ -58,6 +60,7 @@ class DomainResult:
     route_n: int
     route_loss_correct: int
     route_signature_correct: int | None
+    route_tokens_correct: int | None = None
 
     @property
     def own_best(self) -> bool:
@@ -82,6 +85,8 @@ class Report:
     route_loss_ms_per_sample: float = float("nan")
     route_signature_ms_per_sample: float | None = None
     signature_fit_seconds: float | None = None
+    route_tokens_accuracy: float | None = None
+    route_tokens_ms_per_sample: float | None = None
     seconds: float = 0.0
     # the full matrix behind the rows: loss_matrix[i][k] = adapter k's loss on the held-out
     # data of adapters[i]'s domain (token-weighted, the rows' samples); the diagonal is
@@ -124,7 +129,10 @@ class Report:
                      + ("" if self.route_signature_accuracy is None else
                         f"; by signature {_pct(self.route_signature_accuracy)} "
                         f"({self.route_signature_ms_per_sample:.1f} ms/sample, fit "
-                        f"{self.signature_fit_seconds:.1f} s)"))
+                        f"{self.signature_fit_seconds:.1f} s)")
+                     + ("" if self.route_tokens_accuracy is None else
+                        f"; by tokens (naive Bayes) {_pct(self.route_tokens_accuracy)} "
+                        f"({self.route_tokens_ms_per_sample:.2f} ms/sample)"))
         if self.not_evaluated:
             items = ", ".join(f"{k} ({v})" for k, v in list(self.not_evaluated.items())[:8])
             more = "" if len(self.not_evaluated) <= 8 else f" and {len(self.not_evaluated) - 8} more"
@@ -185,7 +193,8 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
     report = Report(out_dir=str(out), sample_tokens=sample_tokens)
     chosen = _finished_adapters(manifest, out, report)
     model, tok = load_run_base(manifest)
-    held, fit = _samples_by_adapter(chosen, tok, max(n_table, n_route), signature_samples, sample_tokens, report)
+    held, fit, tok_fit = _samples_by_adapter(chosen, tok, max(n_table, n_route), signature_samples,
+                                             sample_tokens, report)
     chosen = [(n, d) for n, d in chosen if held.get(n)]
     if not chosen:
         raise ConfigError(f"{out}: no adapter has held-out (valid) data to evaluate on")
@@ -202,17 +211,20 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
         by_loss = per_sample.argmin(1)
         if routed.any():
             report.route_loss_accuracy = float(np.mean(by_loss[routed] == owner[routed]))
-        by_sig = None
+        by_sig = by_tok = None
         if signature_samples and all(fit[n] for n in names) and routed.any():
             by_sig = _route_by_signature(bank, names, fit, seqs, owner, routed, report)
+        if all(tok_fit.get(n) for n in names) and routed.any():
+            by_tok = _route_by_tokens(bank, names, tok_fit, seqs, owner, routed, report)
 
     for j, (name, dom) in enumerate(chosen):
         report.rows.append(_domain_row(j, name, dom, names, sums, counts, owner == j, pos < n_table, routed,
-                                       by_loss, by_sig))
+                                       by_loss, by_sig, by_tok))
     report.adapters = names
     report.loss_matrix = _domain_losses(sums, counts, owner, pos < n_table, len(names))[:, 1:].tolist()
     report.routes = [{"adapter": names[owner[i]], "by_loss": names[by_loss[i]],
-                      "by_signature": None if by_sig is None else names[by_sig[i]]} for i in np.flatnonzero(routed)]
+                      "by_signature": None if by_sig is None else names[by_sig[i]],
+                      "by_tokens": None if by_tok is None else names[by_tok[i]]} for i in np.flatnonzero(routed)]
     report.rows.sort(key=lambda x: x.domain_id)
     report.seconds = time.perf_counter() - t_start
     if write:
@@ -241,8 +253,9 @@ def _finished_adapters(manifest: Manifest, out: Path, report: Report) -> list[tu
 
 
 def _samples_by_adapter(chosen, tok, n_held: int, n_fit: int, sample_tokens: int, report: Report):
-    """Per adapter: held-out samples of its domain and train samples for its signature."""
-    held, fit = {}, {}
+    """Per adapter: held-out samples of its domain, train samples for its signature and
+    every train window for its token statistics."""
+    held, fit, tok_fit = {}, {}, {}
     bos = tok.bos_token_id
     for name, dom in chosen:
         try:
@@ -254,9 +267,10 @@ def _samples_by_adapter(chosen, tok, n_held: int, n_fit: int, sample_tokens: int
             continue
         held[name] = _samples(splits.get("valid"), n_held, bos)
         fit[name] = _samples(splits.get("train"), n_fit, bos) if n_fit else []
+        tok_fit[name] = _samples(splits.get("train"), None, None)
         if not held[name]:
             report.not_evaluated[name] = "no held-out samples"
-    return held, fit
+    return held, fit, tok_fit
 
 
 def _loss_matrix(bank: AdapterBank, seqs: list, names: list[str], progress: bool | None, report: Report):
@@ -296,6 +310,20 @@ def _route_by_signature(bank: AdapterBank, names, fit, seqs, owner, routed, repo
     return by_sig
 
 
+def _route_by_tokens(bank: AdapterBank, names, tok_fit, seqs, owner, routed, report: Report) -> np.ndarray:
+    """Naive-Bayes adapter of every routed sample (-1 for the others), fitted on every
+    train window of each domain."""
+    bank.fit_tokens({n: tok_fit[n] for n in names})
+    idx = np.flatnonzero(routed)
+    t0 = time.perf_counter()
+    scores = bank.route_scores([seqs[i] for i in idx], method="tokens")
+    report.route_tokens_ms_per_sample = 1000 * (time.perf_counter() - t0) / len(idx)
+    by_tok = np.full(len(seqs), -1)
+    by_tok[idx] = scores.argmin(1)
+    report.route_tokens_accuracy = float(np.mean(by_tok[idx] == owner[idx]))
+    return by_tok
+
+
 def _domain_losses(sums, counts, owner, in_table, n: int) -> np.ndarray:
     """(domains, 1 + adapters) token-weighted losses of each domain's table samples
     (column 0: the base), domain j being adapter j's."""
@@ -307,7 +335,7 @@ def _domain_losses(sums, counts, owner, in_table, n: int) -> np.ndarray:
 
 
 def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, routed, by_loss,
-                by_sig) -> DomainResult:
+                by_sig, by_tok=None) -> DomainResult:
     """Domain ``j``'s row: token-weighted losses over its table samples, routing counts."""
     rows = mine & in_table
     tokens = counts[rows, 0].sum()
@@ -321,4 +349,5 @@ def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, rou
         best_other_loss=None if k is None else float(others[k]),
         best_other=None if k is None else names[k + (k >= j)],
         route_n=int(r.sum()), route_loss_correct=int((by_loss[r] == j).sum()),
-        route_signature_correct=None if by_sig is None else int((by_sig[r] == j).sum()))
+        route_signature_correct=None if by_sig is None else int((by_sig[r] == j).sum()),
+        route_tokens_correct=None if by_tok is None else int((by_tok[r] == j).sum()))

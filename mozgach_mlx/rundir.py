@@ -285,10 +285,13 @@ _held: set[Path] = set()  # run directories this process holds
 def load_base(run: RunConfig):
     """The base model and tokenizer of a RunConfig (quantized and RoPE-scaled as it says)."""
     from . import models
+    from .models.checkpoint import BUILTIN_MODELS
 
+    # the built-in pretrained bases ship 4-bit already: --quantize does not re-quantize them
+    bits = None if run.model in BUILTIN_MODELS else run.quant_bits()
     return models.load(run.model, rope_scaling=run.rope_dict(),
                        max_position_embeddings=run.max_position_embeddings,
-                       quantize=run.quant_bits(), group_size=run.group_size)
+                       quantize=bits, group_size=run.group_size)
 
 
 def load_run_base(manifest: Manifest, model: str | None = None):

@@ -21,12 +21,15 @@ from ..errors import AdapterError, ConfigError
 from ..lora.files import apply_adapter_rope
 from ..models import paths
 from ..models.rope import rope_of
-from . import generation, routing, scoring
+from . import generation, routing, scoring, tokens
 from .generation import GenerationConfig
 from .layer import BankLinear, Selection, SelectionState, stack_deltas
 from .scoring import BATCH_TOKENS
 
-__all__ = ["AdapterBank", "Mix"]
+__all__ = ["ROUTERS", "AdapterBank", "Mix"]
+
+# every router, cheapest first (the tie-break of method="auto")
+ROUTERS = ("tokens", "signature", "loss")
 
 
 class Mix:
@@ -93,6 +96,9 @@ class AdapterBank:
         self._closed = False
         self._sig_mean: np.ndarray | None = None
         self._centroids: np.ndarray | None = None  # (N, d), from fit_signatures
+        self._token_logp: np.ndarray | None = None  # (N, V), from fit_tokens
+        self.router_accuracy: dict[str, float] = {}  # router -> top-1 accuracy, from measure_routers
+        self.last_router: str | None = None  # the router the last route / route_scores call used
 
         per_module, scales, ranks, rope, rope_src = _read_adapters(model, dirs)
         self.scales = np.asarray(scales, np.float32)  # (N,)
@@ -262,10 +268,55 @@ class AdapterBank:
         self._check_open()
         self._sig_mean, self._centroids = routing.fit_signatures(self, samples_by_adapter)
 
-    def route_scores(self, texts: Sequence[Any], method: str = "loss") -> np.ndarray:
-        """(T, N) scores, lower = better: mean token loss under each adapter
-        (``"loss"``), or 1 - cosine similarity to each adapter's signature centroid."""
+    def fit_tokens(self, samples_by_adapter: dict[str, Sequence[Any]],
+                   alpha: float = tokens.DEFAULT_ALPHA) -> None:
+        """Per-adapter unigram token model for ``route(method="tokens")``: multinomial
+        naive Bayes (McCallum & Nigam 1998) fitted on the token counts of samples of each
+        adapter's domain (texts, records or (ids, mask) pairs; its train split), with
+        Lidstone smoothing ``alpha``. Routing with it needs no model pass."""
         self._check_open()
+        vocab = int(getattr(self.tok, "vocab_size", 0) or 0)
+        if vocab <= 0:
+            raise ConfigError("fit_tokens: the tokenizer reports no vocab_size")
+        self._token_logp = tokens.fit_token_log_probs(samples_by_adapter, self.names, self.tok, vocab, alpha)
+
+    def routers(self) -> list[str]:
+        """The routers usable now, cheapest first: ``tokens`` and ``signature`` once
+        fitted, ``loss`` always."""
+        fitted = {"tokens": self._token_logp is not None, "signature": self._centroids is not None}
+        return [m for m in ROUTERS if fitted.get(m, True)]
+
+    def measure_routers(self, samples_by_adapter: dict[str, Sequence[Any]]) -> dict[str, float]:
+        """Top-1 accuracy of every usable router on held-out samples (each adapter's
+        samples should route to it); kept in ``router_accuracy`` for ``method="auto"``."""
+        self._check_open()
+        texts = [t for n in self.names for t in samples_by_adapter.get(n, [])]
+        owner = np.array([i for i, n in enumerate(self.names) for _ in samples_by_adapter.get(n, [])])
+        if not texts:
+            raise AdapterError("measure_routers: no held-out samples for any adapter of the bank")
+        self.router_accuracy = {m: float(np.mean(self.route_scores(texts, m).argmin(1) == owner))
+                                for m in self.routers()}
+        return dict(self.router_accuracy)
+
+    def best_router(self) -> str:
+        """What ``method="auto"`` uses: the usable router with the best accuracy measured
+        by :meth:`measure_routers` (ties: the cheaper), or ``loss`` if none was measured."""
+        measured = [m for m in self.routers() if m in self.router_accuracy]
+        if not measured:
+            return "loss"
+        return max(measured, key=lambda m: (self.router_accuracy[m], -ROUTERS.index(m)))
+
+    def route_scores(self, texts: Sequence[Any], method: str = "auto") -> np.ndarray:
+        """(T, N) scores, lower = better: mean token loss under each adapter
+        (``"loss"``), 1 - cosine similarity to each adapter's signature centroid
+        (``"signature"``), mean token NLL under each adapter's unigram model (``"tokens"``),
+        or ``"auto"`` (:meth:`best_router`). ``last_router`` names the one used."""
+        self._check_open()
+        if method == "auto":
+            method = self.best_router()
+        if method not in ROUTERS:
+            raise ConfigError(f"route method must be 'auto', {', '.join(map(repr, ROUTERS))}; got {method!r}")
+        self.last_router = method
         if method == "loss":
             return self.losses(texts)
         if method == "signature":
@@ -273,13 +324,18 @@ class AdapterBank:
                 raise AdapterError("route(method='signature') needs signatures: call "
                                    "bank.fit_signatures({name: [sample texts]}) first")
             return routing.signature_scores(self, texts, self._sig_mean, self._centroids)
-        raise ConfigError(f"route method must be 'loss' or 'signature', got {method!r}")
+        if self._token_logp is None:
+            raise AdapterError("route(method='tokens') needs token statistics: call "
+                               "bank.fit_tokens({name: [sample texts]}) first")
+        return tokens.token_scores(texts, self.tok, self._token_logp)
 
-    def route(self, text: Any | list[Any], top_k: int = 1, method: str = "loss") -> list[str] | list[list[str]]:
+    def route(self, text: Any | list[Any], top_k: int = 1, method: str = "auto") -> list[str] | list[list[str]]:
         """The ``top_k`` adapters for a text (best first), or for each text of a list.
 
         ``method="loss"``: lowest mean token loss (all N adapters in one batched pass);
-        ``"signature"``: nearest signature centroid (one base pass; see :meth:`fit_signatures`).
+        ``"signature"``: nearest signature centroid (one base pass; :meth:`fit_signatures`);
+        ``"tokens"``: naive Bayes over the text's tokens (no model pass; :meth:`fit_tokens`);
+        ``"auto"`` (default): :meth:`best_router`. ``bank.last_router`` says which ran.
         """
         texts = text if isinstance(text, list) else [text]
         top = routing.top_k(self.route_scores(texts, method), self.names, top_k)

@@ -35,13 +35,25 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
+# Pretrained bases shipped inside the package (models/builtin/NAME), loaded by name.
+# tiny-stdlib: the tiny model's shape with a 4,096-token BPE, pretrained on the Python
+# standard library minus the stdlib12 corpus's modules (benchmarks/pretrain_base.py).
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+BUILTIN_MODELS = ("tiny-stdlib",)
+
+
 def resolve(path_or_name: str | Path) -> Path:
-    """A local directory as is; ``org/name`` through the Hugging Face cache (downloaded
-    when online and not cached)."""
+    """A built-in pretrained base by name (:data:`BUILTIN_MODELS`); a local directory as
+    is; ``org/name`` through the Hugging Face cache (downloaded when online and not cached)."""
+    name = str(path_or_name)
+    if name in BUILTIN_MODELS:
+        if not (BUILTIN_DIR / name / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{name}: the built-in base is missing from {BUILTIN_DIR}; reinstall the "
+                                  "package or rebuild it with benchmarks/pretrain_base.py")
+        return BUILTIN_DIR / name
     p = Path(path_or_name).expanduser()
     if p.is_dir():
         return p
-    name = str(path_or_name)
     if p.exists():
         raise CheckpointError(f"{p} is a file; pass the model directory that contains config.json")
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
@@ -206,7 +218,8 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
     """Load ``(model, tokenizer)``.
 
     Args:
-        path_or_name: ``"tiny"``, a local Hugging Face model directory, or a Hub repo id
+        path_or_name: ``"tiny"`` (random init), ``"tiny-stdlib"`` (pretrained, shipped), a
+            local Hugging Face model directory, or a Hub repo id
             (read from the local cache; downloaded when online).
         rope_scaling: replaces config.json's ``rope_scaling`` before the model is built
             (``{"type": "none"}`` removes it).
