@@ -271,11 +271,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--pre-minutes", type=float, help="time cap on pretraining")
     ap.add_argument("--json", help="write all results to this JSON file")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override any Setup field, e.g. --set ft_batch=4 --set rank=16 (repeatable)")
     a = ap.parse_args()
     s = fast_setup() if a.fast else Setup()
     for k in ("pre_steps", "ft_steps", "seed", "pre_minutes"):
         if getattr(a, k) is not None:
             setattr(s, k, getattr(a, k))
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Setup.__dataclass_fields__:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(Setup.__dataclass_fields__)}")
+        setattr(s, key, type(getattr(Setup, key))(value))
     r = run(s, log=lambda m: print(m, flush=True))
     if a.json:
         with open(a.json, "w") as f:

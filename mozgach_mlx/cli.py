@@ -185,8 +185,8 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 @click.option("--out", default=None, help="the run directory to evaluate (fleet evaluation)")
 @click.option("--max-batches", type=int, default=None, help="validation batches per domain")
 @click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
-@click.option("--passkey", is_flag=True, default=False, help="passkey retrieval over --lengths x --depths")
-@click.option("--ppl-by-position", is_flag=True, default=False,
+@click.option("--passkey", is_flag=True, default=None, help="passkey retrieval over --lengths x --depths")
+@click.option("--ppl-by-position", is_flag=True, default=None,
               help="perplexity by position bucket on long filler documents (of the largest --lengths)")
 @click.option("--model", default=None, help="base model for --passkey / --ppl-by-position (default tiny)")
 @click.option("--adapter", default=None, help="adapter directory to apply (its RoPE scaling travels with it)")

@@ -41,6 +41,7 @@ class RunConfig:
         "help": "base model: 'tiny', a local HF dir or a Hub repo id"})
     data: str | None = field(default=None, metadata={
         "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
+                "or the name of a shipped real-text corpus (stdlib12); "
                 "default: the built-in synthetic 108-domain corpus"})
     out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
     domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
@@ -350,10 +351,18 @@ def base_identity(model, source: str | None = None) -> dict:
             "quantization": quant.quantization_config(model), "fingerprint": base_fingerprint(model)}
 
 
+BUILTIN_CORPORA = Path(__file__).resolve().parent / "corpora"
+
+
 def data_dir(run: RunConfig) -> Path:
-    """The user's ``--data``, or the built-in corpus materialised inside the run dir."""
+    """The user's ``--data`` (a path, or the name of a shipped corpus such as ``stdlib12``
+    when no such path exists), or the built-in synthetic corpus materialised in the run dir."""
     if run.data is not None:
-        return Path(run.data)
+        path = Path(run.data)
+        shipped = BUILTIN_CORPORA / run.data
+        if not path.exists() and "/" not in run.data and shipped.is_dir():
+            return shipped
+        return path
     from . import synthetic
 
     path = Path(run.out) / BUILTIN_DATA_DIR

@@ -161,3 +161,15 @@ def test_module_size(name):
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert long == [], f"{path}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject's explicit `packages` must name every package directory, or a wheel
+    (not an editable install) silently lacks it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "mozgach_mlx").rglob("__init__.py")}
+    missing = sorted(found - listed)
+    assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}"
