@@ -62,3 +62,16 @@ def test_tiny_stdlib_loads_4bit_round_trips_text_and_beats_the_random_tiny():
     assert pre_c < 0.5 * rand_c
     with pytest.raises(mz.ConfigError, match="already quantized"):
         mz.load("tiny-stdlib", quantize=4)
+
+
+def test_data_by_name_resolves_the_shipped_corpus_unless_a_path_exists(tmp_path, monkeypatch):
+    from mozgach_mlx import data
+    from mozgach_mlx.rundir import RunConfig, data_dir
+
+    monkeypatch.chdir(tmp_path)
+    run = RunConfig(data="stdlib12", out=str(tmp_path / "out"))
+    assert data_dir(run) == CORPUS
+    assert len(data.discover_domains(data_dir(run))) == 12
+    (tmp_path / "stdlib12").mkdir()  # a local folder of that name is the user's data
+    assert data_dir(run) == Path("stdlib12")
+    assert data_dir(RunConfig(data="nope", out=str(tmp_path / "out"))) == Path("nope")
