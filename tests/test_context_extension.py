@@ -30,7 +30,7 @@ def test_fine_tuned_pi_keeps_perplexity_low_where_extrapolation_explodes(result)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="passkey retrieval is not recovered by 60 LoRA steps at this scale (RESULTS.md)", strict=False)
+@pytest.mark.xfail(reason="passkey is not recovered by 60 LoRA steps at this scale (RESULTS.md)", strict=False)
 def test_fine_tuned_pi_retrieves_better_than_extrapolation(result):
     extrap, ft_pi = result
     assert ft_pi["long_digit"] > extrap["long_digit"]
