@@ -21,15 +21,15 @@ from ..errors import AdapterError, ConfigError
 from ..lora.files import apply_adapter_rope
 from ..models import paths
 from ..models.rope import rope_of
-from . import generation, routing, scoring, tokens
+from . import generation, probe, routing, scoring, tokens
 from .generation import GenerationConfig
 from .layer import BankLinear, Selection, SelectionState, stack_deltas
-from .scoring import BATCH_TOKENS
+from .scoring import BATCH_TOKENS, encode
 
 __all__ = ["ROUTERS", "AdapterBank", "Mix"]
 
 # every router, cheapest first (the tie-break of method="auto")
-ROUTERS = ("tokens", "signature", "loss")
+ROUTERS = ("tokens", "signature", "probe", "loss")
 
 
 class Mix:
@@ -97,6 +97,7 @@ class AdapterBank:
         self._sig_mean: np.ndarray | None = None
         self._centroids: np.ndarray | None = None  # (N, d), from fit_signatures
         self._token_logp: np.ndarray | None = None  # (N, V), from fit_tokens
+        self._probe: probe.Probe | None = None  # from fit_probe
         self.router_accuracy: dict[str, float] = {}  # router -> top-1 accuracy, from measure_routers
         self.last_router: str | None = None  # the router the last route / route_scores call used
 
@@ -280,10 +281,22 @@ class AdapterBank:
             raise ConfigError("fit_tokens: the tokenizer reports no vocab_size")
         self._token_logp = tokens.fit_token_log_probs(samples_by_adapter, self.names, self.tok, vocab, alpha)
 
+    def fit_probe(self, samples_by_adapter: dict[str, Sequence[Any]], l2: float = probe.DEFAULT_L2) -> None:
+        """Linear probe for ``route(method="probe")``: softmax regression on the base
+        model's mean final hidden state (Alain & Bengio 2016), fitted on samples of each
+        adapter's domain (its train split) with L2 penalty ``l2``. One base pass to route."""
+        self._check_open()
+        missing = [n for n in self.names if not samples_by_adapter.get(n)]
+        if missing:
+            raise AdapterError(f"fit_probe: no samples for {len(missing)} adapter(s), e.g. {missing[0]!r}")
+        embs = [routing.embed(self, [encode(s, self.tok) for s in samples_by_adapter[n]]) for n in self.names]
+        self._probe = probe.fit_probe(embs, l2=l2)
+
     def routers(self) -> list[str]:
-        """The routers usable now, cheapest first: ``tokens`` and ``signature`` once
-        fitted, ``loss`` always."""
-        fitted = {"tokens": self._token_logp is not None, "signature": self._centroids is not None}
+        """The routers usable now, cheapest first: ``tokens``, ``signature`` and ``probe``
+        once fitted, ``loss`` always."""
+        fitted = {"tokens": self._token_logp is not None, "signature": self._centroids is not None,
+                  "probe": self._probe is not None}
         return [m for m in ROUTERS if fitted.get(m, True)]
 
     def measure_routers(self, samples_by_adapter: dict[str, Sequence[Any]]) -> dict[str, float]:
@@ -310,6 +323,7 @@ class AdapterBank:
         """(T, N) scores, lower = better: mean token loss under each adapter
         (``"loss"``), 1 - cosine similarity to each adapter's signature centroid
         (``"signature"``), mean token NLL under each adapter's unigram model (``"tokens"``),
+        ``-log p(adapter | text)`` of the linear probe (``"probe"``),
         or ``"auto"`` (:meth:`best_router`). ``last_router`` names the one used."""
         self._check_open()
         if method == "auto":
@@ -324,6 +338,11 @@ class AdapterBank:
                 raise AdapterError("route(method='signature') needs signatures: call "
                                    "bank.fit_signatures({name: [sample texts]}) first")
             return routing.signature_scores(self, texts, self._sig_mean, self._centroids)
+        if method == "probe":
+            if self._probe is None:
+                raise AdapterError("route(method='probe') needs a probe: call "
+                                   "bank.fit_probe({name: [sample texts]}) first")
+            return self._probe.scores(routing.embed(self, [encode(t, self.tok) for t in texts]))
         if self._token_logp is None:
             raise AdapterError("route(method='tokens') needs token statistics: call "
                                "bank.fit_tokens({name: [sample texts]}) first")
@@ -335,6 +354,7 @@ class AdapterBank:
         ``method="loss"``: lowest mean token loss (all N adapters in one batched pass);
         ``"signature"``: nearest signature centroid (one base pass; :meth:`fit_signatures`);
         ``"tokens"``: naive Bayes over the text's tokens (no model pass; :meth:`fit_tokens`);
+        ``"probe"``: linear probe on the base's hidden state (one base pass; :meth:`fit_probe`);
         ``"auto"`` (default): :meth:`best_router`. ``bank.last_router`` says which ran.
         """
         texts = text if isinstance(text, list) else [text]
