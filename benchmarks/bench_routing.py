@@ -8,6 +8,7 @@ directory (one sub-folder per domain with train/valid/test.jsonl):
   ``L`` tokens; each window (after BOS) is one sample. Every router's top-1 accuracy and
   wall time per sample: ``loss`` (all adapters scored), ``signature`` (centroids of the
   base's mean hidden state, fitted on ``--fit-records`` train records per domain),
+  ``probe`` (softmax regression on the base's mean hidden state, fitted on the train split),
   ``tokens`` (naive Bayes on the train split's token counts), and what ``auto`` picks
   after ``bank.measure_routers`` on the valid split's records.
 * **mixing**: on the ``L``-token samples of each domain and on samples whose first half
@@ -106,6 +107,9 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         bank.fit_tokens(train)
         results["tokens_fit_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bank.fit_probe(train)
+        results["probe_fit_s"] = time.perf_counter() - t0
         results["measured_on_valid_records"] = bank.measure_routers(valid)
         results["auto"] = bank.best_router()
         for length in args.lengths:
@@ -114,12 +118,12 @@ def run(args) -> dict:
             owner = np.array([j for j, n in enumerate(adapters) for _ in by_domain[n]])
             row: dict = {"samples": len(samples), "per_domain": {n: len(v) for n, v in by_domain.items()}}
             all_scores = {}
-            for method in ("loss", "signature", "tokens"):
+            for method in args.methods:
                 scores, ms = timed_scores(bank, samples, method)
                 all_scores[method] = scores
                 row[method] = {"accuracy": float(np.mean(scores.argmin(1) == owner)), "ms_per_sample": ms}
             row["auto"] = bank.best_router()
-            if length <= args.mix_max_length:
+            if length <= args.mix_max_length and {"loss", "tokens"} <= set(args.methods):
                 row["mix_single_domain"] = {m: mix_losses(bank, samples, all_scores[m], length)
                                             for m in ("loss", "tokens")}
                 mixed = two_domain_samples(by_domain, length // 2)
@@ -138,6 +142,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--methods", nargs="+", default=["loss", "signature", "probe", "tokens"],
+                    choices=["loss", "signature", "probe", "tokens"], help="routers to measure")
     ap.add_argument("--fit-records", type=int, default=32, help="train records per domain for the signatures")
     ap.add_argument("--mix-max-length", type=int, default=256, help="mixing measured at lengths up to this")
     ap.add_argument("--json", type=Path, default=None)
@@ -146,7 +152,7 @@ def main() -> None:
     for length, row in res["lengths"].items():
         print(f"\nL={length}: {row['samples']} samples; auto -> {row['auto']}")
         print("| router | top-1 accuracy | ms / sample |\n|---|---|---|")
-        for m in ("loss", "signature", "tokens"):
+        for m in args.methods:
             print(f"| {m} | {100 * row[m]['accuracy']:.1f}% | {row[m]['ms_per_sample']:.2f} |")
         for key in ("mix_single_domain", "mix_two_domains"):
             if key in row:
