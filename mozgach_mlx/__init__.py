@@ -1,12 +1,9 @@
 """mozgach-mlx: long-context QLoRA fine-tuning of many adapters over one base, on MLX."""
 
-import os as _os
-
 from . import backend as _backend
+from . import settings as _settings
 
-# mlx-lm imports transformers (for tokenizers), which prints "PyTorch was not found" on every
-# start; we never need PyTorch. An advisory only: a user's own setting of the variable wins.
-_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+_settings.quiet_transformers()  # before mlx-lm imports transformers
 
 # Point MLX's CPU GEMM at OpenBLAS (works whether or not mlx.core was imported first).
 _backend.tune_malloc()

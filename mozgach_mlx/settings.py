@@ -103,6 +103,13 @@ def qmatmul() -> str:
     return value
 
 
+def quiet_transformers() -> None:
+    """mlx-lm imports transformers (for tokenizers), which prints "PyTorch was not found" on
+    every start; we never need PyTorch. Sets TRANSFORMERS_NO_ADVISORY_WARNINGS=1 unless the
+    user set it (a transformers variable, not ours: not in the table)."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def readme_table() -> str:
     """The Markdown table of every variable (the README's Environment section)."""
     lines = ["| variable | values | default | what it does |", "|---|---|---|---|"]
