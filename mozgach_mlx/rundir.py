@@ -38,7 +38,7 @@ class RunConfig:
     """What a fleet run is over: base model, data, output, which domains."""
 
     model: str = field(default=BUILTIN_MODEL, metadata={
-        "help": "base model: 'tiny', a local HF dir or a Hub repo id"})
+        "help": "base model: 'tiny' (random), 'tiny-stdlib' (pretrained, shipped), a local HF dir or a Hub repo id"})
     data: str | None = field(default=None, metadata={
         "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
                 "or the name of a shipped real-text corpus (stdlib12); "
@@ -288,8 +288,14 @@ def load_base(run: RunConfig):
     from . import models
     from .models.checkpoint import BUILTIN_MODELS
 
-    # the built-in pretrained bases ship 4-bit already: --quantize does not re-quantize them
-    bits = None if run.model in BUILTIN_MODELS else run.quant_bits()
+    # the built-in pretrained bases ship 4-bit (group 64) already: they are not re-quantized,
+    # and asking for another format is an error rather than silently ignored
+    bits = run.quant_bits()
+    if run.model in BUILTIN_MODELS:
+        if (bits, run.group_size) != (4, 64):
+            raise ConfigError(f"--quantize {run.quantize} --group-size {run.group_size}: the built-in base "
+                              f"{run.model!r} ships 4-bit, group 64 only; drop these options")
+        bits = None
     return models.load(run.model, rope_scaling=run.rope_dict(),
                        max_position_embeddings=run.max_position_embeddings,
                        quantize=bits, group_size=run.group_size)

@@ -75,3 +75,15 @@ def test_data_by_name_resolves_the_shipped_corpus_unless_a_path_exists(tmp_path,
     (tmp_path / "stdlib12").mkdir()  # a local folder of that name is the user's data
     assert data_dir(run) == Path("stdlib12")
     assert data_dir(RunConfig(data="nope", out=str(tmp_path / "out"))) == Path("nope")
+
+
+def test_builtin_base_refuses_another_quantization():
+    from mozgach_mlx.errors import ConfigError
+    from mozgach_mlx.rundir import RunConfig, load_base
+
+    with pytest.raises(ConfigError, match="ships 4-bit, group 64 only"):
+        load_base(RunConfig(model="tiny-stdlib", quantize="none"))
+    with pytest.raises(ConfigError, match="ships 4-bit, group 64 only"):
+        load_base(RunConfig(model="tiny-stdlib", group_size=32))
+    model, _ = load_base(RunConfig(model="tiny-stdlib"))
+    assert quant.quantization_config(model)["bits"] == 4
