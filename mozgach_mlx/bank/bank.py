@@ -24,7 +24,7 @@ from ..models.rope import rope_of
 from . import generation, probe, routing, scoring, tokens
 from .generation import GenerationConfig
 from .layer import BankLinear, Selection, SelectionState, stack_deltas
-from .scoring import BATCH_TOKENS, encode
+from .scoring import BATCH_TOKENS
 
 __all__ = ["ROUTERS", "AdapterBank", "Mix"]
 
@@ -286,11 +286,7 @@ class AdapterBank:
         model's mean final hidden state (Alain & Bengio 2016), fitted on samples of each
         adapter's domain (its train split) with L2 penalty ``l2``. One base pass to route."""
         self._check_open()
-        missing = [n for n in self.names if not samples_by_adapter.get(n)]
-        if missing:
-            raise AdapterError(f"fit_probe: no samples for {len(missing)} adapter(s), e.g. {missing[0]!r}")
-        embs = [routing.embed(self, [encode(s, self.tok) for s in samples_by_adapter[n]]) for n in self.names]
-        self._probe = probe.fit_probe(embs, l2=l2)
+        self._probe = probe.fit_probe(routing.embed_by_adapter(self, samples_by_adapter, "fit_probe"), l2=l2)
 
     def routers(self) -> list[str]:
         """The routers usable now, cheapest first: ``tokens``, ``signature`` and ``probe``
@@ -342,7 +338,7 @@ class AdapterBank:
             if self._probe is None:
                 raise AdapterError("route(method='probe') needs a probe: call "
                                    "bank.fit_probe({name: [sample texts]}) first")
-            return self._probe.scores(routing.embed(self, [encode(t, self.tok) for t in texts]))
+            return self._probe.scores(routing.embed_texts(self, texts))
         if self._token_logp is None:
             raise AdapterError("route(method='tokens') needs token statistics: call "
                                "bank.fit_tokens({name: [sample texts]}) first")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import AdapterError
 
-__all__ = ["DEFAULT_L2", "Probe", "fit_probe", "objective_and_grad"]
+__all__ = ["DEFAULT_L2", "Probe", "fit_probe", "log_softmax", "objective_and_grad"]
 
 DEFAULT_L2 = 1e-3
 
@@ -35,21 +35,23 @@ class Probe:
     def scores(self, emb: np.ndarray) -> np.ndarray:
         """(T, N) ``-log p(adapter | text)`` of (T, d) embeddings."""
         z = (emb.astype(np.float64) - self.mean) / self.std
-        logits = z @ self.weight.T + self.bias
-        logits -= logits.max(1, keepdims=True)
-        return -(logits - np.log(np.exp(logits).sum(1, keepdims=True)))
+        return -log_softmax(z @ self.weight.T + self.bias)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log softmax of (T, N) logits (max-shifted)."""
+    shifted = logits - logits.max(1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
 
 
 def objective_and_grad(w: np.ndarray, b: np.ndarray, z: np.ndarray, y: np.ndarray,
                        l2: float) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean softmax cross-entropy of (T, d) features ``z`` with labels ``y`` plus
     ``l2/2 ||w||^2``, and its gradients with respect to ``w`` (N, d) and ``b`` (N,)."""
-    logits = z @ w.T + b
-    logits -= logits.max(1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(1, keepdims=True)
+    logp = log_softmax(z @ w.T + b)
     t = len(y)
-    loss = -np.log(p[np.arange(t), y] + 1e-300).mean() + 0.5 * l2 * float((w * w).sum())
+    loss = -logp[np.arange(t), y].mean() + 0.5 * l2 * float((w * w).sum())
+    p = np.exp(logp)
     p[np.arange(t), y] -= 1.0
     return loss, p.T @ z / t + l2 * w, p.mean(0)
 

@@ -19,7 +19,7 @@ from ..errors import AdapterError
 from .layer import BankView
 from .scoring import BATCH_TOKENS, Seq, batch_spans, encode
 
-__all__ = ["embed", "fit_signatures", "signature_scores", "top_k", "unit"]
+__all__ = ["embed", "embed_by_adapter", "embed_texts", "fit_signatures", "signature_scores", "top_k", "unit"]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -43,6 +43,23 @@ def embed(bank: BankView, seqs: Sequence[Seq], batch_tokens: int = BATCH_TOKENS)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def embed_texts(bank: BankView, texts: Sequence[Any]) -> np.ndarray:
+    """:func:`embed` of texts, records or (ids, mask) pairs: (T, d) fp32."""
+    return embed(bank, [encode(t, bank.tok) for t in texts])
+
+
+def embed_by_adapter(bank: BankView, samples_by_adapter: dict[str, Sequence[Any]], caller: str) -> list[np.ndarray]:
+    """Per adapter in bank order, the (T_n, d) embeddings of its samples.
+
+    Raises:
+        AdapterError: an adapter of the bank has no samples (the message names ``caller``).
+    """
+    missing = [n for n in bank.names if not samples_by_adapter.get(n)]
+    if missing:
+        raise AdapterError(f"{caller}: no samples for {len(missing)} adapter(s), e.g. {missing[0]!r}")
+    return [embed_texts(bank, samples_by_adapter[n]) for n in bank.names]
+
+
 def fit_signatures(bank: BankView, samples_by_adapter: dict[str, Sequence[Any]]) -> tuple[np.ndarray, np.ndarray]:
     """``(mean (d,), centroids (N, d))``: the mean embedding over all samples and, per
     adapter in bank order, the unit centroid of its samples' unit, mean-removed embeddings.
@@ -50,10 +67,7 @@ def fit_signatures(bank: BankView, samples_by_adapter: dict[str, Sequence[Any]])
     Raises:
         AdapterError: an adapter of the bank has no samples.
     """
-    missing = [n for n in bank.names if not samples_by_adapter.get(n)]
-    if missing:
-        raise AdapterError(f"fit_signatures: no samples for {len(missing)} adapter(s), e.g. {missing[0]!r}")
-    embs = [embed(bank, [encode(s, bank.tok) for s in samples_by_adapter[n]]) for n in bank.names]
+    embs = embed_by_adapter(bank, samples_by_adapter, "fit_signatures")
     mean = np.concatenate(embs).mean(0)
     return mean, np.stack([unit(unit(e - mean).mean(0)) for e in embs])
 
@@ -61,7 +75,7 @@ def fit_signatures(bank: BankView, samples_by_adapter: dict[str, Sequence[Any]])
 def signature_scores(bank: BankView, texts: Sequence[Any], mean: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """(T, N) scores, lower = better: 1 - cosine similarity of each text's mean-removed
     embedding to each adapter's centroid (from :func:`fit_signatures`)."""
-    e = unit(embed(bank, [encode(t, bank.tok) for t in texts]) - mean)
+    e = unit(embed_texts(bank, texts) - mean)
     return 1.0 - e @ centroids.T
 
 
