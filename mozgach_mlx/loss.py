@@ -56,7 +56,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from . import ops
 from .errors import ConfigError
 
-__all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "row_losses", "sequence_loss"]
+__all__ = ["auto_chunk", "chunked_cross_entropy", "cross_entropy_reference", "row_losses", "sequence_loss",
+           "token_losses"]
 
 
 def _head(model: nn.Module) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
@@ -272,6 +273,18 @@ def row_losses(
     """
     st = _setup(model, hidden, targets, mask, chunk)
     return _forward_sum(st, hidden, per_row=True), st.w.sum(axis=1)
+
+
+def token_losses(model: nn.Module, hidden: mx.array, targets: mx.array, chunk: int | None = None) -> mx.array:
+    """Cross-entropy of every position, for scoring (no gradient work): (B, L) fp32, the
+    chunk loop of :func:`row_losses` without the sum, so only a (B, chunk, vocab) logits
+    buffer is alive at a time (a 100K-token window never builds (L, vocab) logits)."""
+    st = _setup(model, hidden, targets, mx.ones(targets.shape, dtype=mx.float32), chunk)
+    parts: list[mx.array] = []
+    for s, e in st.bounds:
+        hc = hidden[:, s:e] if not parts else mx.depends(hidden[:, s:e], parts[-1])
+        parts.append(_chunk_ce(st.head_fn(hc), st.t[:, s:e])[0])
+    return mx.concatenate(parts, axis=1)
 
 
 def cross_entropy_reference(

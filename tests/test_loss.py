@@ -142,6 +142,23 @@ def test_row_losses_equal_naive_per_row(chunk):
         loss.row_losses(model, h, t, w, chunk=0)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 5, 37])
+def test_token_losses_equal_naive_per_position(chunk):
+    # Reference: the full-logits CE of each single position (mask one-hot at it).
+    model = Head(24, 53, tied=True)
+    h, t, _ = _batch(2, 11, 24, 53, seed=4)
+    t = mx.abs(t) % 53  # every position scored
+    got = loss.token_losses(model, h, t, chunk=chunk)
+    assert got.shape == (2, 11)
+    for b in range(2):
+        for i in range(11):
+            onehot = (mx.arange(11) == i)[None]
+            ref, _ = loss.cross_entropy_reference(model, h[b : b + 1], t[b : b + 1], onehot)
+            assert got[b, i].item() == pytest.approx(ref.item(), rel=1e-5)
+    with pytest.raises(ConfigError):
+        loss.token_losses(model, h, t, chunk=0)
+
+
 def test_auto_chunk_minimum_bounds_the_buffer_for_many_rows():
     # 128K vocab x 64 rows: 64 positions would be a 2 GiB buffer; floor 1 keeps it at 64 MiB.
     assert loss.auto_chunk(131072, batch=64) == 64

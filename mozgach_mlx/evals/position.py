@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .. import loss
 from ..errors import ConfigError
 from .passkey import FILLER, KEY_LINE, random_key
 
@@ -38,11 +39,8 @@ def token_nll(model, doc: list[int], *, window: int, stride: int) -> np.ndarray:
     scored, start = 1, 0  # first token not yet scored; window start
     while scored < n:
         end = min(start + window, n)
-        x = mx.array(ids[start:end - 1][None])  # (1, w-1)
-        logits = model.logits(model.hidden(x))[0].astype(mx.float32)  # (w-1, V): predicts start+1..end-1
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        tgt = mx.array(ids[start + 1:end])
-        win_nll = -np.array(mx.take_along_axis(logp, tgt[:, None], axis=-1)[:, 0])
+        x = mx.array(ids[start:end - 1][None])  # (1, w-1): predicts start+1..end-1
+        win_nll = np.array(loss.token_losses(model, model.hidden(x), mx.array(ids[start + 1:end][None]))[0])
         nll[scored - 1:end - 1] = win_nll[scored - start - 1:]
         scored = end
         start += stride
