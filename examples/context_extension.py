@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -60,17 +62,51 @@ class Setup:
     trials: int = 8
     ppl_docs: int = 2
     seed: int = 0
+    tokenizer: str = "byte"  # "byte" or "word" (see WordTokenizer)
 
     @property
     def long(self) -> int:
         return self.window * self.factor
 
 
-def small_model(s: Setup, seed: int) -> Model:
-    """A fresh small Llama over the byte tokenizer (tied embeddings)."""
+class WordTokenizer:
+    """One id per word, digit and punctuation mark of the passkey texts, plus BOS.
+
+    The granularity of a real subword tokenizer: the passkey prompt's fixed text (key line
+    and question) takes 33 tokens here against 99 bytes, so inside a 128-token window the
+    key's distance from the question varies over ~95 filler tokens instead of ~25 bytes."""
+
+    PATTERN = re.compile(r"\d|[A-Za-z]+|[^\sA-Za-z\d]")
+
+    def __init__(self) -> None:
+        text = evals.FILLER + evals.passkey.KEY_LINE.format(key="0") + evals.passkey.QUESTION
+        self.words = sorted(set(self.PATTERN.findall(text)) | set("0123456789"))
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.bos_token_id = len(self.words)
+        self.vocab_size = len(self.words) + 1
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        try:
+            ids = [self.ids[w] for w in self.PATTERN.findall(text)]
+        except KeyError as e:
+            raise ValueError(f"WordTokenizer: {e.args[0]!r} is not in the passkey vocabulary") from None
+        return [self.bos_token_id, *ids] if add_bos else ids
+
+    def decode(self, ids) -> str:
+        return " ".join(self.words[int(i)] for i in ids if int(i) < len(self.words))
+
+
+def make_tokenizer(s: Setup):
+    if s.tokenizer not in ("byte", "word"):
+        raise SystemExit(f"--set tokenizer={s.tokenizer!r}: expected 'byte' or 'word'")
+    return ByteTokenizer() if s.tokenizer == "byte" else WordTokenizer()
+
+
+def small_model(s: Setup, seed: int, vocab_size: int) -> Model:
+    """A fresh small Llama over a ``vocab_size`` tokenizer (tied embeddings)."""
     cfg = {"model_type": "llama", "hidden_size": s.hidden, "num_hidden_layers": s.layers,
            "intermediate_size": 3 * s.hidden, "num_attention_heads": s.heads,
-           "vocab_size": ByteTokenizer.vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "vocab_size": vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "max_position_embeddings": s.window, "tie_word_embeddings": True}
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(cfg, source="context_extension"))
@@ -174,7 +210,7 @@ def scalings(s: Setup) -> dict[str, dict | None]:
 
 def stage_a(tok, s: Setup, log=print) -> tuple[Model, dict]:
     log(f"== (a) pretrain d={s.hidden} L={s.layers} H={s.heads} at window {s.window} ==")
-    model = small_model(s, s.seed)
+    model = small_model(s, s.seed, tok.vocab_size)
     n = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"  {n / 1e6:.2f} M parameters; chance: exact 1e-{s.digits}, per-digit 10%")
 
@@ -201,7 +237,7 @@ def stage_c_variants(s: Setup) -> dict[str, dict]:
 
 
 def fine_tune(base_weights, tok, s: Setup, name: str, v: dict, log=print) -> dict:
-    model = small_model(s, s.seed)
+    model = small_model(s, s.seed, tok.vocab_size)
     model.load_weights(base_weights)
     model.set_rope(v["rope"])
     mz.lora.apply(model, mz.LoRAConfig(r=s.rank, alpha=2.0 * s.rank, dropout=0.0,
@@ -227,10 +263,38 @@ def long_lengths(s: Setup) -> list[int]:
     return out
 
 
-def run(s: Setup, log=print) -> dict:
-    tok = ByteTokenizer()
+PRETRAIN_FIELDS = ("window", "hidden", "layers", "heads", "digits", "pre_steps", "pre_batch", "pre_lr",
+                   "pre_target", "other_weight", "seed", "tokenizer")
+
+
+def pretrained(tok, s: Setup, cache: str | None, log=print) -> tuple[Model, dict]:
+    """Stage (a), or its result from ``cache`` (a .safetensors file written by an earlier
+    run with the same pretraining fields; written here when it does not exist yet)."""
+    want = {k: str(getattr(s, k)) for k in PRETRAIN_FIELDS}
+    if cache and os.path.exists(cache):
+        weights, meta = mx.load(cache, return_metadata=True)
+        got = {k: meta.get(k) for k in PRETRAIN_FIELDS}
+        if got != want:
+            diff = sorted(k for k in PRETRAIN_FIELDS if got[k] != want[k])
+            raise SystemExit(f"--base-cache {cache}: pretrained with other settings ({', '.join(diff)}); "
+                             f"use another file or delete it")
+        model = small_model(s, s.seed, tok.vocab_size)
+        model.load_weights(list(weights.items()))
+        log(f"== (a) pretrained base loaded from {cache} ==")
+        return model, json.loads(meta["pretrain"])
+    model, info = stage_a(tok, s, log=log)
+    if cache:
+        tmp = cache + ".tmp.safetensors"
+        mx.save_safetensors(tmp, dict(tree_flatten(model.parameters())),
+                            metadata={**want, "pretrain": json.dumps(info, default=float)})
+        os.replace(tmp, cache)
+    return model, info
+
+
+def run(s: Setup, log=print, cache: str | None = None) -> dict:
+    tok = make_tokenizer(s)
     t0 = time.perf_counter()
-    model, pre = stage_a(tok, s, log=log)
+    model, pre = pretrained(tok, s, cache, log=log)
     results = {"setup": s.__dict__, "pretrain": pre, "zero_shot": [], "fine_tuned": []}
     base = tree_flatten(model.parameters())
     results["pretrain_eval"] = evaluate(model, tok, s, "pretrained (in window)", [s.window], log=log)
@@ -271,6 +335,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--pre-minutes", type=float, help="time cap on pretraining")
     ap.add_argument("--json", help="write all results to this JSON file")
+    ap.add_argument("--base-cache", metavar="FILE.safetensors",
+                    help="reuse the pretrained model from this file (written on the first run)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override any Setup field, e.g. --set ft_batch=4 --set rank=16 (repeatable)")
     a = ap.parse_args()
@@ -283,7 +349,7 @@ def main() -> None:
         if not sep or key not in Setup.__dataclass_fields__:
             ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(Setup.__dataclass_fields__)}")
         setattr(s, key, type(getattr(Setup, key))(value))
-    r = run(s, log=lambda m: print(m, flush=True))
+    r = run(s, log=lambda m: print(m, flush=True), cache=a.base_cache)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1, default=float)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import mozgach_mlx as mz
 from mozgach_mlx import data, synthetic
-from mozgach_mlx.rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN
+from mozgach_mlx.rundir import SYNTHETIC_RUN_LORA, SYNTHETIC_RUN_TRAIN
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="mozgach_example_"))
 corpus = synthetic.write_corpus(out / "data", n_domains=3)
 domain = data.discover_domains(corpus)[0]
 
 model, tok = mz.load("tiny", quantize=4)  # QLoRA: 4-bit base
-# the built-in default run's short schedule (the seed's defaults are for real models)
-cfg = mz.TrainConfig(**DEFAULT_RUN_TRAIN, lora=mz.LoRAConfig(**DEFAULT_RUN_LORA))
+# the synthetic built-in run's short schedule (the seed's defaults are for real models)
+cfg = mz.TrainConfig(**SYNTHETIC_RUN_TRAIN, lora=mz.LoRAConfig(**SYNTHETIC_RUN_LORA))
 splits = data.load_domain(domain, tok, cfg.max_seq_length)
 
 # base_loss=True: also the fresh adapter's loss (B = 0: exactly the base) before training

@@ -4,8 +4,8 @@ One source of defaults: the dataclasses (:class:`RunConfig`, :class:`TrainConfig
 :class:`LoRAConfig`, :class:`GenerationConfig`) and :func:`mozgach_mlx.plan` (whose own
 defaults come from those dataclasses). Every click option defaults to ``None`` and only
 overrides what the user actually gave; precedence is CLI > YAML (``--config``) > the
-built-in default preset (only for the built-in default run: tiny model + synthetic
-corpus) > dataclass defaults. What each command does is in :mod:`mozgach_mlx.commands`.
+built-in runs' presets (:meth:`RunConfig.preset`: tiny-stdlib on stdlib12, the default;
+tiny on the synthetic corpus) > dataclass defaults. What each command does is in :mod:`mozgach_mlx.commands`.
 """
 
 from __future__ import annotations
@@ -84,8 +84,7 @@ def build_configs(cli: dict, yaml_cfg: dict, source: str = "--config"):
 
     c_run = {k: v for k, v in cli.items() if k in run_names and v is not None}
     run = RunConfig(**{**y_run, **c_run})
-    preset_train = DEFAULT_RUN_TRAIN if run.builtin_default else {}
-    preset_lora = DEFAULT_RUN_LORA if run.builtin_default else {}
+    preset_train, preset_lora = run.preset()
     c_train = {k: v for k, v in cli.items() if k in train_names and v is not None}
     c_lora = {k[len("lora_"):]: v for k, v in cli.items()
               if k.startswith("lora_") and k[len("lora_"):] in lora_names and v is not None}
@@ -185,10 +184,12 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 @click.option("--out", default=None, help="the run directory to evaluate (fleet evaluation)")
 @click.option("--max-batches", type=int, default=None, help="validation batches per domain")
 @click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
+@click.option("--sample-tokens", type=int, default=None,
+              help="tokens per held-out sample, for the loss table and routing (default 64)")
 @click.option("--passkey", is_flag=True, default=None, help="passkey retrieval over --lengths x --depths")
 @click.option("--ppl-by-position", is_flag=True, default=None,
               help="perplexity by position bucket on long filler documents (of the largest --lengths)")
-@click.option("--model", default=None, help="base model for --passkey / --ppl-by-position (default tiny)")
+@click.option("--model", default=None, help="base model for --passkey / --ppl-by-position (default tiny-stdlib)")
 @click.option("--adapter", default=None, help="adapter directory to apply (its RoPE scaling travels with it)")
 @click.option("--lengths", default=None, help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k,2k,4k)")
 @click.option("--depths", default=None, help="key depths in [0, 1], e.g. 0,0.25,0.5,0.75,1 (the default)")
@@ -196,8 +197,8 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 @click.option("--stride", type=int, default=None, help="ppl sliding-window stride (default window/2)")
 @click.option("--bucket", type=int, default=None, help="ppl position bucket in tokens (default 256)")
 @_debug_option
-def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None, passkey: bool,
-             ppl_by_position: bool, **long_ctx: Any) -> None:
+def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None, sample_tokens: int | None,
+             passkey: bool, ppl_by_position: bool, **long_ctx: Any) -> None:
     """Fleet run: per-domain losses and routing (--out). Long context: --passkey / --ppl-by-position."""
     from .commands import eval_long_context, eval_run
 
@@ -205,7 +206,7 @@ def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None
         sys.exit(eval_long_context(passkey=passkey, ppl=ppl_by_position, **long_ctx))
     if out is None:
         raise ConfigError("mozgach eval needs --out RUN (fleet evaluation) or --passkey / --ppl-by-position")
-    sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples))
+    sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples, sample_tokens=sample_tokens))
 
 
 @main.command("report")

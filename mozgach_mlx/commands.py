@@ -105,9 +105,11 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | None = None) -> int:
+def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | None = None,
+             sample_tokens: int | None = None) -> int:
     """Print per-domain base / own / best-other losses and the routing accuracy of a run."""
-    report = evaluate_run(out, max_batches=max_batches, route_samples=route_samples)
+    extra = {} if sample_tokens is None else {"sample_tokens": sample_tokens}
+    report = evaluate_run(out, max_batches=max_batches, route_samples=route_samples, **extra)
     print(report.table())
     return 0 if report.all_own_best else 1
 

@@ -12,7 +12,9 @@ That one (samples x adapters) loss matrix gives:
 * routing by signature: nearest centroid of the base's mean final hidden state, the
   centroids fitted on a few *train* samples per domain (:meth:`AdapterBank.fit_signatures`);
 * routing by tokens: multinomial naive Bayes over the sample's tokens, fitted on the
-  token counts of every train window of each domain (:meth:`AdapterBank.fit_tokens`).
+  token counts of every train window of each domain (:meth:`AdapterBank.fit_tokens`);
+* routing by linear probe: softmax regression on the base's mean final hidden state,
+  fitted on up to ``PROBE_SAMPLES`` train windows per domain (:meth:`AdapterBank.fit_probe`).
 
 Cost: N adapters x D domains x S samples x T tokens forward tokens, run as batches with
 one adapter per row (the base matmuls once per layer for all rows). The defaults (S=2,
@@ -41,6 +43,7 @@ from .rundir import Manifest, load_run_base, read_manifest, run_domains
 DEFAULT_ROUTE_SAMPLES = 2
 SAMPLE_TOKENS = 64
 SIGNATURE_SAMPLES = 8
+PROBE_SAMPLES = 64  # train windows per domain the linear probe is fitted on
 REPORT_FILE = "eval.json"
 
 
@@ -61,6 +64,7 @@ class DomainResult:
     route_loss_correct: int
     route_signature_correct: int | None
     route_tokens_correct: int | None = None
+    route_probe_correct: int | None = None
 
     @property
     def own_best(self) -> bool:
@@ -87,6 +91,9 @@ class Report:
     signature_fit_seconds: float | None = None
     route_tokens_accuracy: float | None = None
     route_tokens_ms_per_sample: float | None = None
+    route_probe_accuracy: float | None = None
+    route_probe_ms_per_sample: float | None = None
+    probe_fit_seconds: float | None = None
     seconds: float = 0.0
     # the full matrix behind the rows: loss_matrix[i][k] = adapter k's loss on the held-out
     # data of adapters[i]'s domain (token-weighted, the rows' samples); the diagonal is
@@ -132,7 +139,10 @@ class Report:
                         f"{self.signature_fit_seconds:.1f} s)")
                      + ("" if self.route_tokens_accuracy is None else
                         f"; by tokens (naive Bayes) {_pct(self.route_tokens_accuracy)} "
-                        f"({self.route_tokens_ms_per_sample:.2f} ms/sample)"))
+                        f"({self.route_tokens_ms_per_sample:.2f} ms/sample)")
+                     + ("" if self.route_probe_accuracy is None else
+                        f"; by linear probe {_pct(self.route_probe_accuracy)} "
+                        f"({self.route_probe_ms_per_sample:.1f} ms/sample, fit {self.probe_fit_seconds:.1f} s)"))
         if self.not_evaluated:
             items = ", ".join(f"{k} ({v})" for k, v in list(self.not_evaluated.items())[:8])
             more = "" if len(self.not_evaluated) <= 8 else f" and {len(self.not_evaluated) - 8} more"
@@ -211,20 +221,23 @@ def evaluate_run(out_dir: str | Path, max_batches: int | None = None, route_samp
         by_loss = per_sample.argmin(1)
         if routed.any():
             report.route_loss_accuracy = float(np.mean(by_loss[routed] == owner[routed]))
-        by_sig = by_tok = None
+        by_sig = by_tok = by_probe = None
         if signature_samples and all(fit[n] for n in names) and routed.any():
-            by_sig = _route_by_signature(bank, names, fit, seqs, owner, routed, report)
+            by_sig = _route_by(bank, "signature", {n: fit[n] for n in names}, seqs, owner, routed, report)
         if all(tok_fit.get(n) for n in names) and routed.any():
-            by_tok = _route_by_tokens(bank, names, tok_fit, seqs, owner, routed, report)
+            by_tok = _route_by(bank, "tokens", {n: tok_fit[n] for n in names}, seqs, owner, routed, report)
+            by_probe = _route_by(bank, "probe", {n: tok_fit[n][:PROBE_SAMPLES] for n in names}, seqs, owner,
+                                 routed, report)
 
     for j, (name, dom) in enumerate(chosen):
         report.rows.append(_domain_row(j, name, dom, names, sums, counts, owner == j, pos < n_table, routed,
-                                       by_loss, by_sig, by_tok))
+                                       by_loss, by_sig, by_tok, by_probe))
     report.adapters = names
     report.loss_matrix = _domain_losses(sums, counts, owner, pos < n_table, len(names))[:, 1:].tolist()
     report.routes = [{"adapter": names[owner[i]], "by_loss": names[by_loss[i]],
                       "by_signature": None if by_sig is None else names[by_sig[i]],
-                      "by_tokens": None if by_tok is None else names[by_tok[i]]} for i in np.flatnonzero(routed)]
+                      "by_tokens": None if by_tok is None else names[by_tok[i]],
+                      "by_probe": None if by_probe is None else names[by_probe[i]]} for i in np.flatnonzero(routed)]
     report.rows.sort(key=lambda x: x.domain_id)
     report.seconds = time.perf_counter() - t_start
     if write:
@@ -295,33 +308,24 @@ def _loss_matrix(bank: AdapterBank, seqs: list, names: list[str], progress: bool
     return sums.reshape(len(seqs), len(names) + 1), counts.reshape(len(seqs), len(names) + 1)[:, :1]
 
 
-def _route_by_signature(bank: AdapterBank, names, fit, seqs, owner, routed, report: Report) -> np.ndarray:
-    """Nearest-signature adapter of every routed sample (-1 for the others)."""
+def _route_by(bank: AdapterBank, method: str, fit: dict[str, list], seqs, owner, routed,
+              report: Report) -> np.ndarray:
+    """Fit ``method``'s router (signature, tokens or probe) on ``fit`` (train samples per
+    adapter) and route every routed sample: its adapter index (-1 for the others). The
+    fit time, accuracy and routing time per sample go to ``report.*``."""
+    fitter = {"signature": bank.fit_signatures, "tokens": bank.fit_tokens, "probe": bank.fit_probe}[method]
     t0 = time.perf_counter()
-    bank.fit_signatures({n: fit[n] for n in names})
-    report.signature_fit_seconds = time.perf_counter() - t0
+    fitter(fit)
+    if method != "tokens":
+        setattr(report, f"{method}_fit_seconds", time.perf_counter() - t0)
     idx = np.flatnonzero(routed)
     t0 = time.perf_counter()
-    scores = bank.route_scores([seqs[i] for i in idx], method="signature")
-    report.route_signature_ms_per_sample = 1000 * (time.perf_counter() - t0) / len(idx)
-    by_sig = np.full(len(seqs), -1)
-    by_sig[idx] = scores.argmin(1)
-    report.route_signature_accuracy = float(np.mean(by_sig[idx] == owner[idx]))
-    return by_sig
-
-
-def _route_by_tokens(bank: AdapterBank, names, tok_fit, seqs, owner, routed, report: Report) -> np.ndarray:
-    """Naive-Bayes adapter of every routed sample (-1 for the others), fitted on every
-    train window of each domain."""
-    bank.fit_tokens({n: tok_fit[n] for n in names})
-    idx = np.flatnonzero(routed)
-    t0 = time.perf_counter()
-    scores = bank.route_scores([seqs[i] for i in idx], method="tokens")
-    report.route_tokens_ms_per_sample = 1000 * (time.perf_counter() - t0) / len(idx)
-    by_tok = np.full(len(seqs), -1)
-    by_tok[idx] = scores.argmin(1)
-    report.route_tokens_accuracy = float(np.mean(by_tok[idx] == owner[idx]))
-    return by_tok
+    scores = bank.route_scores([seqs[i] for i in idx], method=method)
+    setattr(report, f"route_{method}_ms_per_sample", 1000 * (time.perf_counter() - t0) / len(idx))
+    chosen = np.full(len(seqs), -1)
+    chosen[idx] = scores.argmin(1)
+    setattr(report, f"route_{method}_accuracy", float(np.mean(chosen[idx] == owner[idx])))
+    return chosen
 
 
 def _domain_losses(sums, counts, owner, in_table, n: int) -> np.ndarray:
@@ -335,7 +339,7 @@ def _domain_losses(sums, counts, owner, in_table, n: int) -> np.ndarray:
 
 
 def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, routed, by_loss,
-                by_sig, by_tok=None) -> DomainResult:
+                by_sig, by_tok=None, by_probe=None) -> DomainResult:
     """Domain ``j``'s row: token-weighted losses over its table samples, routing counts."""
     rows = mine & in_table
     tokens = counts[rows, 0].sum()
@@ -350,4 +354,5 @@ def _domain_row(j: int, name: str, dom, names, sums, counts, mine, in_table, rou
         best_other=None if k is None else names[k + (k >= j)],
         route_n=int(r.sum()), route_loss_correct=int((by_loss[r] == j).sum()),
         route_signature_correct=None if by_sig is None else int((by_sig[r] == j).sum()),
-        route_tokens_correct=None if by_tok is None else int((by_tok[r] == j).sum()))
+        route_tokens_correct=None if by_tok is None else int((by_tok[r] == j).sum()),
+        route_probe_correct=None if by_probe is None else int((by_probe[r] == j).sum()))

@@ -30,7 +30,10 @@ MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 SCHEMA_VERSION = 2
 BUILTIN_DATA_DIR = "builtin_data"
-BUILTIN_MODEL = "tiny"
+BUILTIN_MODEL = "tiny-stdlib"  # the default base: pretrained, shipped in the package
+RANDOM_MODEL = "tiny"  # the random-init byte model of the unit tests
+DEFAULT_CORPUS = "stdlib12"  # the default base's corpus (shipped); --data synthetic: the 108 domains
+SYNTHETIC_CORPUS = "synthetic"
 
 
 @dataclass
@@ -38,14 +41,16 @@ class RunConfig:
     """What a fleet run is over: base model, data, output, which domains."""
 
     model: str = field(default=BUILTIN_MODEL, metadata={
-        "help": "base model: 'tiny' (random), 'tiny-stdlib' (pretrained, shipped), a local HF dir or a Hub repo id"})
+        "help": "base model: 'tiny-stdlib' (pretrained, shipped; the default), 'tiny' (random), "
+                "a local HF dir or a Hub repo id"})
     data: str | None = field(default=None, metadata={
         "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
-                "or the name of a shipped real-text corpus (stdlib12); "
-                "default: the built-in synthetic 108-domain corpus"})
+                "or a built-in corpus: 'stdlib12' (12 real-text domains, shipped) or 'synthetic' "
+                "(--n-domains synthetic domains); default: stdlib12 for tiny-stdlib, synthetic otherwise"})
     out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
     domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
-    n_domains: int = field(default=108, metadata={"help": "domains in the built-in synthetic corpus"})
+    n_domains: int = field(default=108, metadata={
+        "help": "domains in the built-in synthetic corpus (--data synthetic)"})
     quantize: str = field(default="4", metadata={"help": "base quantization: 4, 8 or none"})
     group_size: int = field(default=64, metadata={"help": "quantization group size: 32, 64 or 128"})
     rope_scaling: str | None = field(default=None, metadata={
@@ -65,13 +70,21 @@ class RunConfig:
         if self.quantize is None or (isinstance(self.quantize, int) and not isinstance(self.quantize, bool)):
             self.quantize = str(self.quantize).lower()  # YAML `quantize: 4` / `quantize: null`
         check_fields(self)
+        if self.data is None and self.model == BUILTIN_MODEL:
+            self.data = DEFAULT_CORPUS  # recorded as such: the manifest names the corpus it ran on
         parse_quantize(self.quantize)
         if self.distributed not in ("none", "data", "adapters"):
             raise ConfigError(f"--distributed {self.distributed!r} is not one of none, data, adapters")
 
-    @property
-    def builtin_default(self) -> bool:
-        return self.model == BUILTIN_MODEL and self.data is None
+    def preset(self) -> tuple[dict, dict]:
+        """(train, lora) overrides of the built-in runs' short schedules: the default
+        (tiny-stdlib on stdlib12) and the synthetic one (tiny on its 108 domains); empty
+        for any other base or data (the dataclass defaults are the seed's, for real models)."""
+        if self.model == BUILTIN_MODEL and self.data == DEFAULT_CORPUS:
+            return DEFAULT_RUN_TRAIN, DEFAULT_RUN_LORA
+        if self.model == RANDOM_MODEL and self.data in (None, SYNTHETIC_CORPUS):
+            return SYNTHETIC_RUN_TRAIN, SYNTHETIC_RUN_LORA
+        return {}, {}
 
     def quant_bits(self) -> int | None:
         return parse_quantize(self.quantize)
@@ -104,14 +117,22 @@ def parse_quantize(value: Any) -> int | None:
     return int(value)
 
 
-# Short schedules for the built-in default (tiny model, 108 synthetic domains): tuned so
-# the whole run finishes in <= 10 minutes on 2 CPU cores (see README, benchmarks).
+# Short schedules of the built-in runs (RunConfig.preset), tuned so that a fresh machine's
+# first command finishes in <= 12 minutes on 2 CPU cores (see README, benchmarks/RESULTS.md).
+# The default: 12 adapters over the pretrained tiny-stdlib base on the stdlib12 corpus.
 DEFAULT_RUN_TRAIN = {
+    "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 32, "grad_accumulation": 2,
+    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "save_every": 16,
+    "grad_checkpoint": False,
+}
+DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0, "targets": ("all-linear",)}
+# `--model tiny` (random base, byte tokenizer) on the synthetic 108-domain corpus.
+SYNTHETIC_RUN_TRAIN = {
     "learning_rate": 2e-3, "warmup_steps": 3, "max_steps": 16, "grad_accumulation": 1,
     "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
     "grad_checkpoint": False,
 }
-DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
+SYNTHETIC_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -362,8 +383,9 @@ BUILTIN_CORPORA = Path(__file__).resolve().parent / "corpora"
 
 def data_dir(run: RunConfig) -> Path:
     """The user's ``--data`` (a path, or the name of a shipped corpus such as ``stdlib12``
-    when no such path exists), or the built-in synthetic corpus materialised in the run dir."""
-    if run.data is not None:
+    when no such path exists), or the built-in synthetic corpus materialised in the run dir
+    (``--data synthetic``, or no ``--data`` with a base other than tiny-stdlib)."""
+    if run.data is not None and not (run.data == SYNTHETIC_CORPUS and not Path(run.data).exists()):
         path = Path(run.data)
         shipped = BUILTIN_CORPORA / run.data
         if not path.exists() and "/" not in run.data and shipped.is_dir():

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from mozgach_mlx.cli import DEFAULT_RUN_TRAIN, build_configs, main
 from mozgach_mlx.errors import ConfigError
 from mozgach_mlx.lora import LoRAConfig
-from mozgach_mlx.rundir import RunConfig
+from mozgach_mlx.rundir import SYNTHETIC_RUN_TRAIN, RunConfig
 from mozgach_mlx.trainer import TrainConfig
 
 
@@ -17,8 +17,18 @@ def _cli(**kw):
 
 def test_builtin_default_uses_the_preset_and_cli_wins_over_yaml():
     run, t = build_configs(_cli(), {})
-    assert run.builtin_default and run.model == "tiny" and run.data is None
-    assert t.max_steps == DEFAULT_RUN_TRAIN["max_steps"] and t.learning_rate == DEFAULT_RUN_TRAIN["learning_rate"]
+    assert run.model == "tiny-stdlib" and run.data == "stdlib12"  # recorded as the corpus it is
+    assert (t.max_steps, t.learning_rate, t.max_seq_length, t.grad_accumulation) == tuple(
+        DEFAULT_RUN_TRAIN[k] for k in ("max_steps", "learning_rate", "max_seq_length", "grad_accumulation"))
+    assert t.lora.targets == ("all-linear",) and t.lora.dropout == 0.0
+    # the random tiny base keeps the synthetic corpus and its own short schedule
+    run, t = build_configs(_cli(model="tiny"), {})
+    assert run.data is None and (t.max_steps, t.max_seq_length) == \
+        (SYNTHETIC_RUN_TRAIN["max_steps"], SYNTHETIC_RUN_TRAIN["max_seq_length"])
+    assert t.lora.targets == LoRAConfig().targets
+    assert build_configs(_cli(model="tiny", data="synthetic"), {})[1] == t
+    # the built-in base on other data gets the seed's defaults
+    assert build_configs(_cli(data="synthetic"), {})[1] == TrainConfig()
 
     yaml_cfg = {"out": "from_yaml", "train": {"learning_rate": 1e-3, "epochs": 2}, "lora": {"r": 8}}
     run, t = build_configs(_cli(learning_rate=5e-4, lora_alpha=4.0), yaml_cfg)
@@ -72,7 +82,8 @@ def test_bad_flag_value_exits_2_with_one_line(tmp_path):
 
 def test_train_then_generate_and_plan_from_the_cli(tmp_path):
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["train", "--out", str(out), "--n-domains", "2", "--domains", "2", "--max-steps", "2",
+    r = CliRunner().invoke(main, ["train", "--model", "tiny", "--out", str(out), "--n-domains", "2", "--domains", "2",
+                                  "--max-steps", "2",
                                   "--max-seq-length", "64", "--quiet"])
     assert r.exit_code == 0, r.output
     assert "1 trained, 0 already done, 0 failed" in r.output

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 TIMEOUT = 300
-SMALL = ["--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--max-seq-length", "64",
+SMALL = ["--model", "tiny", "--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--max-seq-length", "64",
          "--warmup-steps", "1", "--quiet"]
 
 sys.path.insert(0, str(WORKER.parent))

@@ -124,6 +124,32 @@ def test_evaluate_run_table_matches_independent_reference(run_dir):
     assert saved["loss_matrix"] == rep.loss_matrix and saved["routes"] == rep.routes
 
 
+def test_every_router_is_counted_consistently_and_probe_routes_as_its_bank_does(run_dir):
+    from mozgach_mlx.bank import AdapterBank
+    from mozgach_mlx.evaluate import PROBE_SAMPLES
+
+    rep = evaluate_run(run_dir, route_samples=N_VALID, sample_tokens=TOKENS, signature_samples=2, write=False)
+    for m in ("loss", "signature", "tokens", "probe"):
+        hits = [r[f"by_{m}"] == r["adapter"] for r in rep.routes]
+        assert getattr(rep, f"route_{m}_accuracy") == pytest.approx(np.mean(hits)), m
+        assert sum(getattr(r, f"route_{m}_correct") for r in rep.rows) == sum(hits), m
+    assert rep.probe_fit_seconds > 0 and rep.route_probe_ms_per_sample > 0
+    assert "by linear probe" in rep.table() and "by tokens (naive Bayes)" in rep.table()
+    # the probe: fit on the first PROBE_SAMPLES train windows of each domain, as a bank does
+    base, tok = mz.load("tiny")
+    names = rep.adapters
+    doms = {d.id: d for d in data.discover_domains(run_dir / "data")}
+    fit, held = {}, []
+    for n in names:
+        splits = data.load_domain(doms[int(n[-3:])], tok, TOKENS - 1, pack=False)
+        fit[n] = [(ids, mask) for ids, mask, *_ in splits["train"] if len(ids) >= 2 and mask[1:].any()][:PROBE_SAMPLES]
+        held += [(ids, mask) for ids, mask, *_ in splits["valid"] if ids[0] == tok.bos_token_id][:N_VALID]
+    with AdapterBank(base, tok, [run_dir / n for n in names], names=names) as bank:
+        bank.fit_probe(fit)
+        want = [names[i] for i in bank.route_scores(held, method="probe").argmin(1)]
+    assert [r["by_probe"] for r in rep.routes] == want
+
+
 def test_max_batches_sets_the_loss_samples(run_dir):
     rep = evaluate_run(run_dir, max_batches=1, route_samples=1, sample_tokens=TOKENS, signature_samples=0,
                        write=False)

@@ -15,7 +15,7 @@ from mozgach_mlx.fleet import adapter_dir_name, base_identity, parse_domains, tr
 from mozgach_mlx.io import sha256_file
 from mozgach_mlx.trainer import TrainConfig
 
-SMALL = ["--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--max-seq-length", "64",
+SMALL = ["--model", "tiny", "--max-steps", "6", "--save-every", "2", "--batch-size", "2", "--max-seq-length", "64",
          "--warmup-steps", "1", "--quiet"]
 
 

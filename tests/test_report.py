@@ -193,7 +193,7 @@ def test_figures_at_108_adapters_thin_their_ticks():
     routes = [{"adapter": a, "by_loss": a, "by_signature": names[(i + 1) % n] if i < 3 else a}
               for i, a in enumerate(names)]
     ev = EvalData(adapters=names, domains=[f"{i:03d}_d" for i in range(1, n + 1)], matrix=m, base=np.full(n, 7.0),
-                  routes=routes, route_loss_accuracy=1.0, route_signature_accuracy=(n - 3) / n, n_route=n)
+                  routes=routes, route_accuracy={"loss": 1.0, "signature": (n - 3) / n}, n_route=n)
     fig = loss_matrix(ev)
     for ax in [a for a in fig.axes if a.images]:
         assert 10 <= len(ax.get_xticks()) <= 21 and 10 <= len(ax.get_yticks()) <= 21

@@ -29,6 +29,10 @@ __all__ = ["AdapterCurves", "EvalData", "PlanCurve", "RunData", "collect", "devi
            "read_eval", "throughput"]
 
 
+# the routers an eval.json can hold, in the order they are shown: (key, label)
+ROUTE_METHODS = {"loss": "lowest loss", "tokens": "tokens (naive Bayes)", "probe": "linear probe",
+                 "signature": "hidden-state signature"}
+
 @dataclass
 class AdapterCurves:
     """One adapter's training: step log and the manifest's summary (losses in nats/token)."""
@@ -58,8 +62,7 @@ class EvalData:
     matrix: np.ndarray  # (domains, adapters), nats per target token
     base: np.ndarray  # (domains,) the base's loss on each domain
     routes: list[dict]
-    route_loss_accuracy: float | None
-    route_signature_accuracy: float | None
+    route_accuracy: dict[str, float | None]  # router (ROUTE_METHODS) -> top-1 accuracy (None: not run)
     n_route: int
 
 
@@ -161,8 +164,8 @@ def read_eval(out: Path) -> tuple[EvalData | None, str | None]:
         adapters=adapters, domains=[rows[a]["domain"] if a in rows else a for a in adapters],
         matrix=np.array(d["loss_matrix"], dtype=float),
         base=np.array([rows[a]["base_loss"] if a in rows else math.nan for a in adapters], dtype=float),
-        routes=list(d.get("routes") or []), route_loss_accuracy=_num(d.get("route_loss_accuracy")),
-        route_signature_accuracy=_num(d.get("route_signature_accuracy")),
+        routes=list(d.get("routes") or []),
+        route_accuracy={m: _num(d.get(f"route_{m}_accuracy")) for m in ROUTE_METHODS},
         n_route=len(d.get("routes") or [])), None
 
 

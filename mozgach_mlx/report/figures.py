@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from .collect import AdapterCurves, EvalData, PlanCurve
+from .collect import ROUTE_METHODS, AdapterCurves, EvalData, PlanCurve
 
 __all__ = ["loss_curves", "loss_matrix", "memory_plan", "overview", "png_bytes", "routing", "short_names"]
 
@@ -207,11 +207,10 @@ def loss_matrix(ev: EvalData):
 
 def routing(ev: EvalData):
     """Where each routed held-out sample went (x: its domain, y: the chosen adapter), by
-    loss and, when the eval fitted them, by signature. Correct routes lie on the
-    diagonal (grey); misroutes are red, larger when several samples agree."""
-    methods = [("by_loss", "by lowest loss", ev.route_loss_accuracy)]
-    if any(r.get("by_signature") for r in ev.routes):
-        methods.append(("by_signature", "by hidden-state signature", ev.route_signature_accuracy))
+    loss and by every other router the eval fitted (tokens, probe, signature). Correct
+    routes lie on the diagonal (grey); misroutes are red, larger when several samples agree."""
+    methods = [(f"by_{m}", f"by {label}", ev.route_accuracy.get(m)) for m, label in ROUTE_METHODS.items()
+               if m == "loss" or any(r.get(f"by_{m}") for r in ev.routes)]
     n = len(ev.adapters)
     side = min(6.0, max(3.2, 0.05 * n + 2.5))
     fig = _figure(len(methods) * (side + 0.9), side + 1.4)  # room for two-line titles and labels

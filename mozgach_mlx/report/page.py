@@ -8,7 +8,7 @@ import math
 from collections import Counter
 from datetime import datetime
 
-from .collect import RunData
+from .collect import ROUTE_METHODS, RunData
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -65,8 +65,10 @@ def _summary(data: RunData) -> str:
         ev = data.eval
         own = sum(int(i == j) for i, j in enumerate(ev.matrix.argmin(1)))
         items.append(f"held-out: the own adapter has the lowest loss on {own}/{len(ev.adapters)} domains; "
-                     f"routing accuracy by loss {_pct(ev.route_loss_accuracy)}, by signature "
-                     f"{_pct(ev.route_signature_accuracy)} ({ev.n_route} samples)")
+                     "routing accuracy " + ", ".join(f"by {label} {_pct(ev.route_accuracy.get(m))}"
+                                                     for m, label in ROUTE_METHODS.items()
+                                                     if ev.route_accuracy.get(m) is not None)
+                     + f" ({ev.n_route} samples)")
     return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
 
 
@@ -93,7 +95,8 @@ def _confusions(data: RunData, limit: int = 30) -> str:
     ev = data.eval
     domain = dict(zip(ev.adapters, ev.domains, strict=True))
     rows = []
-    for key, method in (("by_loss", "loss"), ("by_signature", "signature")):
+    for method in ROUTE_METHODS:
+        key = f"by_{method}"
         c = Counter((r["adapter"], r[key]) for r in ev.routes if r.get(key) and r[key] != r["adapter"])
         for (true, got), n in c.most_common():
             rows.append([method, f"{html.escape(true)} ({html.escape(domain.get(true, ''))})",
