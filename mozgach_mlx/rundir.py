@@ -121,8 +121,8 @@ def parse_quantize(value: Any) -> int | None:
 # first command finishes in <= 12 minutes on 2 CPU cores (see README, benchmarks/RESULTS.md).
 # The default: 12 adapters over the pretrained tiny-stdlib base on the stdlib12 corpus.
 DEFAULT_RUN_TRAIN = {
-    "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 32, "grad_accumulation": 2,
-    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "save_every": 16,
+    "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 64, "grad_accumulation": 2,
+    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "save_every": 32,
     "grad_checkpoint": False,
 }
 DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0, "targets": ("all-linear",)}
