@@ -75,6 +75,15 @@ def test_data_by_name_resolves_the_shipped_corpus_unless_a_path_exists(tmp_path,
     (tmp_path / "stdlib12").mkdir()  # a local folder of that name is the user's data
     assert data_dir(run) == Path("stdlib12")
     assert data_dir(RunConfig(data="nope", out=str(tmp_path / "out"))) == Path("nope")
+    # the default base defaults to stdlib12; "synthetic" names the generated corpus for any base
+    assert RunConfig().data == "stdlib12" and RunConfig(model="tiny").data is None
+    syn = RunConfig(data="synthetic", n_domains=2, out=str(tmp_path / "out2"))
+    assert data_dir(syn) == tmp_path / "out2" / "builtin_data"
+    assert [d.name for d in data.discover_domains(data_dir(syn))] == \
+        [d.name for d in data.discover_domains(data_dir(RunConfig(model="tiny", n_domains=2,
+                                                                  out=str(tmp_path / "out3"))))]
+    (tmp_path / "synthetic").mkdir()  # again, a local folder of that name wins
+    assert data_dir(syn) == Path("synthetic")
 
 
 def test_builtin_base_refuses_another_quantization():
