@@ -305,21 +305,22 @@ _held: set[Path] = set()  # run directories this process holds
 
 
 def load_base(run: RunConfig):
-    """The base model and tokenizer of a RunConfig (quantized and RoPE-scaled as it says)."""
-    from . import models
-    from .models.checkpoint import BUILTIN_MODELS
+    """The base model and tokenizer of a RunConfig (quantized and RoPE-scaled as it says).
+    A pre-quantized checkpoint (the built-in tiny-stdlib ships 4-bit, group 64) loads as-is
+    when the run asks for its format; ``--quantize none`` or another format is an error
+    rather than silently ignored."""
+    from . import models, quant
 
-    # the built-in pretrained bases ship 4-bit (group 64) already: they are not re-quantized,
-    # and asking for another format is an error rather than silently ignored
     bits = run.quant_bits()
-    if run.model in BUILTIN_MODELS:
-        if (bits, run.group_size) != (4, 64):
-            raise ConfigError(f"--quantize {run.quantize} --group-size {run.group_size}: the built-in base "
-                              f"{run.model!r} ships 4-bit, group 64 only; drop these options")
-        bits = None
-    return models.load(run.model, rope_scaling=run.rope_dict(),
-                       max_position_embeddings=run.max_position_embeddings,
-                       quantize=bits, group_size=run.group_size)
+    model, tok = models.load(run.model, rope_scaling=run.rope_dict(),
+                             max_position_embeddings=run.max_position_embeddings,
+                             quantize=bits, group_size=run.group_size)
+    have = quant.quantization_config(model)
+    if bits is None and have is not None:
+        raise ConfigError(f"--quantize none: {run.model} is already quantized ({have['bits']}-bit, group "
+                          f"{have['group_size']}); drop --quantize none (or pass --quantize {have['bits']} "
+                          f"--group-size {have['group_size']}) to train over it as it is")
+    return model, tok
 
 
 def load_run_base(manifest: Manifest, model: str | None = None):

@@ -61,7 +61,7 @@ def test_tiny_stdlib_loads_4bit_round_trips_text_and_beats_the_random_tiny():
     rand_c = rand * sum(len(rand_tok.encode(t)) for t in texts) / chars
     assert pre_c < 0.5 * rand_c
     with pytest.raises(mz.ConfigError, match="already quantized"):
-        mz.load("tiny-stdlib", quantize=4)
+        mz.load("tiny-stdlib", quantize=8)
 
 
 def test_data_by_name_resolves_the_shipped_corpus_unless_a_path_exists(tmp_path, monkeypatch):
@@ -90,9 +90,11 @@ def test_builtin_base_refuses_another_quantization():
     from mozgach_mlx.errors import ConfigError
     from mozgach_mlx.rundir import RunConfig, load_base
 
-    with pytest.raises(ConfigError, match="ships 4-bit, group 64 only"):
+    with pytest.raises(ConfigError, match="--quantize none: tiny-stdlib is already quantized"):
         load_base(RunConfig(model="tiny-stdlib", quantize="none"))
-    with pytest.raises(ConfigError, match="ships 4-bit, group 64 only"):
+    with pytest.raises(ConfigError, match=r"already quantized \(4-bit, group 64\)"):
         load_base(RunConfig(model="tiny-stdlib", group_size=32))
+    with pytest.raises(ConfigError, match="already quantized"):
+        load_base(RunConfig(model="tiny-stdlib", quantize="8"))
     model, _ = load_base(RunConfig(model="tiny-stdlib"))
     assert quant.quantization_config(model)["bits"] == 4

@@ -141,3 +141,10 @@ def test_bad_settings(tmp_path):
     mz.save(m2, tok, tmp_path / "q")
     with pytest.raises(ConfigError, match="already quantized"):
         mz.load(tmp_path / "q", quantize=8)
+    with pytest.raises(ConfigError, match="group_size=64"):
+        mz.load(tmp_path / "q", quantize=4, group_size=32)
+    # its own format: loaded as-is (an mlx-community 4-bit checkpoint under the CLI's default --quantize 4)
+    same, _ = mz.load(tmp_path / "q", quantize=4)
+    x = mx.array([tok.encode(TEXT)], dtype=mx.int32)
+    assert float(mx.abs(same(x) - m2(x)).max()) == 0.0
+    assert quant.quantization_config(same) == quant.quantization_config(m2)

@@ -250,9 +250,16 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
             config["max_position_embeddings"] = max_position_embeddings
         model = build(config, read_weights(model_dir), source=model_dir, dtype=dtype)
         tok = load_tokenizer(model_dir)
-    if quantize is not None:
-        if quant.quantization_config(model) is not None:
-            raise ConfigError(f"{path_or_name} is already quantized; load it without quantize=")
+    have = quant.quantization_config(model)
+    if quantize is not None and have is not None:
+        # a pre-quantized checkpoint (mlx-community 4-bit, the built-in tiny-stdlib) loads
+        # as-is when asked for its own format; another format would mean re-quantizing
+        # already rounded weights, which we refuse
+        if (have["bits"], have["group_size"]) != (quantize, group_size):
+            raise ConfigError(f"{path_or_name} is already quantized ({have['bits']}-bit, group "
+                              f"{have['group_size']}); load it with quantize={have['bits']}, "
+                              f"group_size={have['group_size']} or without quantize=")
+    elif quantize is not None:
         quant.quantize_model(model, quantize, group_size, quantize_embeddings=quantize_embeddings)
     model.name_or_path = str(path_or_name)  # recorded by adapters (PEFT base_model_name_or_path)
     return model, tok
