@@ -35,6 +35,7 @@ from mlx.utils import tree_flatten
 
 import mozgach_mlx as mz
 from mozgach_mlx import evals
+from mozgach_mlx.io import atomic_save_safetensors, atomic_write_json
 from mozgach_mlx.models.llama import Model, ModelArgs
 from mozgach_mlx.tokenizer import ByteTokenizer
 
@@ -228,8 +229,7 @@ def stage_a(tok, s: Setup, log=print) -> tuple[Model, dict]:
 
 
 def stage_c_variants(s: Setup) -> dict[str, dict]:
-    pi = {"type": "linear", "factor": float(s.factor)}
-    yarn = scalings(s)["YaRN"]
+    pi, yarn = scalings(s)["linear PI"], scalings(s)["YaRN"]
     return {"FT PI": dict(rope=pi, s2=None, full=False),
             "FT YaRN": dict(rope=yarn, s2=None, full=False),
             "FT PI + S2 + emb/norms (LongLoRA)": dict(rope=pi, s2=0.25, full=True),
@@ -284,10 +284,8 @@ def pretrained(tok, s: Setup, cache: str | None, log=print) -> tuple[Model, dict
         return model, json.loads(meta["pretrain"])
     model, info = stage_a(tok, s, log=log)
     if cache:
-        tmp = cache + ".tmp.safetensors"
-        mx.save_safetensors(tmp, dict(tree_flatten(model.parameters())),
-                            metadata={**want, "pretrain": json.dumps(info, default=float)})
-        os.replace(tmp, cache)
+        atomic_save_safetensors(cache, dict(tree_flatten(model.parameters())),
+                                metadata={**want, "pretrain": json.dumps(info, default=float)})
     return model, info
 
 
@@ -351,8 +349,7 @@ def main() -> None:
         setattr(s, key, type(getattr(Setup, key))(value))
     r = run(s, log=lambda m: print(m, flush=True), cache=a.base_cache)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=1, default=float)
+        atomic_write_json(a.json, json.loads(json.dumps(r, default=float)))  # numpy scalars -> float
 
 
 if __name__ == "__main__":
