@@ -130,19 +130,16 @@ class Report:
         lines.append(f"own adapter lowest on its held-out data: {sum(r.own_best for r in self.rows)}/{n} domains; "
                      f"beats the base: {sum(r.beats_base for r in self.rows)}/{n}")
         n_route = sum(r.route_n for r in self.rows)
+        routers = [f"by loss {_pct(self.route_loss_accuracy)} ({self.route_loss_ms_per_sample:.1f} ms/sample, "
+                   "all adapters batched)"]
+        for m, label, digits in (("signature", "signature", 1), ("tokens", "tokens (naive Bayes)", 2),
+                                 ("probe", "linear probe", 1)):
+            acc, fit = getattr(self, f"route_{m}_accuracy"), getattr(self, f"{m}_fit_seconds", None)
+            if acc is not None:
+                routers.append(f"by {label} {_pct(acc)} ({getattr(self, f'route_{m}_ms_per_sample'):.{digits}f} "
+                               f"ms/sample" + ("" if fit is None else f", fit {fit:.1f} s") + ")")
         lines.append(f"routing top-1 accuracy over {n_route} held-out samples (<= {self.sample_tokens} tokens, "
-                     f"{self.n_adapters} adapters): by loss {_pct(self.route_loss_accuracy)} "
-                     f"({self.route_loss_ms_per_sample:.1f} ms/sample, all adapters batched)"
-                     + ("" if self.route_signature_accuracy is None else
-                        f"; by signature {_pct(self.route_signature_accuracy)} "
-                        f"({self.route_signature_ms_per_sample:.1f} ms/sample, fit "
-                        f"{self.signature_fit_seconds:.1f} s)")
-                     + ("" if self.route_tokens_accuracy is None else
-                        f"; by tokens (naive Bayes) {_pct(self.route_tokens_accuracy)} "
-                        f"({self.route_tokens_ms_per_sample:.2f} ms/sample)")
-                     + ("" if self.route_probe_accuracy is None else
-                        f"; by linear probe {_pct(self.route_probe_accuracy)} "
-                        f"({self.route_probe_ms_per_sample:.1f} ms/sample, fit {self.probe_fit_seconds:.1f} s)"))
+                     f"{self.n_adapters} adapters): " + "; ".join(routers))
         if self.not_evaluated:
             items = ", ".join(f"{k} ({v})" for k, v in list(self.not_evaluated.items())[:8])
             more = "" if len(self.not_evaluated) <= 8 else f" and {len(self.not_evaluated) - 8} more"

@@ -386,7 +386,8 @@ def data_dir(run: RunConfig) -> Path:
     """The user's ``--data`` (a path, or the name of a shipped corpus such as ``stdlib12``
     when no such path exists), or the built-in synthetic corpus materialised in the run dir
     (``--data synthetic``, or no ``--data`` with a base other than tiny-stdlib)."""
-    if run.data is not None and not (run.data == SYNTHETIC_CORPUS and not Path(run.data).exists()):
+    synthetic = run.data is None or (run.data == SYNTHETIC_CORPUS and not Path(run.data).exists())
+    if not synthetic:
         path = Path(run.data)
         shipped = BUILTIN_CORPORA / run.data
         if not path.exists() and "/" not in run.data and shipped.is_dir():
