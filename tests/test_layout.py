@@ -173,3 +173,17 @@ def test_every_subpackage_is_listed_for_the_wheel():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "mozgach_mlx").rglob("__init__.py")}
     missing = sorted(found - listed)
     assert not missing, f"pyproject.toml [tool.setuptools] packages lacks {missing}"
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """From the repository root (the first sys.path entry of `python -c`, `python -m`
+    and pytest), a top-level folder with an ``__init__.py`` is a regular package and wins
+    over any installed package of that name: a top-level ``kernels/`` package made
+    transformers 5 (which imports PyPI's ``kernels`` when torch is present) fail inside
+    ``mz.load``. The only regular package at the top is ours; folders without an
+    ``__init__.py`` are namespace portions, which never shadow an installed package."""
+    repo = ROOT.parent
+    packages = sorted(p.name for p in repo.iterdir() if p.is_dir() and (p / "__init__.py").exists())
+    assert packages == [PACKAGE], packages
+    modules = sorted(p.name for p in repo.glob("*.py"))
+    assert modules == [], modules

@@ -1,7 +1,7 @@
 """GPU flash-attention kernels (Metal, CUDA) with the blockwise path's signature.
 
-Sources: ``kernels/attention.metal`` and ``kernels/attention.cu`` (package data
-``mozgach_mlx.kernels``), each split into sections ``header``, ``forward``,
+Sources: ``mozgach_mlx/kernels/attention.metal`` and ``attention.cu`` (package data
+of ``mozgach_mlx.kernels``), each split into sections ``header``, ``forward``,
 ``backward_dq``, ``backward_dkdv`` (see the comment at the top of the .metal file for the
 algorithm and layout). This module wraps them in ``mx.fast.metal_kernel`` /
 ``mx.fast.cuda_kernel`` and ``mx.custom_function`` (forward saves O and the logsumexp;
@@ -20,7 +20,6 @@ import math
 import re
 from functools import cache, lru_cache
 from importlib import resources
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -30,18 +29,12 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 _FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 _ROWS_PER_GROUP = 4  # rows (32-lane groups) per threadgroup / CUDA block
 _SECTION = re.compile(r"^//== (\w+) ==$", re.M)
-# Where the sources live in a source checkout (repo/kernels), when the package data
-# mozgach_mlx.kernels is not importable: this file is repo/mozgach_mlx/attention/gpu.py.
-_SOURCE_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 
 def kernel_source(kind: str) -> dict[str, str]:
-    """Sections of ``kernels/attention.{metal,cu}`` by name."""
+    """Sections of ``mozgach_mlx/kernels/attention.{metal,cu}`` by name."""
     fname = {"metal": "attention.metal", "cuda": "attention.cu"}[kind]
-    try:
-        text = resources.files("mozgach_mlx.kernels").joinpath(fname).read_text()
-    except (ModuleNotFoundError, FileNotFoundError):
-        text = (_SOURCE_DIR / fname).read_text()
+    text = resources.files("mozgach_mlx.kernels").joinpath(fname).read_text()
     parts = _SECTION.split(text)
     return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
@@ -67,7 +60,7 @@ def supports(q: mx.array, k: mx.array, v: mx.array, *, causal: bool = True, wind
 
     Patterns: causal or bidirectional, with or without a sliding window (each covered by
     the dispatcher's first-use self-check). Not in the kernels: segment ids and S²-Attn
-    groups (a segment-aware kernel needs per-row key ranges; see kernels/attention.metal).
+    groups (a segment-aware kernel needs per-row key ranges; see mozgach_mlx/kernels/attention.metal).
     """
     if segment_ids is not None or (s2_group is not None and s2_group < q.shape[2]):
         return False  # causal and window (any combination) are in the kernels

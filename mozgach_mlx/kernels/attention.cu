@@ -7,7 +7,7 @@
 // only uses it after a first-use self-check against the blockwise MLX path (values and
 // gradients) passes; otherwise it warns once and falls back.
 //
-// Same algorithm, layout and template constants as kernels/attention.metal (see there):
+// Same algorithm, layout and template constants as attention.metal (see there):
 // one 32-lane warp per row, lane t owns dims t, t+32, ...; dot products are warp
 // reductions; nothing is L x L; dK/dV per key row, so no atomics. MLX generates the
 // signature (`const T* name` inputs, `T* name` outputs) and `constexpr` / `using` lines
