@@ -67,6 +67,7 @@ import numpy as np
 
 from . import attention as attn
 from . import devices as dev_mod
+from . import quant
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .loss import auto_chunk
@@ -391,7 +392,7 @@ DEFAULT_DISK_GBS = 2.0  # sequential SSD bandwidth assumed for offload without a
 
 def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = TrainConfig.batch_size,
          lora_rank: int = LoRAConfig.r, lora_targets: tuple[str, ...] = LoRAConfig.targets,
-         quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int = RunConfig.group_size,
+         quantize: int | None = parse_quantize(RunConfig.quantize), group_size: int | None = RunConfig.group_size,
          compute_bytes: int | None = None, mlp_chunk: int | None = TrainConfig.mlp_chunk,
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
@@ -433,6 +434,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     s = _Shapes.of(cfg)
     backend = backend or (dv.backend if dv is not None else None) or _current_backend()
     act = compute_bytes or (4 if backend == "cpu" else 2)
+    group_size = group_size or quant.DEFAULT_GROUP_SIZE
     stored = stored if stored is not None else s.stored_bytes(quantize, group_size, act)
     lora_n = lora_n if lora_n is not None else s.lora_params(lora_rank, lora_targets)
     B, L = batch_size, context

@@ -37,6 +37,7 @@ from .errors import ConfigError
 DEQUANT_MIN_ROWS = 8
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 64  # when quantizing full-precision weights and no group size is given
 
 
 def _use_dequant(rows: int) -> bool:

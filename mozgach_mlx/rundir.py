@@ -52,7 +52,9 @@ class RunConfig:
     n_domains: int = field(default=108, metadata={
         "help": "domains in the built-in synthetic corpus (--data synthetic)"})
     quantize: str = field(default="4", metadata={"help": "base quantization: 4, 8 or none"})
-    group_size: int = field(default=64, metadata={"help": "quantization group size: 32, 64 or 128"})
+    group_size: int | None = field(default=None, metadata={
+        "help": "quantization group size: 32, 64 or 128 (default: the checkpoint's own when it is already "
+                "quantized, else 64)"})
     rope_scaling: str | None = field(default=None, metadata={
         "help": "RoPE scaling for long context: linear, dynamic, yarn or llama3"})
     rope_factor: float | None = field(default=None, metadata={"help": "RoPE scaling factor (e.g. 8)"})
@@ -343,7 +345,7 @@ def load_run_base(manifest: Manifest, model: str | None = None):
         q = manifest.base.get("quantization") or {}
         base, tok = models.load(source, rope_scaling=args.get("rope_scaling"),
                                 max_position_embeddings=args.get("max_position_embeddings"),
-                                quantize=q.get("bits"), group_size=q.get("group_size") or 64)
+                                quantize=q.get("bits"), group_size=q.get("group_size"))
     want = manifest.base.get("fingerprint")
     if model is None and want and base_fingerprint(base) != want:
         raise ConfigError(f"{manifest.path}: the base loaded from {manifest.base.get('source')!r} is not the "

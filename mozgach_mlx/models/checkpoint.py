@@ -234,7 +234,7 @@ def build(config: dict, weights: dict[str, mx.array], *, source: Path, dtype=Non
 
 
 def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
-         max_position_embeddings: int | None = None, quantize: int | None = None, group_size: int = 64,
+         max_position_embeddings: int | None = None, quantize: int | None = None, group_size: int | None = None,
          quantize_embeddings: bool = False, dtype=None):
     """Load ``(model, tokenizer)``.
 
@@ -247,8 +247,10 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
         rope_scaling: replaces config.json's (or the GGUF metadata's) ``rope_scaling``
             before the model is built (``{"type": "none"}`` removes it).
         max_position_embeddings: replaces config.json's value before the model is built.
-        quantize: 4 or 8 to quantize the loaded base (group-wise, ``group_size``);
-            embeddings / lm_head too with ``quantize_embeddings``.
+        quantize: 4 or 8 to quantize the loaded base (group-wise, ``group_size``, default
+            64); embeddings / lm_head too with ``quantize_embeddings``. An already
+            quantized checkpoint loads as it is when its bits (and group size, if given)
+            match, and is an error otherwise.
         dtype: "float32" | "bfloat16" | "float16" for floating weights; default fp32 on
             the CPU backend, the checkpoint's dtype elsewhere.
 
@@ -258,12 +260,13 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
         TokenizerError: no loadable tokenizer in the directory.
     """
     if quantize is not None:
-        quant.check_settings(quantize, group_size)
+        quant.check_settings(quantize, group_size or quant.DEFAULT_GROUP_SIZE)
+    from_gguf = False
     if str(path_or_name) == TINY_NAME:
         model, tok = tiny_model(rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings)
         if dtype is not None:
             model.set_dtype(_dtype(dtype))
-    elif (path := resolve(path_or_name)).is_file():  # GGUF
+    elif from_gguf := (path := resolve(path_or_name)).is_file():
         config, weights, meta = gguf.load_gguf_parts(path, rope_scaling=rope_scaling,
                                                      max_position_embeddings=max_position_embeddings)
         model = build(config, weights, source=path, dtype=dtype)
@@ -282,15 +285,18 @@ def load(path_or_name: str | Path, *, rope_scaling: dict | None = None,
         tok = load_tokenizer(model_dir)
     have = quant.quantization_config(model)
     if quantize is not None and have is not None:
-        # a pre-quantized checkpoint (mlx-community 4-bit, the built-in tiny-stdlib) loads
-        # as-is when asked for its own format; another format would mean re-quantizing
-        # already rounded weights, which we refuse
-        if (have["bits"], have["group_size"]) != (quantize, group_size):
+        # a pre-quantized checkpoint (mlx-community 4-bit, the built-in tiny-stdlib, a Q4_1
+        # GGUF) loads as-is when asked for its own bits (and group size, when one is given);
+        # another format would mean re-quantizing already rounded weights, which we refuse
+        if have["bits"] != quantize or group_size not in (None, have["group_size"]):
             raise ConfigError(f"{path_or_name} is already quantized ({have['bits']}-bit, group "
                               f"{have['group_size']}); load it with quantize={have['bits']}, "
                               f"group_size={have['group_size']} or without quantize=")
+        if from_gguf:  # layers that came dequantized (K-quants) join the file's own quantized ones
+            quant.quantize_model(model, quantize, have["group_size"], quantize_embeddings=quantize_embeddings)
     elif quantize is not None:
-        quant.quantize_model(model, quantize, group_size, quantize_embeddings=quantize_embeddings)
+        quant.quantize_model(model, quantize, group_size or quant.DEFAULT_GROUP_SIZE,
+                             quantize_embeddings=quantize_embeddings)
     model.name_or_path = str(path_or_name)  # recorded by adapters (PEFT base_model_name_or_path)
     return model, tok
 

@@ -15,11 +15,13 @@ A GGUF file holds the architecture and tokenizer as metadata (``llama.block_coun
 * Q4_0, Q4_1 and Q8_0 come out of ``mx.load`` as MLX affine quantization (group 32:
   Q4_1's min is MLX's bias, Q4_0/Q8_0 get bias = -8d / -128d) and stay quantized. F32,
   F16, BF16 load as they are. Every other type (the K-quants of Ollama's Q4_K_M files,
-  Q5_0, ...) is dequantized to float16 by the ``gguf`` package (llama.cpp's own reference
+  Q5_0, ...) is dequantized (:func:`read_gguf`) by the ``gguf`` package (llama.cpp's own reference
   code) with a one-line notice, or refused with a one-line error when that package is
-  missing. ``mx.load`` is not used for them: it refuses most, and its Q4_K conversion
-  disagrees with llama.cpp's reference (13% relative error on random blocks, measured
-  with MLX 0.32.4; tests/test_gguf.py).
+  missing; the file's Q4_0/Q4_1/Q8_0 tensors then stay quantized through our own block
+  conversion (:func:`affine_from_blocks`, equal to ``mx.load``'s). ``mx.load`` is not
+  used for such files: it refuses most of those types, and its Q4_K conversion disagrees
+  with llama.cpp's reference (13% relative error on random blocks with MLX 0.32.4, where
+  its Q2_K and Q6_K agree to fp16 rounding).
 
 The tokenizer comes from the metadata too (:mod:`.gguf_tokenizer`).
 """
@@ -34,6 +36,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .. import backend as _backend
 from ..errors import CheckpointError, ConfigError
 from .rope import default_inv_freq, llama3_inv_freq
 
@@ -333,10 +336,38 @@ def quantization(weights: dict[str, mx.array]) -> dict | None:
     return config
 
 
-def _dequantize_with_gguf(path: Path, foreign: dict[str, str]) -> tuple[dict[str, mx.array], dict]:
-    """Every tensor of a file that holds types ``mx.load`` cannot read exactly, through
-    the ``gguf`` package; native types keep their exact values (Q4_0/Q4_1/Q8_0 and the
-    foreign types become float16)."""
+def affine_from_blocks(blocks: np.ndarray, kind: str) -> tuple[mx.array, mx.array, mx.array]:
+    """Q4_0 / Q4_1 / Q8_0 blocks -> MLX affine ``(weight uint32, scales, biases)``, group 32.
+
+    ggml's blocks of 32 weights (ggml-common.h): Q4_0 ``d: f16, qs: 16 bytes`` with
+    w = d (q - 8); Q4_1 ``d, m: f16, qs`` with w = d q + m; Q8_0 ``d: f16, qs: int8[32]``
+    with w = d q. A 4-bit block keeps weights 0-15 in the low nibbles and 16-31 in the
+    high ones; MLX packs 8 (4-bit) or 4 (8-bit) consecutive weights per uint32, low bits
+    first. Shapes: blocks (rows, n_blocks * block_bytes) uint8 -> weight (rows, cols * bits
+    / 32), scales and biases (rows, n_blocks) float16.
+    """
+    rows = blocks.shape[0]
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    b = blocks.reshape(rows, -1, size)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
+    if kind == "Q8_0":
+        q = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (rows, n, 32)
+        bias = -128 * d.astype(np.float32)
+        packed = q.reshape(rows, -1).copy().view(np.uint32)
+    else:
+        qs = b[..., 4:] if kind == "Q4_1" else b[..., 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (rows, n, 32) in weight order
+        bias = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" \
+            else -8 * d.astype(np.float32)
+        pairs = q.reshape(rows, -1, 2)
+        packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8).copy().view(np.uint32)
+    return mx.array(packed), mx.array(d), mx.array(bias.astype(np.float16))
+
+
+def _read_with_gguf(path: Path, foreign: dict[str, str], dense: mx.Dtype) -> tuple[dict[str, mx.array], dict]:
+    """Tensors and metadata of a file that holds types ``mx.load`` cannot read exactly,
+    through the ``gguf`` package: Q4_0/Q4_1/Q8_0 stay quantized (:func:`affine_from_blocks`),
+    the foreign types are dequantized to ``dense`` by llama.cpp's reference code."""
     try:
         from gguf import GGUFReader
         from gguf.quants import dequantize
@@ -347,12 +378,19 @@ def _dequantize_with_gguf(path: Path, foreign: dict[str, str]) -> tuple[dict[str
                               "or requantize the file with llama.cpp (llama-quantize --allow-requantize IN OUT "
                               "Q8_0)") from e
     reader = GGUFReader(str(path))
-    keep = {"F32": mx.float32, "BF16": mx.bfloat16}  # exact; everything else fits float16
+    keep = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
     tensors = {}
     for t in reader.tensors:
-        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        kind = t.tensor_type.name
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensors[t.name] = mx.array(data.reshape(shape)).astype(keep.get(t.tensor_type.name, mx.float16))
+        if kind in ("Q4_0", "Q4_1", "Q8_0"):
+            stem = t.name.removesuffix(".weight")
+            blocks = np.asarray(t.data, np.uint8).reshape(shape[0] if len(shape) > 1 else 1, -1)
+            w, scales, biases = affine_from_blocks(blocks, kind)
+            tensors.update({t.name: w, f"{stem}.scales": scales, f"{stem}.biases": biases})
+            continue
+        data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        tensors[t.name] = mx.array(data.reshape(shape)).astype(keep.get(kind, dense))
     return tensors, _metadata_only(reader)
 
 
@@ -376,21 +414,23 @@ def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict]:
     """``(tensors, metadata)`` of a GGUF file, tensors under llama.cpp's names.
 
     Q4_0/Q4_1/Q8_0 tensors come as ``NAME.weight`` (uint32, packed), ``NAME.scales``,
-    ``NAME.biases``; anything beyond :data:`NATIVE_TYPES` is dequantized to float16
-    (with a notice; see the module docstring)."""
+    ``NAME.biases``; anything beyond :data:`NATIVE_TYPES` is dequantized (with a notice;
+    see the module docstring): to float32 on the CPU backend, which computes in float32
+    anyway, to float16 elsewhere (an 8B Q4_K_M base would take 32 GB in float32)."""
     path = Path(path)
     types = tensor_types(path)
     foreign = {k: t for k, t in types.items() if t not in NATIVE_TYPES}
     if not foreign:
         try:
-            return mx.load(str(path), return_metadata=True)
+            return mx.load(str(path), format="gguf", return_metadata=True)
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read ({e}); it is truncated or corrupt, re-download it") from e
-    tensors, meta = _dequantize_with_gguf(path, foreign)
+    dense = mx.float32 if _backend.backend() == "cpu" else mx.float16
+    tensors, meta = _read_with_gguf(path, foreign, dense)
     kinds = sorted(set(foreign.values()))
     warnings.warn(f"mozgach_mlx: {path.name}: {len(foreign)} tensor(s) in {', '.join(kinds)}, which MLX cannot "
-                  "keep quantized, were dequantized to float16; pass quantize=4 (--quantize 4) to requantize "
-                  "the base", stacklevel=3)
+                  f"keep quantized, were dequantized to {'float32' if dense == mx.float32 else 'float16'}; pass "
+                  "quantize=4 (--quantize 4) to requantize the base", stacklevel=3)
     return tensors, meta
 
 
