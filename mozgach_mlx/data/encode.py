@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DataError, TokenizerError
+from ..tokenizer import bos_ids
 from .jsonl import record_format
 
 Seq = tuple[np.ndarray, np.ndarray]  # (ids int32 (n,), mask bool (n,))
@@ -83,7 +84,7 @@ def _encode_messages(msgs: list[dict], tok) -> tuple[list[int], list[bool]]:
 def encode_record(record: dict, tok) -> Seq:
     """Tokenize one record into ``(ids int32 (n,), mask bool (n,))``.
 
-    BOS (if the tokenizer has one) starts the document and EOS ends it (after the
+    BOS (if the model uses one: ``tokenizer.bos_ids``) starts the document and EOS ends it (after the
     completion; after each assistant turn unless the chat template already emits EOS).
     ``mask`` marks tokens that count in the loss as targets: all tokens but BOS for
     ``text``; completion + EOS for ``prompt/completion``; assistant turns (their content
@@ -93,7 +94,7 @@ def encode_record(record: dict, tok) -> Seq:
         fmt = record_format(record)
     except ValueError as e:
         raise DataError(f"bad record: {e}") from None
-    eos, bos = tok.eos_token_id, tok.bos_token_id
+    eos, head = tok.eos_token_id, bos_ids(tok)
     if eos is None:
         raise DataError("the tokenizer has no eos_token_id; documents cannot be separated")
     if fmt == "text":
@@ -110,6 +111,6 @@ def encode_record(record: dict, tok) -> Seq:
         mask = [False] * len(prompt) + [True] * (len(body) - len(prompt) + 1)
     else:
         ids, mask = _encode_messages(record["messages"], tok)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids, mask = [bos, *ids], [False, *mask]
+    if head and (not ids or ids[0] != head[0]):
+        ids, mask = [*head, *ids], [False, *mask]
     return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)

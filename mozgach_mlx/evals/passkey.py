@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import ConfigError
+from ..tokenizer import bos_ids
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -94,7 +95,7 @@ def make_prompt(tok, length: int, depth: float, key: str, *, filler: str = FILLE
     Raises:
         ConfigError: ``length`` too short for the key line and question.
     """
-    head = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    head = bos_ids(tok)
     key_ids = tok.encode(KEY_LINE.format(key=key), add_bos=False)
     q_ids = tok.encode(QUESTION, add_bos=False)
     n_fill = length - len(head) - len(key_ids) - len(q_ids)

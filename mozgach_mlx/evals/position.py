@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import loss
 from ..errors import ConfigError
+from ..tokenizer import bos_ids
 from .passkey import FILLER, KEY_LINE, random_key
 
 
@@ -99,7 +100,7 @@ def filler_documents(tok, length: int, n: int, *, seed: int = 0, key_every: int 
     unit = tok.encode(FILLER, add_bos=False)
     docs = []
     for _ in range(n):
-        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = bos_ids(tok)
         phase = int(rng.integers(0, len(unit)))
         while len(ids) < length:
             k = int(rng.integers(key_every // 2, key_every * 3 // 2))
