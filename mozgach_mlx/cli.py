@@ -230,14 +230,16 @@ def report_cmd(out: str) -> None:
 @click.option("--model", default=None, help="base model (default: the run's, else tiny)")
 @click.option("--adapter", default=None, help="adapter name or directory (default: none = base)")
 @click.option("--prompt", required=True)
+@click.option("--chat/--no-chat", default=None, help="send the prompt as a user message through the chat template "
+              "(default: when the base's tokenizer has one of its own)")
 @_apply(_field_options(GenerationConfig))
 @_debug_option
-def generate_cmd(out, model, adapter, prompt, **gen: Any) -> None:
+def generate_cmd(out, model, adapter, prompt, chat, **gen: Any) -> None:
     """Generate text with the base or one adapter."""
     from .commands import generate_text
 
     cfg = GenerationConfig(**{k: v for k, v in gen.items() if v is not None})
-    click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt, gen=cfg))
+    click.echo(generate_text(out=out, model=model, adapter=adapter, prompt=prompt, gen=cfg, chat=chat))
 
 
 @main.command("plan")

@@ -18,6 +18,7 @@ from .errors import ConfigError
 from .evaluate import evaluate_run
 from .fleet import adapter_dir_name, parse_domains, train_fleet
 from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
+from .tokenizer import HFTokenizer
 from .trainer import TrainConfig, check_memory, memory_plan
 
 
@@ -141,8 +142,12 @@ def eval_long_context(*, passkey: bool, ppl: bool, model: str | None = None, ada
 
 
 def generate_text(*, out: str | None, model: str | None, adapter: str | None, prompt: str,
-                  gen: GenerationConfig | None = None) -> str:
-    """Text generated from ``prompt`` by a run's base (or ``model``) with one adapter or none."""
+                  gen: GenerationConfig | None = None, chat: bool | None = None) -> str:
+    """Text generated from ``prompt`` by a run's base (or ``model``) with one adapter or none.
+
+    ``chat``: send ``prompt`` as a user message through the tokenizer's chat template
+    (default: when the base's tokenizer has a template of its own, as instruct models do;
+    not the byte tokenizer's built-in one)."""
     from . import models
 
     gen = gen or GenerationConfig()
@@ -158,6 +163,10 @@ def generate_text(*, out: str | None, model: str | None, adapter: str | None, pr
         if not p.exists():
             raise ConfigError(f"--adapter {adapter}: no such adapter directory")
         dirs = [p]
+    if chat is None:
+        chat = isinstance(tok, HFTokenizer) and tok.has_chat_template
+    if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     bank = AdapterBank(base, tok, dirs)
     return bank.generate(prompt, adapter=dirs[0].name if dirs else None, max_tokens=gen.max_tokens,
                          temperature=gen.temperature)

@@ -335,3 +335,20 @@ def test_smollm2_saved_loads_in_mlx_lm_with_equal_logits(smollm2, tmp_path):
         warnings.simplefilter("ignore")
         got = theirs(x)
     assert float(mx.abs(got - ref).max()) <= 1e-4 * float(mx.abs(ref).max())
+
+
+@needs_smollm2
+def test_smollm2_generate_command_uses_the_chat_template():
+    """`mozgach generate --model smollm2-135m` sends the prompt through the model's chat
+    template (an instruct model answers a question); --no-chat continues raw text."""
+    from click.testing import CliRunner
+
+    from mozgach_mlx.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "--model", "smollm2-135m", "--prompt",
+                                  "What is the capital of France?", "--max-tokens", "12"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == "The capital of France is Paris."
+    r = CliRunner().invoke(main, ["generate", "--model", "smollm2-135m", "--no-chat", "--prompt",
+                                  "The capital of France is", "--max-tokens", "2"])
+    assert r.exit_code == 0 and r.output.strip() == "Paris.", r.output

@@ -90,7 +90,9 @@ def generate(bank: BankView, prompt: str | list[str], adapter: Any, cfg: Generat
     rows_p = prompts or [prompt] * n
     rows_a = adapters or [adapter] * n
     tok = bank.tok
-    ids = [list(tok.encode(p, add_bos=True)) for p in rows_p]
+    # a chat render may carry BOS already (Llama 3's <|begin_of_text|>): never two
+    ids = [i[1:] if len(i) > 1 and i[0] == i[1] == tok.bos_token_id else i
+           for i in (list(tok.encode(p, add_bos=True)) for p in rows_p)]
     out: list = [""] * n
     key = mx.random.key(seed) if seed is not None else None
     for length in sorted({len(i) for i in ids}):
