@@ -183,11 +183,14 @@ def _config_of(model_or_config: Any) -> tuple[dict, int | None, int | None]:
     if presets.is_preset(model_or_config):
         return presets.preset(model_or_config), None, None
     if isinstance(model_or_config, (str, Path)):
-        from .models import checkpoint, tiny
+        from .models import checkpoint, gguf, tiny
 
         if str(model_or_config) == tiny.TINY_NAME:
             return dict(tiny.TINY_CONFIG), None, None
-        return checkpoint.read_config(checkpoint.resolve(model_or_config)), None, None
+        path = checkpoint.resolve(model_or_config)
+        if path.is_file():  # GGUF: the tensors as stored are the base's bytes
+            return gguf.model_config(path), path.stat().st_size, None
+        return checkpoint.read_config(path), None, None
     args = getattr(model_or_config, "args", None)
     if args is None:
         raise ConfigError("plan(): pass a model, its ModelArgs-carrying model, a config dict or a model path")

@@ -352,3 +352,16 @@ def test_smollm2_generate_command_uses_the_chat_template():
     r = CliRunner().invoke(main, ["generate", "--model", "smollm2-135m", "--no-chat", "--prompt",
                                   "The capital of France is", "--max-tokens", "2"])
     assert r.exit_code == 0 and r.output.strip() == "Paris.", r.output
+
+
+def test_plan_reads_a_gguf_header_only(tmp_path):
+    """mz.plan on a GGUF file: the config from the header, the stored bytes from the file."""
+    cfg = tiny_config("qwen2", tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "m.gguf", cfg, hf_weights(cfg), default=Q.Q4_0)
+    read = G.model_config(path)
+    for k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert read[k] == cfg[k], k
+    plan = mz.plan(path, context=1024, backend="gpu")
+    assert plan.components["weights"] == path.stat().st_size  # not re-estimated from the shapes
+    assert plan.components["weights"] != mz.plan(cfg, context=1024, backend="gpu").components["weights"]

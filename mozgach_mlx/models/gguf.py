@@ -110,69 +110,88 @@ def smollm2_path() -> Path:
     return path
 
 
-# --- the file header: tensor types (mx.load does not report them) -------------------------
+# --- the file header: metadata and tensor types (mx.load reads every tensor, and does not
+# report their types) ----------------------------------------------------------------------
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
 class _Header:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
+    def __init__(self, f) -> None:
+        self.f = f
 
     def read(self, fmt: str):
-        (v,) = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += struct.calcsize(fmt)
-        return v
+        size = struct.calcsize(fmt)
+        data = self.f.read(size)
+        if len(data) < size:
+            raise ValueError("the header ends early")
+        return struct.unpack(fmt, data)[0]
 
-    def string(self) -> bytes:
+    def string(self) -> str:
         n = self.read("<Q")
-        s = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return s
+        data = self.f.read(n)
+        if len(data) < n:
+            raise ValueError("the header ends early")
+        return data.decode("utf-8", errors="replace")
 
-    def skip_value(self, vtype: int) -> None:
+    def value(self, vtype: int):
         if vtype == 8:
-            self.string()
-        elif vtype == 9:
+            return self.string()
+        if vtype == 9:
             item, count = self.read("<I"), self.read("<Q")
             if item in _SCALARS:
-                self.pos += struct.calcsize(_SCALARS[item]) * count
-            else:
-                for _ in range(count):
-                    self.skip_value(item)
-        else:
-            self.pos += struct.calcsize(_SCALARS[vtype])
+                fmt = _SCALARS[item]
+                data = self.f.read(struct.calcsize(fmt) * count)
+                return list(struct.unpack(f"<{count}{fmt[1]}", data))
+            return [self.value(item) for _ in range(count)]
+        if vtype not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {vtype}")
+        return self.read(_SCALARS[vtype])
+
+
+def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """``(metadata, tensor types)`` of a GGUF file from its header alone, without reading
+    any tensor: metadata values as plain Python, tensor name -> GGML type (``"Q4_1"``)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            h = _Header(f)
+            if f.read(4) != MAGIC:
+                raise ValueError("no GGUF magic")
+            version = h.read("<I")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
+            n_tensors, n_kv = h.read("<Q"), h.read("<Q")
+            meta = {}
+            for _ in range(n_kv):
+                key = h.string()
+                meta[key] = h.value(h.read("<I"))
+            types = {}
+            for _ in range(n_tensors):
+                name = h.string()
+                n_dims = h.read("<I")
+                f.seek(8 * n_dims, 1)
+                t = h.read("<I")
+                h.read("<Q")  # offset
+                types[name] = GGML_TYPES.get(t, f"type {t}")
+        return meta, types
+    except (struct.error, ValueError, OSError, MemoryError) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
+                              "re-download it") from e
 
 
 def tensor_types(path: str | Path) -> dict[str, str]:
     """Tensor name -> GGML type name (``"Q4_1"``), read from the GGUF header."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(min(path.stat().st_size, 64 * 2**20))
-        h = _Header(data)
-        if h.data[:4] != MAGIC:
-            raise ValueError("no GGUF magic")
-        h.pos = 4
-        version = h.read("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version}; versions 2 and 3 are supported")
-        n_tensors, n_kv = h.read("<Q"), h.read("<Q")
-        for _ in range(n_kv):
-            h.string()
-            h.skip_value(h.read("<I"))
-        types = {}
-        for _ in range(n_tensors):
-            name = h.string().decode("utf-8")
-            n_dims = h.read("<I")
-            h.pos += 8 * n_dims
-            t = h.read("<I")
-            h.read("<Q")  # offset
-            types[name] = GGML_TYPES.get(t, f"type {t}")
-        return types
-    except (struct.error, ValueError, KeyError, UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({e}); it is truncated or corrupt, "
-                              "re-download it") from e
+    return read_header(path)[1]
+
+
+def model_config(path: str | Path) -> dict:
+    """The Hugging Face ``config.json`` dict of a GGUF file, from its header alone (for
+    the planner: no tensor is read; tying and a ``rope_freqs`` scaling are not resolved)."""
+    meta, types = read_header(path)
+    config = config_from_metadata(meta, source=str(path))
+    config["tie_word_embeddings"] = "output.weight" not in types
+    return config
 
 
 # --- metadata -> config.json ----------------------------------------------------------------
