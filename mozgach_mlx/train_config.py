@@ -70,6 +70,9 @@ class TrainConfig:
         "positions per chunk of the tiled block recompute (default 4096)"))
     memory_gb: float | None = field(default=None, metadata=_help(
         "memory budget in GiB: plan before loading data and refuse a step that does not fit"))
+    compile: bool = field(default=True, metadata=_help(
+        "compile the step's value-and-grad (mx.compile; one trace per batch shape) with the built-in loss, "
+        "the default memory strategy and one process; the same losses to float rounding"))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -116,6 +119,6 @@ class TrainConfig:
         d = self.to_dict()
         # memory knobs do not change the trajectory (the strategies are exact)
         for k in ("progress", "eval_every", "eval_batches", "save_every", "memory_strategy", "tile_chunk",
-                  "memory_gb"):
-            d.pop(k)
+                  "memory_gb", "compile"):
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -18,12 +18,9 @@ Data-parallel (``group=``, :mod:`mozgach_mlx.distributed`): each rank computes i
 of every step's micro-batches, the LoRA gradients are summed over the ranks, every rank
 takes the same step; rank 0 alone reads and writes checkpoints, logs and the adapter.
 
-Resume: every ``save_every`` optimizer steps the adapter, the optimizer state and
-``state.json`` (step, data position, loss history) are written atomically under
-``out_dir/checkpoint``; ``state.json`` is written last and names the step-tagged weight
-files, so a crash mid-save leaves the previous checkpoint intact. Dropout randomness is
-derived from (seed, micro-step), so a resumed run reproduces the uninterrupted run's
-losses exactly.
+Resume: every ``save_every`` optimizer steps an atomic checkpoint is written
+(:mod:`mozgach_mlx.checkpoints`). Dropout randomness is derived from (seed, micro-step),
+so a resumed run reproduces the uninterrupted run's losses exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
-import json
 import math
 import shutil
 import time
@@ -46,18 +42,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
+from . import checkpoints, lora, memory
 from . import data as data_mod
 from . import distributed as dist
-from . import lora, memory
 from . import loss as loss_mod
+from .checkpoints import load_checkpoint_state
 from .errors import ConfigError, TrainingError
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_write_json
 from .train_config import TrainConfig
 
-CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.json"
 LOG_FILE = "train_log.jsonl"
 RESULT_FILE = "result.json"
 
@@ -186,88 +181,6 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
     return total / count, count
 
 
-# ---------------------------------------------------------------------------- checkpoints
-
-def _ckpt_dir(out_dir: Path) -> Path:
-    return out_dir / CHECKPOINT_DIR
-
-
-def _save_checkpoint(out_dir: Path, model, opt: optim.Optimizer, state: dict) -> None:
-    ck = _ckpt_dir(out_dir)
-    ck.mkdir(parents=True, exist_ok=True)
-    step = state["step"]
-    adapter_name = f"adapter-{step:07d}.safetensors"
-    opt_name = f"optimizer-{step:07d}.safetensors"
-    atomic_save_safetensors(ck / adapter_name, lora.trainable(model))
-    atomic_save_safetensors(ck / opt_name, dict(tree_flatten(opt.state)))
-    state = {**state, "adapter_file": adapter_name, "optimizer_file": opt_name}
-    atomic_write_json(ck / STATE_FILE, state)  # the commit point
-    for old in ck.glob("*.safetensors"):
-        if old.name not in (adapter_name, opt_name):
-            old.unlink()
-
-
-def load_checkpoint_state(out_dir: str | Path) -> dict | None:
-    """The committed checkpoint state of a run directory, or None if there is none."""
-    path = _ckpt_dir(Path(out_dir)) / STATE_FILE
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainingError(f"{path}: corrupt checkpoint state ({e}); delete {path.parent} to restart "
-                            "this adapter from scratch") from e
-
-
-def _restore_checkpoint(out_dir: Path, model, opt: optim.Optimizer, state: dict) -> None:
-    ck = _ckpt_dir(out_dir)
-    try:
-        weights = mx.load(str(ck / state["adapter_file"]))
-        opt_state = mx.load(str(ck / state["optimizer_file"]))
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise TrainingError(f"{ck}: cannot read checkpoint files ({e}); delete {ck} to restart "
-                            "this adapter from scratch") from e
-    expected = lora.trainable(model)
-    if set(weights) != set(expected):
-        raise TrainingError(f"{ck}: checkpoint parameters do not match the model's adapter "
-                            f"(e.g. {sorted(set(weights) ^ set(expected))[:3]}); delete {ck} to restart")
-    model.load_weights(list(weights.items()), strict=False)
-    opt.state = tree_unflatten(list(opt_state.items()))
-
-
-def _read_log(path: Path, upto_step: int) -> list[dict]:
-    """Log records of a previous attempt up to the checkpointed step (later ones are replayed)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a crash
-        if rec.get("step", 0) <= upto_step:
-            records.append(rec)
-    return records
-
-
-class _Log:
-    """Append-only JSONL log; rewritten atomically on resume to drop replayed steps."""
-
-    def __init__(self, path: Path, keep: list[dict]) -> None:
-        from .io import atomic_write_text
-
-        self.path = path
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-        self._f = open(path, "a", encoding="utf-8")
-
-    def write(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
-
-
 # ---------------------------------------------------------------------------- the loop
 
 def _resolve_data(data: Any, tok, cfg: TrainConfig) -> dict:
@@ -386,7 +299,7 @@ def _check_step(loss_sum: float, step_tokens: int, step: int, out_dir: Path) -> 
     if not math.isfinite(loss_value):
         raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}; lower the learning "
                             f"rate or check the data. The last good checkpoint is kept in "
-                            f"{_ckpt_dir(out_dir)}")
+                            f"{checkpoints.checkpoint_dir(out_dir)}")
     return loss_value
 
 
@@ -397,8 +310,8 @@ def _resume(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig) -> dic
         return None
     if state.get("fingerprint") != cfg.fingerprint():
         raise TrainingError(f"{out_dir}: a checkpoint from a different configuration exists; use the "
-                            f"same config to resume, or delete {_ckpt_dir(out_dir)} to start over")
-    _restore_checkpoint(out_dir, model, opt, state)
+                            f"same config to resume, or delete {checkpoints.checkpoint_dir(out_dir)} to start over")
+    checkpoints.restore_checkpoint(out_dir, model, opt, state)
     return state
 
 
@@ -474,7 +387,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         atomic_write_json(out_dir / RESULT_FILE, {**result.to_dict(), "config": cfg.to_dict()})
         # A finished run needs no resume state (optimizer moments are 2x the adapter's size);
         # a crash before this line just replays the steps after the last checkpoint.
-        shutil.rmtree(_ckpt_dir(out_dir), ignore_errors=True)
+        shutil.rmtree(checkpoints.checkpoint_dir(out_dir), ignore_errors=True)
         shutil.rmtree(out_dir / OFFLOAD_DIR, ignore_errors=True)
     return result
 
@@ -520,10 +433,12 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     state = _start(out_dir, model, opt, cfg, resume, group)
     prog = _Progress.of(state)
     main = dist.is_main(group)
-    log = _Log(log_path, _read_log(log_path, prog.step) if state is not None else []) if main else None
+    kept = checkpoints.read_log(log_path, prog.step) if state is not None else []
+    log = checkpoints.RunLog(log_path, kept) if main else None
 
     model.train()
-    grad_fn = _grad_fn(model, loss_fn, cfg, strategy or memory.MemoryStrategy(), _offload_dir(out_dir, group))
+    grad_fn = _grad_fn(model, loss_fn, cfg, strategy or memory.MemoryStrategy(), _offload_dir(out_dir, group),
+                       group)
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     bar = _progress(cfg, total_steps, prog.step) if main else None
@@ -549,7 +464,7 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(prog.tokens - _tok0(state)) / elapsed:.0f}",
                                 peak=f"{mx.get_peak_memory() / 1e9:.2f}GB")
             if main and cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
-                _save_checkpoint(out_dir, model, opt, {
+                checkpoints.save_checkpoint(out_dir, model, opt, {
                     **dataclasses.asdict(prog), "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
             if callback is not None:
                 callback(rec)
@@ -578,14 +493,30 @@ def _offload_dir(out_dir: Path, group=None) -> Path:
     return out_dir / OFFLOAD_DIR / (f"rank{dist.rank(group)}" if group is not None else "")
 
 
-def _grad_fn(model, loss_fn: Callable, cfg: TrainConfig, strategy: memory.MemoryStrategy, offload: Path):
+def _grad_fn(model, loss_fn: Callable, cfg: TrainConfig, strategy: memory.MemoryStrategy, offload: Path,
+             group=None):
     """``(x, y, mask, **kw) -> ((loss_sum, n), grads)``: the default step, or the memory
-    strategy's (offload files in ``offload``; a crashed run's are removed here)."""
+    strategy's (offload files in ``offload``; a crashed run's are removed here).
+
+    The default step is compiled with ``cfg.compile`` on one process with the built-in
+    loss: a user's ``loss_fn`` may have Python side effects that a traced graph would run
+    only once, and the data-parallel step's collectives stay outside a trace."""
     if strategy.is_default:
-        return nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
+        vg = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
+        return compiled(model, vg) if cfg.compile and group is None and loss_fn is default_loss else vg
     if offload.exists():
         memory.clean_stale_offload(offload)
     return memory.value_and_grad(model, strategy, loss_chunk=cfg.loss_chunk, offload_dir=offload)
+
+
+def compiled(model, vg: Callable) -> Callable:
+    """``vg`` (an ``nn.value_and_grad`` of ``model``) under ``mx.compile``, with the model's
+    state and the random state (dropout) as the graph's inputs and outputs, as mlx-lm
+    compiles its step. One trace per input shape (a new shape traces again); elementwise
+    chains fuse into one kernel each, which on the CPU matters most (MLX's unfused CPU
+    elementwise ops are slow next to its BLAS matmuls)."""
+    state = [model.state, mx.random.state]
+    return mx.compile(vg, inputs=state, outputs=state)
 
 
 def _tok0(state: dict | None) -> int:
