@@ -1,12 +1,34 @@
 # ruff: noqa: I001  (mozgach_mlx first: no longer required for the fast BLAS, see blasbind.py; kept as is)
-"""Shared fixtures and the small seeded model builders the test files use
-(``from conftest import small_config, randomize``)."""
+"""Shared fixtures, the small seeded model builders the test files use
+(``from conftest import small_config, randomize``) and :func:`fp32_tol`."""
 
 import mozgach_mlx  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 = 2u, u the unit roundoff
+
+
+def fp32_tol(scale: float, n: int) -> float:
+    """How far two fp32 evaluations of one quantity may drift apart when only their order
+    of operations differs (BLAS blocking or threads, batch shape, fused vs. split sums,
+    SIMD width): ``n * eps * scale``.
+
+    Where it comes from: a length-n sum or dot product in fp32 is off by at most
+    ``(n - 1) u sum|terms|`` (u = eps/2; Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., section 3.1), and two orders can err in opposite directions,
+    so they differ by at most ``n eps sum|terms|``. ``scale`` is the magnitude of the
+    values involved (``sum|terms|``, or ``max|result|`` where the terms do not largely
+    cancel), ``n`` the reduction length. Actual rounding grows like ``sqrt(n) u``, so
+    the worst case also leaves room for what a few chained layers add. Use it instead
+    of the measured error of another computation, which can be exactly 0 on one CPU
+    and not on the next; a real bug (a wrong coefficient, a missing term) is orders of
+    magnitude above it.
+    """
+    return n * F32_EPS * scale
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import fp32_tol, small_config
 from conftest import randomize as shared_randomize
-from conftest import small_config
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -138,7 +138,11 @@ def test_grad_checkpoint_and_mlp_chunk_keep_gradients():
     loss0, g0 = _grads(m, x)
     m.grad_checkpoint, m.mlp_chunk = True, 8
     loss1, g1 = _grads(m, x)
-    assert abs(loss0.item() - loss1.item()) < 1e-6
+    # mlp_chunk runs the MLP on row chunks (other GEMM shapes, so possibly other blocking):
+    # equal up to fp32 rounding of the d-length dot products behind the logits, at the
+    # loss's magnitude (fp32_tol: 4.7e-5; the old bound 1e-6 was 2 ulps of this loss of
+    # 6.2, and a 2-ulp difference is what one CPU measured).
+    assert abs(loss0.item() - loss1.item()) <= fp32_tol(loss0.item(), cfg["hidden_size"])
     g0, g1 = dict(tree_flatten(g0)), dict(tree_flatten(g1))
     assert g0.keys() == g1.keys()
     for k in g0:
