@@ -18,6 +18,7 @@ import click
 
 from .bank import GenerationConfig
 from .errors import ConfigError, MozgachError
+from .evaluate import MAX_SAMPLES, QUICK_SAMPLES, SAMPLE_TOKENS
 from .lora import LoRAConfig
 from .rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN, RunConfig, parse_quantize
 from .train_config import TrainConfig
@@ -182,10 +183,16 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 
 @main.command("eval")
 @click.option("--out", default=None, help="the run directory to evaluate (fleet evaluation)")
-@click.option("--max-batches", type=int, default=None, help="validation batches per domain")
-@click.option("--route-samples", type=int, default=None, help="held-out samples per domain for routing")
+@click.option("--max-batches", type=int, default=None,
+              help="held-out samples per domain for the loss table, in the run's batches (default: all)")
+@click.option("--route-samples", type=int, default=None,
+              help=f"held-out samples per domain for routing (default: all, at most {MAX_SAMPLES})")
 @click.option("--sample-tokens", type=int, default=None,
-              help="tokens per held-out sample, for the loss table and routing (default 64)")
+              help=f"tokens per held-out sample, for the loss table and routing (default {SAMPLE_TOKENS})")
+@click.option("--split", "split", type=click.Choice(["valid+test", "valid", "test"]), default=None,
+              help="held-out splits the samples come from (default valid+test)")
+@click.option("--quick", is_flag=True, default=None,
+              help=f"a quick look: {QUICK_SAMPLES} samples per domain (wide intervals), loss and tokens routers only")
 @click.option("--passkey", is_flag=True, default=None, help="passkey retrieval over --lengths x --depths")
 @click.option("--ppl-by-position", is_flag=True, default=None,
               help="perplexity by position bucket on long filler documents (of the largest --lengths)")
@@ -198,7 +205,7 @@ def train_cmd(config_path: str | None, **cli: Any) -> None:
 @click.option("--bucket", type=int, default=None, help="ppl position bucket in tokens (default 256)")
 @_debug_option
 def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None, sample_tokens: int | None,
-             passkey: bool, ppl_by_position: bool, **long_ctx: Any) -> None:
+             split: str | None, quick: bool | None, passkey: bool, ppl_by_position: bool, **long_ctx: Any) -> None:
     """Fleet run: per-domain losses and routing (--out). Long context: --passkey / --ppl-by-position."""
     from .commands import eval_long_context, eval_run
 
@@ -206,7 +213,8 @@ def eval_cmd(out: str | None, max_batches: int | None, route_samples: int | None
         sys.exit(eval_long_context(passkey=passkey, ppl=ppl_by_position, **long_ctx))
     if out is None:
         raise ConfigError("mozgach eval needs --out RUN (fleet evaluation) or --passkey / --ppl-by-position")
-    sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples, sample_tokens=sample_tokens))
+    sys.exit(eval_run(out, max_batches=max_batches, route_samples=route_samples, sample_tokens=sample_tokens,
+                      split=split, quick=bool(quick)))
 
 
 @main.command("report")

@@ -15,7 +15,7 @@ from . import data as data_mod
 from . import distributed as dist
 from .bank import AdapterBank, GenerationConfig
 from .errors import ConfigError
-from .evaluate import evaluate_run
+from .evaluate import QUICK_SAMPLES, evaluate_run
 from .fleet import adapter_dir_name, parse_domains, train_fleet
 from .rundir import RunConfig, base_identity, data_dir, load_base, load_run_base, read_manifest
 from .tokenizer import HFTokenizer
@@ -107,9 +107,17 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def eval_run(out: str, *, max_batches: int | None = None, route_samples: int | None = None,
-             sample_tokens: int | None = None) -> int:
-    """Print per-domain base / own / best-other losses and the routing accuracy of a run."""
-    extra = {} if sample_tokens is None else {"sample_tokens": sample_tokens}
+             sample_tokens: int | None = None, split: str | None = None, quick: bool = False) -> int:
+    """Print per-domain base / own / best-other losses and the routing accuracy of a run
+    (``evaluate_run``'s defaults unless given). ``quick``: ``QUICK_SAMPLES`` samples per domain
+    unless ``route_samples`` says otherwise, and only the routers that need no fit on the
+    base's hidden states (loss, tokens). ``split``: ``valid+test``, ``valid`` or ``test``."""
+    extra: dict = {} if sample_tokens is None else {"sample_tokens": sample_tokens}
+    if quick:
+        route_samples = QUICK_SAMPLES if route_samples is None else route_samples
+        extra.update(signature_samples=0, probe_samples=0)
+    if split is not None:
+        extra["splits"] = tuple(split.split("+"))
     report = evaluate_run(out, max_batches=max_batches, route_samples=route_samples, **extra)
     print(report.table())
     return 0 if report.all_own_best else 1
