@@ -180,11 +180,6 @@ def read_header(path: str | Path) -> tuple[dict, dict[str, str]]:
                               "re-download it") from e
 
 
-def tensor_types(path: str | Path) -> dict[str, str]:
-    """Tensor name -> GGML type name (``"Q4_1"``), read from the GGUF header."""
-    return read_header(path)[1]
-
-
 def model_config(path: str | Path) -> dict:
     """The Hugging Face ``config.json`` dict of a GGUF file, from its header alone (for
     the planner: no tensor is read; tying and a ``rope_freqs`` scaling are not resolved)."""
@@ -197,9 +192,10 @@ def model_config(path: str | Path) -> dict:
 # --- metadata -> config.json ----------------------------------------------------------------
 
 def plain(value):
-    """A metadata value as plain Python (``mx.load`` returns scalars as 0-d arrays)."""
-    if isinstance(value, mx.array):
-        return value.item() if value.ndim == 0 else value.tolist()
+    """A metadata value as plain Python: ``mx.load`` returns numbers and booleans as 0-d
+    arrays and numeric lists as vectors; :func:`read_header` gives plain values already."""
+    if hasattr(value, "tolist"):  # mx.array, np.ndarray
+        return value.tolist() if getattr(value, "ndim", 1) else value.item()
     return value
 
 
@@ -383,8 +379,8 @@ def affine_from_blocks(blocks: np.ndarray, kind: str) -> tuple[mx.array, mx.arra
     return mx.array(packed), mx.array(d), mx.array(bias.astype(np.float16))
 
 
-def _read_with_gguf(path: Path, foreign: dict[str, str], dense: mx.Dtype) -> tuple[dict[str, mx.array], dict]:
-    """Tensors and metadata of a file that holds types ``mx.load`` cannot read exactly,
+def _read_with_gguf(path: Path, foreign: dict[str, str], dense: mx.Dtype) -> dict[str, mx.array]:
+    """Tensors of a file that holds types ``mx.load`` cannot read exactly,
     through the ``gguf`` package: Q4_0/Q4_1/Q8_0 stay quantized (:func:`affine_from_blocks`),
     the foreign types are dequantized to ``dense`` by llama.cpp's reference code."""
     try:
@@ -410,23 +406,7 @@ def _read_with_gguf(path: Path, foreign: dict[str, str], dense: mx.Dtype) -> tup
             continue
         data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         tensors[t.name] = mx.array(data.reshape(shape)).astype(keep.get(kind, dense))
-    return tensors, _metadata_only(reader)
-
-
-def _metadata_only(reader) -> dict:
-    """Metadata of a ``GGUFReader`` in ``mx.load``'s shape (strings, lists, arrays)."""
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if isinstance(value, list):
-            meta[key] = value if (value and isinstance(value[0], str)) else mx.array(np.asarray(value))
-        elif isinstance(value, str):
-            meta[key] = value
-        else:
-            meta[key] = mx.array(value)
-    return meta
+    return tensors
 
 
 def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict]:
@@ -435,17 +415,18 @@ def read_gguf(path: str | Path) -> tuple[dict[str, mx.array], dict]:
     Q4_0/Q4_1/Q8_0 tensors come as ``NAME.weight`` (uint32, packed), ``NAME.scales``,
     ``NAME.biases``; anything beyond :data:`NATIVE_TYPES` is dequantized (with a notice;
     see the module docstring): to float32 on the CPU backend, which computes in float32
-    anyway, to float16 elsewhere (an 8B Q4_K_M base would take 32 GB in float32)."""
+    anyway, to float16 elsewhere (an 8B Q4_K_M base would take 32 GB in float32). The
+    metadata is :func:`read_header`'s (plain Python values) whichever reader loads the tensors."""
     path = Path(path)
-    types = tensor_types(path)
+    meta, types = read_header(path)
     foreign = {k: t for k, t in types.items() if t not in NATIVE_TYPES}
     if not foreign:
         try:
-            return mx.load(str(path), format="gguf", return_metadata=True)
+            return mx.load(str(path), format="gguf"), meta
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read ({e}); it is truncated or corrupt, re-download it") from e
     dense = mx.float32 if _backend.backend() == "cpu" else mx.float16
-    tensors, meta = _read_with_gguf(path, foreign, dense)
+    tensors = _read_with_gguf(path, foreign, dense)
     kinds = sorted(set(foreign.values()))
     warnings.warn(f"mozgach_mlx: {path.name}: {len(foreign)} tensor(s) in {', '.join(kinds)}, which MLX cannot "
                   f"keep quantized, were dequantized to {'float32' if dense == mx.float32 else 'float16'}; pass "

@@ -32,6 +32,7 @@ import warnings
 
 from ..errors import TokenizerError
 from ..tokenizer import HFTokenizer
+from .gguf import plain
 
 # llama.cpp's llama_token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -89,14 +90,6 @@ PRE_TOKENIZERS: dict[str, str] = {
 PRE_ADD_BOS = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}
 
 SUPPORTED_MODELS = ("gpt2", "llama")
-
-
-def plain(value):
-    """A metadata value as plain Python: ``mx.load`` returns numbers and booleans as 0-d
-    arrays and numeric lists as vectors; strings and string lists come as they are."""
-    if hasattr(value, "tolist"):  # mx.array, np.ndarray
-        return value.tolist() if getattr(value, "ndim", 1) else value.item()
-    return value
 
 
 def _get(meta: dict, key: str, default=None):
