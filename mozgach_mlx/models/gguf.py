@@ -300,6 +300,14 @@ def unpermute_rows(w: mx.array, n_head: int) -> mx.array:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_rows(w, n_head: int):
+    """llama.cpp's q/k row permutation, the inverse of :func:`unpermute_rows`: each head's
+    rows from halves (rotate-half RoPE) to interleaved pairs, as the converter writes a
+    Llama/Mistral base. Shapes: w (n_head * D, ...) -> same; mx or numpy arrays."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def hf_name(name: str) -> str | None:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown.
 
@@ -312,6 +320,22 @@ def hf_name(name: str) -> str | None:
         return f"model.layers.{layer}.{mapped}.{suffix}" if mapped and layer.isdigit() else None
     mapped = TENSOR_NAMES.get(stem)
     return f"{mapped}.{suffix}" if mapped else None
+
+
+def gguf_name(name: str) -> str | None:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (the inverse
+    of :func:`hf_name`); None if llama.cpp has no such tensor."""
+    stem, _, suffix = name.rpartition(".")
+    if stem.startswith("model.layers."):
+        _, _, layer, part = stem.split(".", 3)
+        mapped = _GGUF_BLOCK_NAMES.get(part)
+        return f"blk.{layer}.{mapped}.{suffix}" if mapped and layer.isdigit() else None
+    mapped = _GGUF_NAMES.get(stem)
+    return f"{mapped}.{suffix}" if mapped else None
+
+
+_GGUF_NAMES = {v: k for k, v in TENSOR_NAMES.items()}
+_GGUF_BLOCK_NAMES = {v: k for k, v in BLOCK_TENSOR_NAMES.items()}
 
 
 def hf_weights(tensors: dict[str, mx.array], config: dict, *, permuted: bool, source: str) -> dict[str, mx.array]:
