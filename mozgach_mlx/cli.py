@@ -294,5 +294,28 @@ def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, ba
     click.echo(plan(model or RunConfig.model, **kw).table())
 
 
+@main.command("export")
+@click.option("--out", required=True, help="the run directory whose adapters to export")
+@click.option("--adapter", default=None, help="one adapter of the run (e.g. mozgach108_001) or 'all' (the default: "
+              "every finished one)")
+@click.option("--to", "to", required=True, type=click.Choice(["peft", "mlx-lm", "gguf-lora", "fused"]),
+              help="peft / mlx-lm adapter dirs, llama.cpp's GGUF LoRA, or a fused HF checkpoint (checked)")
+@click.argument("dest", metavar="DIR")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="fused: re-quantize to 4 or 8 bits "
+              "(refused when that loses the adapter)")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="fused: weight dtype (default float32)")
+@click.option("--force", is_flag=True, default=False, help="replace DIR if it exists and is not empty")
+@_debug_option
+def export_cmd(out: str, adapter: str | None, to: str, dest: str, quantize: str | None, dtype: str | None,
+               force: bool) -> None:
+    """Export a run's adapters to DIR: PEFT, mlx-lm, llama.cpp GGUF LoRA or fused checkpoints."""
+    from .export import export
+
+    result = export(out, to, dest, adapter=adapter, quantize=None if quantize is None else int(quantize),
+                    dtype=dtype, force=force)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":
     main()
