@@ -21,6 +21,7 @@ from .errors import ConfigError, MozgachError
 from .evaluate import MAX_SAMPLES, QUICK_SAMPLES, SAMPLE_TOKENS
 from .lora import LoRAConfig
 from .rundir import DEFAULT_RUN_LORA, DEFAULT_RUN_TRAIN, RunConfig, parse_quantize
+from .serve.config import ServeConfig
 from .train_config import TrainConfig
 from .typecheck import load_yaml
 
@@ -315,6 +316,23 @@ def export_cmd(out: str, adapter: str | None, to: str, dest: str, quantize: str 
     result = export(out, to, dest, adapter=adapter, quantize=None if quantize is None else int(quantize),
                     dtype=dtype, force=force)
     click.echo(result.summary())
+
+
+@main.command("serve")
+@click.option("--out", default=None, help="a run directory: serve its base and every finished adapter")
+@click.option("--model", default=None, help=f"base model (default: the run's, else {RunConfig.model})")
+@click.option("--adapter", "adapters", multiple=True, default=None, help="adapter directory to serve (repeatable); its "
+              "directory name is its model name")
+@click.option("--api-key", default=None, envvar="MOZGACH_API_KEY", show_envvar=True,
+              help="require 'Authorization: Bearer KEY' on every request")
+@_apply(_field_options(ServeConfig, skip=("api_key",)))
+@_debug_option
+def serve_cmd(out, model, adapters, api_key, **opts: Any) -> None:
+    """OpenAI-compatible HTTP server: the base, every adapter, 'auto' (routed) and mixes as models."""
+    from .serve import serve
+
+    cfg = ServeConfig(**{k: v for k, v in opts.items() if v is not None}, api_key=api_key)
+    sys.exit(serve(cfg, out=out, model=model, adapters=list(adapters or ())))
 
 
 if __name__ == "__main__":
