@@ -1,13 +1,16 @@
 """mozgach-mlx: long-context QLoRA fine-tuning of many adapters over one base, on MLX."""
 
 from . import backend as _backend
+from . import fpenv as _fpenv
 from . import settings as _settings
 
 _settings.quiet_transformers()  # before mlx-lm imports transformers
 
 # Point MLX's CPU GEMM at OpenBLAS (works whether or not mlx.core was imported first).
 _backend.tune_malloc()
-_backend.load_fast_blas()
+with _fpenv.flushing():  # OpenBLAS's worker threads start here: they flush subnormals too
+    _backend.load_fast_blas()
+_fpenv.install()  # MLX's CPU stream thread flushes subnormals (x86-64 Linux; fpenv.py)
 
 from . import attention, data, distributed, lora, loss, models, quant, synthetic  # noqa: E402
 from .bank import AdapterBank, GenerationConfig  # noqa: E402

@@ -36,7 +36,7 @@ def _exp2_frac(y):
 
 @mx.compile
 def _exp2_bits(y):
-    # IEEE-754 bits of 2**n, n = round(y) (|y| <= 126 so 2**n is a normal float).
+    # IEEE-754 bits of 2**n, n = round(y) (-127 <= n <= 0: 2**n normal, or 0 at n = -127).
     n = (y - 0.5).astype(mx.int32).astype(mx.float32)
     return ((n + 127.0) * 8388608.0).astype(mx.int32)
 
@@ -51,13 +51,15 @@ def _exp2_poly(f, pow2n):
 
 
 def exp2(y: mx.array) -> mx.array:
-    """``2**y`` in fp32 for ``y <= 0`` (the softmax case); below ``2**-126`` the result is
-    ~1e-38 instead of 0 (harmless next to a row maximum of 1)."""
+    """``2**y`` in fp32 for ``y <= 0`` (the softmax case); exactly 0 for ``y <= -127``
+    (a masked score), and at most subnormal between."""
     if not on_cpu():
         return mx.exp(y * LN2)
     # The clamp stays outside the compiled kernels: min/max/where inside MLX's generated
-    # CPU loops measured 3-5x slower (not vectorised); a separate maximum is not.
-    y = mx.maximum(y, -126.0)
+    # CPU loops measured 3-5x slower (not vectorised); a separate maximum is not. At
+    # y = -127, n = -127 writes exponent bits 0: 2**n is 0, not a tiny normal that later
+    # products would turn into slow subnormals (see fpenv.py).
+    y = mx.maximum(y, -127.0)
     return _exp2_poly(_exp2_frac(y), _exp2_bits(y).view(mx.float32))
 
 

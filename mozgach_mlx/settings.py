@@ -17,6 +17,7 @@ MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tu
 MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
 MOZGACH_QMATMUL                  ``auto|dequant|quantized``                  auto
+MOZGACH_FLUSH_DENORMALS          ``0|1``                                     1
 ===============================  ==========================================  ============
 """
 
@@ -41,6 +42,9 @@ VARIABLES = {
     "MOZGACH_ATTENTION_CPU_STREAMS": ("integer >= 1", "1", "CPU streams the blockwise attention spreads over"),
     "MOZGACH_QMATMUL": ("`auto`, `dequant`, `quantized`", "auto",
                         "how a 4/8-bit linear layer multiplies on the CPU"),
+    "MOZGACH_FLUSH_DENORMALS": ("`0`, `1`", "1",
+                                "`0` keeps subnormal floats on MLX's CPU threads (x86-64 Linux: 20-100x "
+                                "slower arithmetic on them; see `mozgach_mlx/fpenv.py`)"),
 }
 
 
@@ -101,6 +105,15 @@ def qmatmul() -> str:
     if value not in QMATMUL_MODES:
         raise ConfigError(f"MOZGACH_QMATMUL={value!r} is not one of {', '.join(QMATMUL_MODES)}.")
     return value
+
+
+def flush_denormals() -> bool:
+    """``MOZGACH_FLUSH_DENORMALS``: ``1`` (default) flushes subnormal floats to zero on
+    MLX's CPU threads, ``0`` leaves them."""
+    value = _get("MOZGACH_FLUSH_DENORMALS") or "1"
+    if value not in ("0", "1"):
+        raise ConfigError(f"MOZGACH_FLUSH_DENORMALS={value!r} must be 0 or 1; unset it for the default (1).")
+    return value == "1"
 
 
 def quiet_transformers() -> None:

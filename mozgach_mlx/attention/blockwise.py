@@ -18,7 +18,7 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from .. import ops, settings
+from .. import fpenv, ops, settings
 from ..errors import ConfigError
 from .masks import MASK, SKIP, BlockPlan, MaskSpec, host_segments, s2_halves
 
@@ -196,7 +196,7 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
 
 @lru_cache(maxsize=1)
 def _extra_cpu_streams(n: int) -> tuple:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    return tuple(fpenv.new_cpu_stream() for _ in range(n))
 
 
 def _lanes() -> list:
