@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import TokenizerError
+from ..tokenizer import ByteTokenizer
 from . import protocol as wire
 from .config import ServeConfig
 from .models import Served, Target
@@ -111,10 +111,13 @@ def build_app(served: Served, cfg: ServeConfig) -> Starlette:
         """Render, tokenize and check one request against the window and the limits."""
         with tok_lock:
             if req.kind == "chat":
+                # a base without a chat template of its own (tiny-stdlib) gets the byte
+                # tokenizer's plain one: "<|role|>\ncontent\n" per message, then "<|assistant|>\n"
+                render = tok if tok.has_chat_template else ByteTokenizer()
                 try:
-                    prompt = tok.apply_chat_template(req.messages, add_generation_prompt=True)
-                except TokenizerError:
-                    raise APIError(400, "the base has no chat template; use /v1/completions",
+                    prompt = render.apply_chat_template(req.messages, add_generation_prompt=True)
+                except Exception as e:  # the template is code that may refuse messages (jinja raise_exception)
+                    raise APIError(400, f"the chat template refused these messages ({type(e).__name__}: {e})",
                                    param="messages") from None
             else:
                 prompt = req.prompt

@@ -206,9 +206,19 @@ class Scheduler:
     def _admit(self, new: list[Sequence]) -> None:
         autos = [s for s in new if s.job.target.auto]
         if autos:
-            names = self.bank.route([s.job.route_text for s in autos], method=self.served.router)
-            for s, top in zip(autos, names, strict=True):
-                s.spec = top[0]
+            try:
+                names = self.bank.route([s.job.route_text for s in autos], method=self.served.router)
+            except Exception as e:  # only these requests fail; the batch goes on
+                log.exception("routing failed")
+                err = APIError(500, f"routing failed ({type(e).__name__}: {e})", type="server_error",
+                               code="routing_failed")
+                for s in autos:
+                    s.emit("error", err)
+                    self.stats["failed"] += 1
+                new = [s for s in new if not s.job.target.auto]
+            else:
+                for s, top in zip(autos, names, strict=True):
+                    s.spec = top[0]
         for s in new:
             s.emit("start", {"model": s.spec if s.job.target.auto else s.job.target.label,
                              "adapter": s.spec, "router": self.served.router if s.job.target.auto else None})
