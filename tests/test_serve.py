@@ -265,9 +265,11 @@ def test_seeded_sampling_is_reproducible_and_matches_the_bank(client, ref_bank, 
     first, second = (client.completions.create(**kw).choices[0].text for _ in range(2))
     assert first == second == ref_bank.generate(PROMPTS[0], adapter="b", max_tokens=TOKENS, temperature=0.9,
                                                 seed=1234)
-    # a nucleus this small keeps only the most probable token: greedy
-    nucleus = client.completions.create(**{**kw, "top_p": 1e-6}).choices[0].text
-    assert nucleus == expected[("b", PROMPTS[0])]
+    # a nucleus this small (or 0) keeps only the most probable token, and a temperature this
+    # small leaves only it: greedy either way
+    for extreme in ({"top_p": 1e-6}, {"top_p": 0.0}, {"temperature": 1e-30}):
+        text = client.completions.create(**{**kw, **extreme}).choices[0].text
+        assert text == expected[("b", PROMPTS[0])], extreme
 
 
 def test_stop_strings_cut_the_text(client, expected):
@@ -302,12 +304,18 @@ BAD = [
     ("mix weight not a number", json.dumps({**GOOD, "model": "tiny", "adapters": {"a": "x"}}).encode(), 400, None),
     ("n > 1", json.dumps({**GOOD, "n": 2}).encode(), 400, "unsupported_parameter"),
     ("temperature out of range", json.dumps({**GOOD, "temperature": 9}).encode(), 400, None),
+    ("seed beyond 64 bits", json.dumps({**GOOD, "seed": 1 << 70, "temperature": 1}).encode(), 400, None),
+    ("stop not strings", json.dumps({**GOOD, "stop": [1, 2]}).encode(), 400, None),
+    ("empty messages", json.dumps({"model": "a", "messages": []}).encode(), 400, None),
+    ("chat over the window", json.dumps({"model": "a", "messages": [{"role": "user", "content": "x" * 2100}]}).encode(),
+     400, "context_length_exceeded"),
 ]
 
 
 @pytest.mark.parametrize("what,body,status,code", BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_openai_shaped_errors_and_the_server_stays_up(server, client, what, body, status, code):
-    got, err = raw(server, "POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    path = "/v1/chat/completions" if b'"messages"' in body else "/v1/completions"
+    got, err = raw(server, "POST", path, body, {"Content-Type": "application/json"})
     assert got == status, (what, err)
     assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
     if code is not None:

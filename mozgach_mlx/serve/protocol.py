@@ -115,6 +115,8 @@ def _common(body: Any, kind: str) -> GenerationRequest:
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options")
     seed = _integer(body, "seed")
+    if seed is not None and not -(1 << 63) <= seed < 1 << 64:
+        raise _bad(f"'seed' must fit in 64 bits, got {seed}", "seed")
     adapters = body.get("adapters")
     if adapters is not None:
         if not isinstance(adapters, dict) or not adapters:

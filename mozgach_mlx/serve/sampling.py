@@ -29,7 +29,8 @@ def nucleus(logits: mx.array, top_p: float) -> mx.array:
     probs = mx.softmax(logits, axis=-1)
     ordered = mx.sort(probs)[::-1]  # descending
     before = mx.cumsum(ordered) - ordered  # mass of the more probable tokens
-    threshold = mx.min(mx.where(before < top_p, ordered, mx.inf))  # least probable token kept
+    kept = (before < top_p) | (mx.arange(ordered.shape[0]) == 0)
+    threshold = mx.min(mx.where(kept, ordered, mx.inf))  # the least probable token kept
     return mx.where(probs >= threshold, logits, -mx.inf)
 
 
@@ -40,7 +41,8 @@ def sample(logits: mx.array, rows: list[RowSampling]) -> list[int]:
     for r, s in enumerate(rows):
         if s.temperature <= 0:
             continue
-        lg = logits[r].astype(mx.float32) / s.temperature
+        lg = logits[r].astype(mx.float32)
+        lg = (lg - lg.max()) / s.temperature  # shifted first: a tiny temperature cannot overflow to inf - inf
         if s.top_p < 1.0:
             lg = nucleus(lg, s.top_p)
         drawn.append((r, mx.random.categorical(lg[None], key=s.key)[0]))

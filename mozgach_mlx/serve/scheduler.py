@@ -223,7 +223,7 @@ class Scheduler:
             s.emit("start", {"model": s.spec if s.job.target.auto else s.job.target.label,
                              "adapter": s.spec, "router": self.served.router if s.job.target.auto else None})
             if s.job.seed is not None and s.job.temperature > 0:
-                s.keys = mx.random.split(mx.random.key(s.job.seed), s.job.max_tokens)
+                s.keys = mx.random.split(mx.random.key(s.job.seed % (1 << 64)), s.job.max_tokens)
         new = sorted(new, key=lambda s: len(s.job.ids))
         group: list[Sequence] = []
         for s in new:  # groups of similar length, at most PREFILL_TOKENS padded tokens each
@@ -275,7 +275,17 @@ class Scheduler:
         finish); finished rows leave the batch."""
         rows = [self.rows[i] for i in slots]
         tokens = sample(logits, [self._row_sampling(s) for s in rows])
-        done = [slot for slot, s, t in zip(slots, rows, tokens, strict=True) if self._advance(s, t)]
+        done = []
+        for slot, s, t in zip(slots, rows, tokens, strict=True):
+            try:
+                if self._advance(s, t):
+                    done.append(slot)
+            except Exception as e:  # this row alone fails (e.g. its text cannot be decoded)
+                log.exception("sequence %d failed", s.id)
+                s.emit("error", APIError(500, f"internal error ({type(e).__name__}: {e})", type="server_error",
+                                         code="internal_error"))
+                self.stats["failed"] += 1
+                done.append(slot)
         for slot in sorted(done, reverse=True):
             self._free(slot)
 
