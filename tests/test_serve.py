@@ -412,6 +412,29 @@ def test_serve_a_run_directory(tmp_path, adapter_dirs):
         served.close()
 
 
+def test_a_trained_run_serves_auto_with_its_best_measured_router(tmp_path):
+    """``mozgach eval`` measured tokens best (eval.json): the server fits that router on the
+    run's train data and routes with it, as the bank itself does after the same fit."""
+    from click.testing import CliRunner
+
+    from mozgach_mlx.cli import main
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--model", "tiny", "--out", str(out), "--n-domains", "2",
+                                  "--max-steps", "2", "--max-seq-length", "64", "--quiet"])
+    assert r.exit_code == 0, r.output
+    (out / "eval.json").write_text(json.dumps({"route_loss_accuracy": 0.5, "route_tokens_accuracy": 1.0}))
+    served = load_served(out=str(out))
+    try:
+        assert served.router == "tokens" and served.ids()[1:] == ["mozgach108_001", "mozgach108_002", "auto"]
+        texts = ["alpha beta gamma", "zeta eta theta iota"]
+        assert served.bank.route(texts, method="auto") == served.bank.route(texts, method="tokens")
+    finally:
+        served.close()
+    with pytest.raises(ConfigError, match="--router"):
+        load_served(model="tiny", adapters=[str(out / "mozgach108_001")], router="probe")
+
+
 def test_config_limits_and_the_exposure_warning():
     from mozgach_mlx.serve.server import exposure_warning
 
