@@ -154,14 +154,14 @@ class Scheduler:
                     for s in rest:
                         self._end(s, "cancelled")
                     return
+                self._wake.clear()  # before looking at the queue: a later submit wakes the wait below
                 new = self._take_waiting()
                 if new:
                     self._admit(new)
                 if self.rows:
                     self._decode()
                 elif not new:
-                    self._wake.wait(0.5)
-                    self._wake.clear()
+                    self._wake.wait(1.0)
             except Exception as e:  # never let the thread die: fail what was involved, start clean
                 log.exception("scheduler iteration failed")
                 err = APIError(500, f"internal error while generating ({type(e).__name__}: {e})",
