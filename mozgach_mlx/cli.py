@@ -1,4 +1,4 @@
-"""The ``mozgach`` command line: train | eval | report | generate | plan.
+"""The ``mozgach`` command line: train | eval | report | generate | plan | export | serve.
 
 One source of defaults: the dataclasses (:class:`RunConfig`, :class:`TrainConfig`,
 :class:`LoRAConfig`, :class:`GenerationConfig`) and :func:`mozgach_mlx.plan` (whose own
