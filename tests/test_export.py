@@ -158,6 +158,15 @@ def test_fused_requantized_to_8_bits_keeps_the_adapter(stdlib_run, tmp_path):
     assert quant.quantization_config(fused)["bits"] == 8
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_half_precision_keeps_the_adapter_and_its_dtype(stdlib_run, tmp_path, dtype):
+    res = export(stdlib_run, "fused", tmp_path / "h", dtype=dtype)
+    check = res.checks["ad"]
+    assert check.ok and not check.lossless and check.max_diff < 0.25 * check.adapter_effect
+    config = json.loads((tmp_path / "h" / "ad" / "config.json").read_text())
+    assert config["torch_dtype"] == dtype and "quantization" not in config
+
+
 # --------------------------------------------------------------------------------------------- mlx-lm
 
 
