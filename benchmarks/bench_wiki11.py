@@ -41,9 +41,9 @@ from mozgach_mlx.evaluate import held_out_samples, wilson_interval
 HERE = Path(__file__).resolve().parent
 RUNS = Path(os.environ.get("WIKI11_RUNS", "/tmp/wiki11_runs"))
 SAMPLE_TOKENS = 256
-ROUTE_SAMPLES = 6  # held-out samples per topic for eval and routing
+ROUTE_SAMPLES = 4  # held-out samples per topic for eval and routing (the loss router's cost bounds it)
 SIGNATURE_SAMPLES = 16  # train articles per topic for the signature centroids
-PROBE_SAMPLES = 64  # train articles per topic for the linear probe
+PROBE_SAMPLES = 32  # train articles per topic for the linear probe
 # the fleet's schedule (both bases); LoRA on every linear layer, as the default run
 SCHEDULE = {"learning-rate": "5e-4", "warmup-steps": "1", "max-steps": "8", "grad-accumulation": "1",
             "batch-size": "4", "max-seq-length": "256", "eval-every": "0", "eval-batches": "1",
@@ -76,6 +76,10 @@ def topic_samples(tok, domain, n: int) -> list:
     samples, n_full = held_out_samples([s for sp in ("valid", "test") for s in (loaded.get(sp) or [])], tok,
                                        SAMPLE_TOKENS)
     return samples[:min(n, n_full)]
+
+
+def train_texts(domain) -> list[str]:
+    return [json.loads(ln)["text"] for ln in domain.train.read_text().splitlines() if ln.strip()]
 
 
 def ci(k: int, n: int) -> str:
@@ -281,7 +285,18 @@ def eval_stage(args) -> dict:
                 "per_domain": {n: int((scores.argmin(1)[owner == j] == j).sum()) for j, n in enumerate(names)}}
         print(f"  by arrow (zero-shot, from the adapters' weights): {ci(hits, len(seqs))}; {ms:.1f} ms/sample, "
               f"prototypes {fit_s:.1f} s", flush=True)
-        res[base] = {"before": before, "eval_seconds": eval_s, "report_seconds": report_s,
+        # the token router costs no model pass: also on every full held-out window (at most 64 per topic)
+        every = {n: topic_samples(tok, domains[by_name[n]], 64) for n in names}
+        with AdapterBank(model, tok, [run / n for n in names], names=names) as bank:
+            bank.fit_tokens({n: train_texts(domains[by_name[n]]) for n in names})
+            tok_scores = bank.route_scores([s for n in names for s in every[n]], "tokens")
+        tok_owner = np.array([j for j, n in enumerate(names) for _ in every[n]])
+        tok_hits = int((tok_scores.argmin(1) == tok_owner).sum())
+        tokens_all = {"correct": tok_hits, "samples": len(tok_owner),
+                      "interval": list(wilson_interval(tok_hits, len(tok_owner)))}
+        print(f"  by tokens on every full held-out window: {ci(tok_hits, len(tok_owner))}", flush=True)
+        res[base] = {"before": before, "eval_seconds": eval_s, "tokens_all_windows": tokens_all,
+                     "report_seconds": report_s,
                      "route_samples": ROUTE_SAMPLES, "sample_tokens": SAMPLE_TOKENS,
                      "signature_samples": SIGNATURE_SAMPLES, "probe_samples": PROBE_SAMPLES,
                      "eval": rep.to_dict(), "zero_shot": zero}
@@ -336,9 +351,7 @@ def mix(args) -> dict:
         seqs = [s for s, _, _ in mixed]
         t0 = time.perf_counter()
         with AdapterBank(model, tok, [run / n for n in names], names=names) as bank:
-            train = {n: [json.loads(ln)["text"] for ln in domains[by_name[n]].train.read_text().splitlines()]
-                     for n in names}
-            bank.fit_tokens(train)
+            bank.fit_tokens({n: train_texts(domains[by_name[n]]) for n in names})
             out: dict = {"samples": len(seqs), "per_pair": args.mix_samples}
             for m in ("loss", "tokens"):
                 scores = bank.route_scores(seqs, m)
