@@ -306,15 +306,15 @@ def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, ba
               "(refused when that loses the adapter)")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="fused: weight dtype (default float32)")
-@click.option("--force", is_flag=True, default=False, help="replace DIR if it exists and is not empty")
+@click.option("--force", is_flag=True, default=None, help="replace DIR if it exists and is not empty")
 @_debug_option
 def export_cmd(out: str, adapter: str | None, to: str, dest: str, quantize: str | None, dtype: str | None,
-               force: bool) -> None:
+               force: bool | None) -> None:
     """Export a run's adapters to DIR: PEFT, mlx-lm, llama.cpp GGUF LoRA or fused checkpoints."""
     from .export import export
 
     result = export(out, to, dest, adapter=adapter, quantize=None if quantize is None else int(quantize),
-                    dtype=dtype, force=force)
+                    dtype=dtype, force=bool(force))
     click.echo(result.summary())
 
 
