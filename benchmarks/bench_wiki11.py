@@ -49,6 +49,8 @@ SCHEDULE = {"learning-rate": "5e-4", "warmup-steps": "1", "max-steps": "8", "gra
             "batch-size": "4", "max-seq-length": "256", "eval-every": "0", "eval-batches": "1",
             "save-every": "4", "no-grad-checkpoint": None, "lora-dropout": "0.0", "lora-targets": "all-linear"}
 BASES = {"smollm2": "smollm2-135m", "tiny": "tiny-stdlib"}
+GEN_ROWS = 4  # texts each adapter generates for the zero-shot token router
+GEN_TOKENS = 96
 PILOT_TOPICS = ("history", "mathematics")
 PILOT_STEPS = (4, 8, 12, 16)
 PILOT_LR = 1e-3  # constant after warmup; the fleet's SCHEDULE was chosen from what it showed
@@ -246,6 +248,27 @@ def arrow_scores(model, protos: dict[str, np.ndarray], samples: list) -> np.ndar
     return -np.concatenate(out)
 
 
+def generated_texts(bank, tok, names: list[str]) -> dict[str, list[str]]:
+    """Per adapter, ``GEN_ROWS`` texts it samples (temperature 1, ``GEN_TOKENS`` tokens at
+    most) from a document start: BOS, or EOS (what precedes a packed document) when the
+    model puts no BOS in front. No training text is used: a zero-shot router fits
+    :meth:`AdapterBank.fit_tokens` on these instead, as ZeroGen (Ye et al. 2022, "ZeroGen:
+    Efficient Zero-shot Learning via Dataset Generation", EMNLP) trains a classifier on
+    text a model generates for each class."""
+    from mozgach_mlx.bank.generation import GenerationConfig, decode
+    from mozgach_mlx.tokenizer import bos_ids
+
+    start = bos_ids(tok) or [tok.eos_token_id]
+    rows = [n for n in names for _ in range(GEN_ROWS)]
+    with bank.use(bank.selection(rows)):
+        out = decode(bank.model, tok.eos_token_id, np.array([start] * len(rows), np.int32),
+                     GenerationConfig(max_tokens=GEN_TOKENS, temperature=1.0), mx.random.key(0))
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    for n, ids in zip(rows, out, strict=True):
+        texts[n].append(tok.decode(ids))
+    return texts
+
+
 def eval_stage(args) -> dict:
     """``mozgach eval`` (its function, with this benchmark's sample counts), ``mozgach
     report``, and the zero-shot Arrow router on the same routed samples."""
@@ -290,6 +313,20 @@ def eval_stage(args) -> dict:
         with AdapterBank(model, tok, [run / n for n in names], names=names) as bank:
             bank.fit_tokens({n: train_texts(domains[by_name[n]]) for n in names})
             tok_scores = bank.route_scores([s for n in names for s in every[n]], "tokens")
+            t0 = time.perf_counter()
+            gen = generated_texts(bank, tok, names)
+            bank.fit_tokens(gen)
+            gen_s = time.perf_counter() - t0
+            gen_scores = bank.route_scores(seqs, "tokens")
+        gen_hits = int((gen_scores.argmin(1) == owner).sum())
+        generated = {"method": "naive Bayes on text the adapters generate (ZeroGen-style, Ye et al. 2022)",
+                     "rows_per_adapter": GEN_ROWS, "max_tokens": GEN_TOKENS, "correct": gen_hits,
+                     "samples": len(seqs), "accuracy": gen_hits / len(seqs),
+                     "interval": list(wilson_interval(gen_hits, len(seqs))), "fit_seconds": gen_s,
+                     "generated_tokens": {n: sum(len(tok.encode(t, add_bos=False)) for t in v) for n, v in gen.items()},
+                     "example": {n: v[0][:300] for n, v in gen.items()}}
+        print(f"  by tokens fitted on generated text (zero-shot): {ci(gen_hits, len(seqs))}; generation + fit "
+              f"{gen_s:.1f} s, routing as the token router", flush=True)
         tok_owner = np.array([j for j, n in enumerate(names) for _ in every[n]])
         tok_hits = int((tok_scores.argmin(1) == tok_owner).sum())
         tokens_all = {"correct": tok_hits, "samples": len(tok_owner),
@@ -299,7 +336,8 @@ def eval_stage(args) -> dict:
                      "report_seconds": report_s,
                      "route_samples": ROUTE_SAMPLES, "sample_tokens": SAMPLE_TOKENS,
                      "signature_samples": SIGNATURE_SAMPLES, "probe_samples": PROBE_SAMPLES,
-                     "eval": rep.to_dict(), "zero_shot": zero}
+                     "eval": rep.to_dict(), "zero_shot": zero,
+                     "zero_shot_generated": generated}
         save_json("" if base == "smollm2" else f"_{base}", res[base])
     if len(res) == 2:
         side_by_side(res)
