@@ -32,18 +32,25 @@ _NEG = -1e30
 # fwd+bwd at L=4K, H=8, Hkv=2, D=64/128, among 64..512 x 256..2048): 128 x 512 was
 # fastest -- the (rep*128, 512) score blocks of each KV head stay cache-sized, while
 # blocks much smaller pay MLX's per-op overhead. Working set O(block_q * rep * block_k).
+# Short sequences want smaller blocks (:func:`default_block_sizes`): with one 512-key
+# block, a causal query block computes every masked score of its row; measured (CPU time,
+# compiled fwd+bwd, subnormals flushed) 38 -> 19.5 ms at L=256 with 64 x 64, 47 -> 22-28
+# ms at 512 with 64-128 x 128, 120 -> 88 ms at 1K with 64 x 256 (benchmarks/RESULTS.md).
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
+
+
+def default_block_sizes(length: int) -> tuple[int, int]:
+    """(block_q, block_k) for a sequence of ``length``: 64 x L/4 (at least 64) up to 2K
+    tokens, DEFAULT_BLOCK_Q x DEFAULT_BLOCK_K beyond."""
+    if length > 2048:
+        return DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K
+    return 64, min(DEFAULT_BLOCK_K, max(64, 1 << max(0, (length // 4).bit_length() - 1)))
 
 
 # Elementwise parts: MLX's CPU exp is the dominant cost of attention there, so scores are
 # kept in base 2 (pre-multiplied by log2(e)) and exponentiated with ops.exp2, a
 # vectorised polynomial ~10x faster than MLX's CPU exp (see ops.py).
-
-@mx.compile
-def _mask_scores(s, vis):
-    return mx.where(vis, s, _NEG)
-
 
 @mx.compile
 def _dscores(p, dp, delta):
@@ -71,7 +78,7 @@ def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
         if kind == MASK:
-            s = _mask_scores(s, plan.mask(i, j, rep, seg))
+            s = s + plan.bias(i, j, rep, seg, _NEG)  # hidden scores -> _NEG (exactly)
         m_new = s.max(axis=-1, keepdims=True)  # (B, Hkv, R, 1)
         if m is not None:
             m_new = mx.maximum(m, m_new)
@@ -128,9 +135,9 @@ def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva,
         if dep:
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
-        p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
         if kind == MASK:
-            p = mx.where(plan.mask(i, j, rep, seg), p, 0.0)
+            s = s + plan.bias(i, j, rep, seg, _NEG)  # exp2 of a hidden score is exactly 0
+        p = ops.exp2(s - lse_i)  # P = exp(S - lse), recomputed
         dvj = p.swapaxes(-1, -2) @ doi  # (B, Hkv, C, D)
         dp = doi @ vj.swapaxes(-1, -2)  # (B, Hkv, R, C)
         ds = _dscores(p, dp, delta)
@@ -230,7 +237,7 @@ def _blockwise_fn(scale: float, plan: BlockPlan, seg: mx.array | None):
 def plan_for(q: mx.array, k: mx.array, spec: MaskSpec, segment_ids: mx.array | None,
              block_size: int | tuple[int, int] | None = None) -> BlockPlan:
     """The block plan :func:`blockwise_attention` follows for q (B, H, L, D), k (B, Hkv, L, D)."""
-    bq, bk = _block_sizes(block_size)
+    bq, bk = _block_sizes(block_size, q.shape[2])
     seg, known = host_segments(segment_ids)
     return BlockPlan(spec, q.shape[2], bq, bk, seg, known)
 
@@ -267,7 +274,7 @@ def blockwise_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float |
     tokens, S²-Attn groups with the last ``H - H // 2`` heads shifted by half a group
     (no grouping when ``s2_group >= L``). Key blocks a query block cannot see are never
     computed, forward or backward. ``block_size``: query-block rows (int) or
-    ``(block_q, block_k)``; default ``(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)``.
+    ``(block_q, block_k)``; default :func:`default_block_sizes` of the length.
     """
     scale = check_inputs(q, k, v, scale, window, segment_ids, s2_group)
     halves = s2_halves(s2_group, q.shape[2])
@@ -284,7 +291,7 @@ def computed_pairs(length: int, *, heads: int = 1, causal: bool = True, window: 
     """(query, key) score entries :func:`blockwise_attention` computes for one sequence of
     ``length`` over ``heads`` query heads, skipped blocks excluded: the attention work of
     a mask (the planner's FLOPs). ``segment_ids``: (L,) or (1, L) ids (NumPy or MLX)."""
-    bq, bk = _block_sizes(block_size)
+    bq, bk = _block_sizes(block_size, length)
     seg = None if segment_ids is None else np.asarray(segment_ids).reshape(1, -1).astype(np.int64)
     if seg is not None and seg.shape[1] != length:
         raise ConfigError(f"segment_ids has {seg.shape[1]} positions for a sequence of {length}.")
@@ -296,9 +303,9 @@ def computed_pairs(length: int, *, heads: int = 1, causal: bool = True, window: 
                for h, g in zip(n, halves, strict=True) if h)
 
 
-def _block_sizes(block_size: int | tuple[int, int] | None) -> tuple[int, int]:
+def _block_sizes(block_size: int | tuple[int, int] | None, length: int) -> tuple[int, int]:
     if block_size is None:
-        return DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K
+        return default_block_sizes(length)
     if isinstance(block_size, int):
         bq, bk = block_size, max(block_size, DEFAULT_BLOCK_K)
     else:

@@ -200,6 +200,19 @@ class BlockPlan:
             self._masks[key] = visible(conds, self.spec, qa - ka, qb - ka, 0, kb - ka, rep, None)
         return self._masks[key]
 
+    def bias(self, i: int, j: int, rep: int, segment_ids: mx.array | None, neg: float) -> mx.array:
+        """:meth:`mask` as an additive float32 bias, 0 where visible and ``neg`` where
+        hidden, cached as the mask is. ``s + bias`` is one add, where ``mx.where(mask, s,
+        neg)`` measured ~10x slower on MLX's CPU (its select is not vectorised)."""
+        (qa, qb), (ka, kb) = self.qspans[i], self.kspans[j]
+        conds = self.partial(i, j)
+        if "groups" in conds or "segments" in conds:
+            return mx.where(self.mask(i, j, rep, segment_ids), 0.0, neg).astype(mx.float32)
+        key = (conds, qa - ka, qb - qa, kb - ka, rep, neg)
+        if key not in self._masks:
+            self._masks[key] = mx.where(self.mask(i, j, rep, None), 0.0, neg).astype(mx.float32)
+        return self._masks[key]
+
     def pairs(self) -> int:
         """(query, key) score entries computed per batch row and head: the work the plan leaves."""
         rows = np.array([b - a for a, b in self.qspans])[:, None]
