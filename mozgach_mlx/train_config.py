@@ -46,6 +46,9 @@ class TrainConfig:
     max_steps: int | None = field(default=None, metadata=_help("optimizer steps; overrides --epochs"))
     max_seq_length: int = field(default=2048, metadata=_help("tokens per training sequence"))
     pack: bool = field(default=True, metadata=_help("pack short documents up to max_seq_length"))
+    group_by_length: bool = field(default=False, metadata=_help(
+        "batch sequences of similar length (sorted within windows of 16 batches of the shuffled order) "
+        "and pad to a multiple of 16: less padding, the same sequences per epoch"))
     window_overlap: int = field(default=0, metadata=_help("overlap between windows of long documents"))
     skip_bad_lines: bool = field(default=False, metadata=_help("skip malformed JSONL lines instead of failing"))
     seed: int = field(default=0, metadata=_help("seed for adapter init, shuffling and dropout"))
@@ -121,4 +124,6 @@ class TrainConfig:
         for k in ("progress", "eval_every", "eval_batches", "save_every", "memory_strategy", "tile_chunk",
                   "memory_gb", "compile"):
             d.pop(k, None)
+        if not d["group_by_length"]:  # added later: runs recorded before it keep their fingerprint
+            d.pop("group_by_length")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -197,7 +197,7 @@ def _documents(cfg: TrainConfig) -> bool:
 def _micro_batches(seqs, cfg: TrainConfig, epoch: int, start: int, *, shuffle: bool = True) -> Iterator:
     """(inputs, targets, mask, segment_ids or None) micro-batches of one epoch."""
     it = data_mod.batches(seqs, cfg.batch_size, seed=cfg.seed, epoch=epoch, start=start, shuffle=shuffle,
-                          segments=_documents(cfg))
+                          segments=_documents(cfg), group_by_length=cfg.group_by_length)
     return it if _documents(cfg) else ((*b, None) for b in it)
 
 

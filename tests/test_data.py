@@ -301,6 +301,43 @@ def test_batches_deterministic_and_resumable():
     assert x.shape == (3, 8)
 
 
+def test_group_by_length_pads_less_and_keeps_each_epochs_sequences_and_resume():
+    rng = np.random.default_rng(0)
+    # like the default run's: documents of ~175 +- 15 tokens, and one in 20 a full 257-token window
+    lengths = np.where(rng.random(200) < 0.05, 257, np.clip(rng.normal(175, 15, 200), 130, 256)).astype(int).tolist()
+    seqs = [(np.full(n, i, np.int32), np.ones(n, bool)) for i, n in enumerate(lengths)]  # ids label the sequence
+
+    def run(group, **kw):
+        return list(data.batches(seqs, 4, seed=3, epoch=1, group_by_length=group, **kw))
+
+    plain, grouped = run(False), run(True)
+    assert len(plain) == len(grouped) == 50
+    # the same sequences, whole
+    def rows(batches):
+        return sorted((int(np.array(x)[r, 0]), int(np.array(m)[r].sum())) for x, _, m in batches
+                      for r in range(x.shape[0]))
+
+    assert rows(grouped) == rows(plain) == sorted((i, n - 1) for i, n in enumerate(lengths))
+    # each window of 16 batches of the epoch's permutation, sorted longest first
+    order = data.epoch_order(len(seqs), 3, 1)
+    win = data.batching.GROUP_WINDOW_BATCHES * 4
+    for a in range(0, len(order), win):
+        want = sorted((lengths[i] for i in order[a: a + win]), reverse=True)
+        got = [int(np.array(m)[r].sum()) + 1 for _, _, m in grouped[a // 4: (a + win) // 4]
+               for r in range(m.shape[0])]
+        assert got == want
+    padded = sum(x.size for x, _, _ in grouped)
+    assert all(x.shape[1] % data.batching.GROUP_PAD == 0 for x, _, _ in grouped)
+    real = sum(n - 1 for n in lengths)
+    assert padded - real < 0.5 * (sum(x.size for x, _, _ in plain) - real)  # padding at least halved
+    # resumable: starting at batch k gives exactly batches k, k+1, ...
+    later = run(True, start=17)
+    assert [np.array(x).tolist() for x, _, _ in later] == [np.array(x).tolist() for x, _, _ in grouped[17:]]
+    # evaluation order (shuffle=False) is never regrouped
+    assert [np.array(x).tolist() for x, _, _ in data.batches(seqs, 4, shuffle=False, group_by_length=True)] == \
+        [np.array(x).tolist() for x, _, _ in data.batches(seqs, 4, shuffle=False)]
+
+
 # ---------------------------------------------------------------------------- datasets
 
 def test_load_dataset_dir(tmp_path, caplog):

@@ -16,6 +16,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
+# group_by_length: batches are formed inside windows of this many batches of the epoch's
+# permutation (as Hugging Face's LengthGroupedSampler, "mega-batches"), and padded to a
+# multiple of GROUP_PAD tokens so that a compiled step sees few distinct shapes.
+GROUP_WINDOW_BATCHES = 16
+GROUP_PAD = 16
+
+
+def grouped_order(order: np.ndarray, lengths: Sequence[int], batch_size: int) -> np.ndarray:
+    """``order`` with each window of ``GROUP_WINDOW_BATCHES * batch_size`` sequences sorted
+    by length, longest first (stable): consecutive batches then hold sequences of similar
+    length and pad little. Which sequences an epoch sees is unchanged; the batches of a
+    window are still drawn from the epoch's random permutation."""
+    window = GROUP_WINDOW_BATCHES * batch_size
+    parts = []
+    for a in range(0, len(order), window):
+        w = order[a: a + window]
+        parts.append(w[np.argsort([-lengths[int(i)] for i in w], kind="stable")])
+    return np.concatenate(parts) if parts else order
+
+
 def num_batches(n_seqs: int, batch_size: int, drop_last: bool = False) -> int:
     """Batches in one epoch of ``n_seqs`` sequences (a smaller last batch counts unless ``drop_last``)."""
     return n_seqs // batch_size if drop_last else -(-n_seqs // batch_size)
@@ -41,7 +61,7 @@ def pad_rows(rows: Sequence[np.ndarray], length: int | None = None, *, fill: flo
 
 def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0, *,
             shuffle: bool = True, pad_id: int = 0, drop_last: bool = False,
-            pad_to_multiple: int = 1, segments: bool = False) -> Iterator[tuple]:
+            pad_to_multiple: int = 1, segments: bool = False, group_by_length: bool = False) -> Iterator[tuple]:
     """Yield ``(inputs, targets, mask)`` for one epoch: int32, int32, float32, each (B, L).
 
     ``inputs = ids[:-1]``, ``targets = ids[1:]``, ``mask = mask[1:]`` per sequence, padded
@@ -56,11 +76,17 @@ def batches(seqs, batch_size: int, seed: int = 0, epoch: int = 0, start: int = 0
     segment ids of the inputs (padding continues its row's last segment; causally no real
     token sees it), or None when no row of the batch holds more than one document -- then
     document masking is plain causal attention and costs nothing.
+
+    ``group_by_length`` (with ``shuffle``): :func:`grouped_order` of the permutation, and
+    padding to a multiple of ``GROUP_PAD`` (at least ``pad_to_multiple``).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     n = len(seqs)
     order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
+    if group_by_length and shuffle:
+        order = grouped_order(order, [len(s[0]) for s in seqs], batch_size)
+        pad_to_multiple = max(pad_to_multiple, GROUP_PAD)
     for b in range(max(0, start), num_batches(n, batch_size, drop_last)):
         idx = order[b * batch_size: (b + 1) * batch_size]
         items = [seqs[int(i)] for i in idx]
