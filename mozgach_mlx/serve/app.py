@@ -36,7 +36,7 @@ from .models import Served, Target
 from .protocol import APIError, GenerationRequest
 from .scheduler import Job, Scheduler, Sequence
 
-__all__ = ["build_app"]
+__all__ = ["build_app", "make_job"]
 
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -100,58 +100,62 @@ class _SSE(StreamingResponse):
             self._seq.cancel()
 
 
-def build_app(served: Served, cfg: ServeConfig) -> Starlette:
-    """The ASGI app; its lifespan starts and stops the scheduler thread
-    (``app.state.scheduler``)."""
-    tok_lock = threading.Lock()  # the tokenizer is shared by handlers' threads and the scheduler
-    scheduler = Scheduler(served, cfg, tok_lock)
+def make_job(req: GenerationRequest, target: Target, served: Served, cfg: ServeConfig, tok_lock) -> Job:
+    """Render, tokenize and check one request against the window and the limits."""
     tok = served.bank.tok
-
-    def make_job(req: GenerationRequest, target: Target) -> Job:
-        """Render, tokenize and check one request against the window and the limits."""
-        with tok_lock:
-            if req.kind == "chat":
-                # a base without a chat template of its own (tiny-stdlib) gets the byte
-                # tokenizer's plain one: "<|role|>\ncontent\n" per message, then "<|assistant|>\n"
-                render = tok if tok.has_chat_template else ByteTokenizer()
-                try:
-                    prompt = render.apply_chat_template(req.messages, add_generation_prompt=True)
-                except Exception as e:  # the template is code that may refuse messages (jinja raise_exception)
-                    raise APIError(400, f"the chat template refused these messages ({type(e).__name__}: {e})",
-                                   param="messages") from None
-            else:
-                prompt = req.prompt
-            ids = list(tok.encode(prompt, add_bos=True))
-        bos = getattr(tok, "bos_token_id", None)
-        if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat render may carry BOS already: never two
-            ids = ids[1:]
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        window = served.window
-        if window is not None and len(ids) >= window:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's window is {window}",
-                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
-        if req.max_tokens is not None:
-            if req.max_tokens > cfg.max_tokens:
-                raise APIError(400, f"max_tokens={req.max_tokens} exceeds this server's limit of {cfg.max_tokens}",
-                               param="max_tokens", code="invalid_value")
-            if window is not None and len(ids) + req.max_tokens > window:
-                raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds "
-                                    f"this model's window of {window} tokens", param="max_tokens",
-                               code="context_length_exceeded")
-            max_tokens = req.max_tokens
+    with tok_lock:
+        if req.kind == "chat":
+            # a base without a chat template of its own (tiny-stdlib) gets the byte
+            # tokenizer's plain one: "<|role|>\ncontent\n" per message, then "<|assistant|>\n"
+            render = tok if tok.has_chat_template else ByteTokenizer()
+            try:
+                prompt = render.apply_chat_template(req.messages, add_generation_prompt=True)
+            except Exception as e:  # the template is code that may refuse messages (jinja raise_exception)
+                raise APIError(400, f"the chat template refused these messages ({type(e).__name__}: {e})",
+                               param="messages") from None
         else:
-            max_tokens = COMPLETION_DEFAULT_TOKENS if req.kind == "completion" else cfg.max_tokens
-            if window is not None:
-                max_tokens = min(max_tokens, window - len(ids))
-        route_text = req.prompt if req.kind == "completion" else "\n".join(m["content"] for m in req.messages)
-        return Job(ids=ids, target=target, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                   stop=req.stop, seed=req.seed, route_text=route_text)
+            prompt = req.prompt
+        ids = list(tok.encode(prompt, add_bos=True))
+    bos = getattr(tok, "bos_token_id", None)
+    if len(ids) > 1 and ids[0] == ids[1] == bos:  # a chat render may carry BOS already: never two
+        ids = ids[1:]
+    if not ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    window = served.window
+    if window is not None and len(ids) >= window:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; this model's window is {window}",
+                       param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
+    if req.max_tokens is not None:
+        if req.max_tokens > cfg.max_tokens:
+            raise APIError(400, f"max_tokens={req.max_tokens} exceeds this server's limit of {cfg.max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        if window is not None and len(ids) + req.max_tokens > window:
+            raise APIError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) exceeds "
+                                f"this model's window of {window} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        max_tokens = req.max_tokens
+    else:
+        max_tokens = COMPLETION_DEFAULT_TOKENS if req.kind == "completion" else cfg.max_tokens
+        if window is not None:
+            max_tokens = min(max_tokens, window - len(ids))
+    route_text = req.prompt if req.kind == "completion" else "\n".join(m["content"] for m in req.messages)
+    return Job(ids=ids, target=target, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+               stop=req.stop, seed=req.seed, route_text=route_text)
 
-    async def generate(request: Request, req: GenerationRequest) -> Response:
-        target = served.resolve(req.model, req.adapters)
-        job = await run_in_threadpool(make_job, req, target)
-        seq = scheduler.submit(job, asyncio.get_running_loop())
+
+class _Endpoints:
+    """The request handlers over one served bank and its scheduler."""
+
+    def __init__(self, served: Served, cfg: ServeConfig) -> None:
+        self.served, self.cfg = served, cfg
+        self.tok_lock = threading.Lock()  # the tokenizer is shared by handlers' threads and the scheduler
+        self.scheduler = Scheduler(served, cfg, self.tok_lock)
+        self.created = int(time.time())
+
+    async def generate(self, request: Request, req: GenerationRequest) -> Response:
+        target = self.served.resolve(req.model, req.adapters)
+        job = await run_in_threadpool(make_job, req, target, self.served, self.cfg, self.tok_lock)
+        seq = self.scheduler.submit(job, asyncio.get_running_loop())
         rid = wire.new_id(req.kind)
         if req.stream:
             return _SSE(_events(seq, req, rid), seq)
@@ -170,60 +174,65 @@ def build_app(served: Served, cfg: ServeConfig) -> Starlette:
         build = wire.chat_response if req.kind == "chat" else wire.completion_response
         return JSONResponse(build(rid, meta["model"], _served_fields(meta), text, end["finish_reason"], use))
 
-    async def completions(request: Request) -> Response:
-        return await generate(request, wire.parse_completion(await read_json(request, cfg.max_body_bytes)))
+    async def completions(self, request: Request) -> Response:
+        return await self.generate(request, wire.parse_completion(await read_json(request, self.cfg.max_body_bytes)))
 
-    async def chat(request: Request) -> Response:
-        return await generate(request, wire.parse_chat(await read_json(request, cfg.max_body_bytes)))
+    async def chat(self, request: Request) -> Response:
+        return await self.generate(request, wire.parse_chat(await read_json(request, self.cfg.max_body_bytes)))
 
-    created = int(time.time())
+    def model_card(self, name: str) -> dict:
+        kind = "base" if name == self.served.base_name else "router" if name == "auto" else "adapter"
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "mozgach", "kind": kind}
 
-    def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "mozgach",
-                "kind": "base" if name == served.base_name else "router" if name == "auto" else "adapter"}
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in self.served.ids()]})
 
-    async def list_models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card(n) for n in served.ids()]})
-
-    async def get_model(request: Request) -> Response:
+    async def get_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in served.ids():
+        if name not in self.served.ids():
             raise APIError(404, f"the model {name[:80]!r} does not exist", param="model", code="model_not_found")
-        return JSONResponse(model_card(name))
+        return JSONResponse(self.model_card(name))
 
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", **scheduler.snapshot()})
-
-    async def on_api_error(request: Request, e: APIError) -> Response:
-        return _error(e)
-
-    async def on_http_error(request: Request, e: HTTPException) -> Response:
-        kind = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
-        return _error(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=kind))
-
-    async def on_internal_error(request: Request, e: Exception) -> Response:
-        return _error(APIError(500, f"internal error ({type(e).__name__})", type="server_error",
-                               code="internal_error"))
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", **self.scheduler.snapshot()})
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        scheduler.start()
+    async def lifespan(self, app):
+        self.scheduler.start()
         try:
             yield
         finally:
-            await run_in_threadpool(scheduler.stop)
+            await run_in_threadpool(self.scheduler.stop)
 
-    routes = [Route("/v1/models", list_models, methods=["GET"]),
-              Route("/v1/models/{name:path}", get_model, methods=["GET"]),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/health", health, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={APIError: on_api_error, HTTPException: on_http_error,
-                                        Exception: on_internal_error})
+
+async def _on_api_error(request: Request, e: APIError) -> Response:
+    return _error(e)
+
+
+async def _on_http_error(request: Request, e: HTTPException) -> Response:
+    kind = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
+    return _error(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=kind))
+
+
+async def _on_internal_error(request: Request, e: Exception) -> Response:
+    return _error(APIError(500, f"internal error ({type(e).__name__})", type="server_error", code="internal_error"))
+
+
+def build_app(served: Served, cfg: ServeConfig) -> Starlette:
+    """The ASGI app; its lifespan starts and stops the scheduler thread
+    (``app.state.scheduler``)."""
+    ep = _Endpoints(served, cfg)
+    routes = [Route("/v1/models", ep.list_models, methods=["GET"]),
+              Route("/v1/models/{name:path}", ep.get_model, methods=["GET"]),
+              Route("/v1/completions", ep.completions, methods=["POST"]),
+              Route("/v1/chat/completions", ep.chat, methods=["POST"]),
+              Route("/health", ep.health, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=ep.lifespan,
+                    exception_handlers={APIError: _on_api_error, HTTPException: _on_http_error,
+                                        Exception: _on_internal_error})
     if cfg.api_key is not None:
         app.add_middleware(BearerAuth, key=cfg.api_key)
-    app.state.scheduler = scheduler
+    app.state.scheduler = ep.scheduler
     app.state.served = served
     return app
 
