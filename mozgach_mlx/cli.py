@@ -323,15 +323,17 @@ def export_cmd(out: str, adapter: str | None, to: str, dest: str, quantize: str 
 @click.option("--model", default=None, help=f"base model (default: the run's, else {RunConfig.model})")
 @click.option("--adapter", "adapters", multiple=True, default=None, help="adapter directory to serve (repeatable); its "
               "directory name is its model name")
-@click.option("--api-key", default=None, envvar="MOZGACH_API_KEY", show_envvar=True,
-              help="require 'Authorization: Bearer KEY' on every request")
+@click.option("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request "
+              "(default: $MOZGACH_API_KEY, else none)")
 @_apply(_field_options(ServeConfig, skip=("api_key",)))
 @_debug_option
 def serve_cmd(out, model, adapters, api_key, **opts: Any) -> None:
     """OpenAI-compatible HTTP server: the base, every adapter, 'auto' (routed) and mixes as models."""
     from .serve import serve
+    from .settings import api_key as env_api_key
 
-    cfg = ServeConfig(**{k: v for k, v in opts.items() if v is not None}, api_key=api_key)
+    cfg = ServeConfig(**{k: v for k, v in opts.items() if v is not None},
+                      api_key=api_key if api_key is not None else env_api_key())
     sys.exit(serve(cfg, out=out, model=model, adapters=list(adapters or ())))
 
 

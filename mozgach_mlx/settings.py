@@ -18,6 +18,7 @@ MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           au
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
 MOZGACH_QMATMUL                  ``auto|dequant|quantized``                  auto
 MOZGACH_FLUSH_DENORMALS          ``0|1``                                     1
+MOZGACH_API_KEY                  the key ``mozgach serve`` requires          none
 ===============================  ==========================================  ============
 """
 
@@ -45,6 +46,8 @@ VARIABLES = {
     "MOZGACH_FLUSH_DENORMALS": ("`0`, `1`", "1",
                                 "`0` keeps subnormal floats on MLX's CPU threads (x86-64 Linux: 20-100x "
                                 "slower arithmetic on them; see `mozgach_mlx/fpenv.py`)"),
+    "MOZGACH_API_KEY": ("any non-empty string", "none",
+                        "`mozgach serve` requires `Authorization: Bearer <key>` (as `--api-key`, which wins)"),
 }
 
 
@@ -121,6 +124,11 @@ def quiet_transformers() -> None:
     every start; we never need PyTorch. Sets TRANSFORMERS_NO_ADVISORY_WARNINGS=1 unless the
     user set it (a transformers variable, not ours: not in the table)."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def api_key() -> str | None:
+    """``MOZGACH_API_KEY``: the key ``mozgach serve`` requires (None when unset or blank)."""
+    return _get("MOZGACH_API_KEY") or None
 
 
 def readme_table() -> str:
