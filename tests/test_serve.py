@@ -10,6 +10,7 @@ server for still answering afterwards. Signals are checked on a ``mozgach serve`
 subprocess.
 """
 
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -38,7 +39,9 @@ from mozgach_mlx.errors import ConfigError  # noqa: E402
 from mozgach_mlx.serve import ServeConfig  # noqa: E402
 from mozgach_mlx.serve.app import build_app  # noqa: E402
 from mozgach_mlx.serve.engine import SlotCache, decode_step, prefill  # noqa: E402
-from mozgach_mlx.serve.models import load_served  # noqa: E402
+from mozgach_mlx.serve.models import Target, load_served  # noqa: E402
+from mozgach_mlx.serve.protocol import APIError  # noqa: E402
+from mozgach_mlx.serve.scheduler import Job, Scheduler  # noqa: E402
 
 KEY = "test-key"
 TOKENS = 24
@@ -210,6 +213,17 @@ def test_engine_decodes_rows_at_different_positions_exactly(adapter_dirs):
         assert cache.live == 0 and cache.nbytes == 0
 
 
+def test_slot_cache_gives_back_what_only_a_finished_sequence_needed():
+    cache = SlotCache(1)
+    kv = lambda L: [(mx.ones((1, 2, L, 4)), mx.ones((1, 2, L, 4)))]
+    cache.add(kv(1000), [1000])
+    cache.add(kv(10), [10])
+    assert cache.keys[0].shape[2] == 1024 and cache.live == 2
+    assert cache.remove(0) == 1  # the short one moves into slot 0
+    assert cache.lengths == [10] and cache.keys[0].shape[2] == SlotCache.step
+    np.testing.assert_array_equal(np.array(cache.keys[0][0, :, :10]), 1)
+
+
 def test_chat_completion_uses_the_chat_template(client, adapter_dirs):
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
     r = client.chat.completions.create(model="b", messages=msgs, max_tokens=TOKENS, temperature=0)
@@ -350,6 +364,24 @@ def test_api_key_is_required(server, client):
     assert resp.status == 401 and json.loads(resp.read())["error"]["type"] == "authentication_error"
     conn.close()
     assert_up(client)
+
+
+def test_a_full_queue_is_a_429(server):
+    sched = Scheduler(server["served"], ServeConfig(max_queue=2))  # never started: requests only queue
+    job = Job(ids=[1, 2], target=Target(None, "tiny"), max_tokens=4)
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(2):
+            sched.submit(job, loop)
+        with pytest.raises(APIError) as e:
+            sched.submit(job, loop)
+        assert e.value.status == 429 and e.value.body()["error"]["code"] == "queue_full"
+        sched.stop()
+        with pytest.raises(APIError) as e:
+            sched.submit(job, loop)
+        assert e.value.status == 503
+    finally:
+        loop.close()
 
 
 def test_unknown_routes_and_methods_are_openai_errors(server):

@@ -27,7 +27,8 @@ __all__ = ["SlotCache", "decode_step", "prefill"]
 
 class SlotCache:
     """Keys and values of up to S sequences, per layer ``(S, Hkv, T, D)``; capacity grows in
-    steps of ``rows_step`` slots and ``step`` positions and is released when empty.
+    steps of ``rows_step`` slots and ``step`` positions, shrinks to the longest live
+    sequence once that is less than half of it, and is released when empty.
 
     ``lengths[i]`` is how many positions slot i holds (its next token's position)."""
 
@@ -105,6 +106,11 @@ class SlotCache:
         if not self.lengths:
             self.keys = [None] * self.n_layers
             self.values = [None] * self.n_layers
+        elif self.keys[0].shape[2] > 2 * self.step and 2 * (max(self.lengths) + 1) < self.keys[0].shape[2]:
+            # the longest sequence left: give back what no live one needs any more
+            t = -(-(max(self.lengths) + 1) // self.step) * self.step
+            self.keys = [k[:, :, :t] for k in self.keys]
+            self.values = [v[:, :, :t] for v in self.values]
         return moved
 
     def state(self) -> list[mx.array]:
