@@ -86,12 +86,16 @@ class MemoryStrategy:
     """How a training step trades compute and disk for memory (all off = the default step).
 
     Attributes:
+        plain: the plain step: no block checkpointing and the MLP whole (every block's
+            activations kept for the backward pass; the fastest step, the most memory).
+            Excludes the other fields.
         tile_chunk: tiled block recompute with chunks of this many positions (None = off).
         offload: keep block inputs in a memory-mapped file instead of memory.
         checkpoint_every: store only every k-th block input (1 = every block).
         checkpoint_dtype: store block inputs in this dtype (None = the compute dtype).
     """
 
+    plain: bool = False
     tile_chunk: int | None = None
     offload: bool = False
     checkpoint_every: int = 1
@@ -104,6 +108,9 @@ class MemoryStrategy:
                               "of positions or None")
         if self.checkpoint_every < 1:
             raise ConfigError(f"MemoryStrategy.checkpoint_every={self.checkpoint_every} is invalid: use >= 1")
+        if self.plain and (self.tile_chunk or self.offload or self.checkpoint_every > 1 or self.checkpoint_dtype):
+            raise ConfigError("MemoryStrategy.plain keeps every activation: it does not combine with tile_chunk, "
+                              "offload, checkpoint_every or checkpoint_dtype")
         if self.checkpoint_dtype is not None and self.checkpoint_dtype not in CHECKPOINT_DTYPES:
             raise ConfigError(f"MemoryStrategy.checkpoint_dtype={self.checkpoint_dtype!r} is invalid: use one of "
                               f"{', '.join(CHECKPOINT_DTYPES)} or None")
@@ -112,7 +119,15 @@ class MemoryStrategy:
     def is_default(self) -> bool:
         return self == MemoryStrategy()
 
+    @property
+    def runs_model_step(self) -> bool:
+        """The model's own value-and-grad runs it (the default step or the plain step),
+        not the block-by-block engine of this module."""
+        return self.is_default or self.plain
+
     def describe(self) -> str:
+        if self.plain:
+            return "plain step (no checkpointing, the MLP whole)"
         parts = []
         if self.tile_chunk:
             parts.append(f"tiled recompute (chunk {self.tile_chunk:,})")

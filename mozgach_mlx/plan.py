@@ -31,6 +31,12 @@ step's mask (``attention.computed_pairs``): about L^2 / 2 for causal attention, 
 fewer with packed documents, a sliding window or S²-Attn (``plan(..., attention=)``).
 It is an estimate; benchmarks/bench_train.py measures.
 
+The plain step (``strategy="plain"``, what ``auto`` runs when it fits) keeps every
+block's activations instead of recomputing them: its "checkpoints" are PLAIN_D_WIDTHS
+(B, L, d) and PLAIN_INTER_WIDTHS (B, L, intermediate) arrays per block (plus, on the
+CPU with a quantized base, every layer's dequantized weights), its MLP runs whole, and
+its time drops the recomputed forward (6 N flops per token, 14 D per pair).
+
 Memory strategies (:mod:`mozgach_mlx.memory`, ``plan(..., strategy=)``), term by term:
 
     tile_chunk c       block (the attention phase): TILE_D_WIDTHS (B, L, d) arrays (the
@@ -101,8 +107,18 @@ TILE_MLP_WIDTHS = 10.0  # one chunk's MLP working set in the tiled phase B (a pl
 DEFAULT_TILE_CHUNK = 4096
 # strategy="auto" tries these in order of increasing cost, with the tile chunk
 # min(DEFAULT_TILE_CHUNK, context); the fastest that fits wins.
-AUTO_CANDIDATES = ({}, {"tile": True}, {"tile": True, "checkpoint_every": 2}, {"tile": True, "offload": True},
-                   {"offload": True})
+AUTO_CANDIDATES = ({"plain": True}, {}, {"tile": True}, {"tile": True, "checkpoint_every": 2},
+                   {"tile": True, "offload": True}, {"offload": True})
+# The plain step keeps every block's activations for the backward pass, in units of
+# B*L*d and B*L*intermediate per block, plus (CPU, quantized base) every layer's
+# dequantized fp32 weights. Fitted on the CPU against measured peaks, erring high
+# (measured -> estimate): tiny-stdlib B=4: L=256 190 -> 262 MiB, 1K 708 -> 1024, 2K
+# 1360 -> 1468; SmolLM2-135M B=1 L=512 1775 -> 1930 MiB. auto runs it only when it fits.
+PLAIN_D_WIDTHS = 10.0
+PLAIN_INTER_WIDTHS = 4.0
+# auto without memory_gb: the plain step must fit this share of the machine's memory
+# (:func:`machine_memory_bytes`); otherwise the default step runs, as before any budget.
+PLAIN_MACHINE_SHARE = 0.5
 
 # Sustained training throughput by backend (GFLOP/s), used when none is given:
 # conservative figures, override with a measured one.
@@ -262,9 +278,12 @@ class _Shapes:
 
 
 def _components(s: _Shapes, n: int, B: int, act: int, weights: int, lora_n: int, mlp_chunk: int | None,
-                loss_chunk: int, st: MemoryStrategy | None = None) -> dict[str, int]:
-    """Bytes per component of the peak at context ``n`` (see the module docstring)."""
+                loss_chunk: int, st: MemoryStrategy | None = None, dequant_bytes: int = 0) -> dict[str, int]:
+    """Bytes per component of the peak at context ``n`` (see the module docstring).
+    ``dequant_bytes``: every layer's dequantized weights (the plain step keeps them)."""
     st = st or MemoryStrategy()
+    if st.plain:  # every block's activations are "checkpoints"; its MLP runs whole
+        mlp_chunk = None
     chunk, lchunk = min(n, mlp_chunk or n), min(n, loss_chunk)
     width = max(s.d, s.heads * s.head_dim)
     lse = 2 * B * s.heads * n * 4
@@ -275,6 +294,9 @@ def _components(s: _Shapes, n: int, B: int, act: int, weights: int, lora_n: int,
     k = st.checkpoint_every
     stored = 0 if st.offload else -(-s.n_layers // k)
     checkpoints = stored * B * n * s.d * ck_act + (k - 1) * B * n * s.d * act
+    if st.plain:
+        checkpoints = int(s.n_layers * (PLAIN_D_WIDTHS * s.d + PLAIN_INTER_WIDTHS * s.inter) * B * n * act) \
+            + dequant_bytes
     if st.tile_chunk:
         c = min(n, st.tile_chunk)
         block = int((TILE_D_WIDTHS * s.d + TILE_ATTN_WIDTHS * s.qkv_width) * B * n * act + lse)
@@ -283,7 +305,7 @@ def _components(s: _Shapes, n: int, B: int, act: int, weights: int, lora_n: int,
             (BLOCK_WIDTHS * width + TILE_MLP_WIDTHS * s.inter) * B * c * act
         mlp = int(max(0, phase_b - block))
     else:
-        widths = BLOCK_WIDTHS if st.is_default else ENGINE_BLOCK_WIDTHS
+        widths = BLOCK_WIDTHS if st.runs_model_step else ENGINE_BLOCK_WIDTHS
         block = int(widths * B * n * width * act + lse)
         mlp = int(MLP_WIDTHS * B * chunk * s.inter * act)
     return {"weights": weights, "adapter": lora_n * 4 * 5, "checkpoints": checkpoints, "block": block,
@@ -301,6 +323,30 @@ def peak_of(components: dict[str, int]) -> int:
 STRATEGY_WORDS = ("tile", "offload")
 
 
+def machine_memory_bytes() -> int | None:
+    """What the current backend can hold: Metal's recommended working set, else the RAM
+    available now (Linux ``MemAvailable``) or in all; None if unknown."""
+    import mlx.core as mx
+
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except (AttributeError, KeyError, RuntimeError):
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -> MemoryStrategy | None:
     """A MemoryStrategy from ``strategy``: None/"none" (the default step), "auto" (-> None,
     chosen by the planner), "tile", "offload" or "tile+offload" (tiles of ``tile_chunk``,
@@ -309,10 +355,12 @@ def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -
         return MemoryStrategy()
     if strategy == "auto":
         return None
+    if strategy == "plain":
+        return MemoryStrategy(plain=True)
     if isinstance(strategy, str):
         words = set(strategy.split("+"))
         if not words <= set(STRATEGY_WORDS):
-            raise ConfigError(f"memory strategy {strategy!r}: use auto, none, tile, offload or tile+offload")
+            raise ConfigError(f"memory strategy {strategy!r}: use auto, plain, none, tile, offload or tile+offload")
         return MemoryStrategy(tile_chunk=min(tile_chunk or DEFAULT_TILE_CHUNK, context) if "tile" in words else None,
                               offload="offload" in words)
     if isinstance(strategy, MemoryStrategy):
@@ -323,14 +371,18 @@ def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -
         if bad:
             raise ConfigError(f"plan(): unknown strategy key(s) {bad}; use {sorted(names)}")
         return MemoryStrategy(**strategy)
-    raise ConfigError(f"plan(): strategy={strategy!r}; use 'auto', 'none', a MemoryStrategy or a dict of its fields")
+    raise ConfigError(f"plan(): strategy={strategy!r}; use 'auto', 'plain', 'none', a MemoryStrategy or a dict of "
+                      "its fields")
 
 
-def auto_candidates(context: int, tile_chunk: int | None = None) -> list[MemoryStrategy]:
-    """The strategies ``strategy="auto"`` tries, cheapest first (:data:`AUTO_CANDIDATES`)."""
+def auto_candidates(context: int, tile_chunk: int | None = None, plain: bool = True) -> list[MemoryStrategy]:
+    """The strategies ``strategy="auto"`` tries, cheapest first (:data:`AUTO_CANDIDATES`;
+    ``plain=False`` leaves the plain step out)."""
     c = min(tile_chunk or DEFAULT_TILE_CHUNK, context)
     out = []
     for cand in AUTO_CANDIDATES:
+        if cand.get("plain") and not plain:
+            continue
         kw = {k: v for k, v in cand.items() if k != "tile"}
         out.append(MemoryStrategy(tile_chunk=c if cand.get("tile") else None, **kw))
     return out
@@ -400,7 +452,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
          strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
-         tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe") -> Plan:
+         tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True) -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -424,8 +476,13 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
             ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
             combination; default plain causal attention.
         strategy: the memory strategy (:class:`~mozgach_mlx.memory.MemoryStrategy` or a
-            dict of its fields), ``"none"`` (the default step) or ``"auto"`` (the
-            fastest of :func:`auto_candidates` that fits the budget; no budget: none).
+            dict of its fields), ``"plain"`` (no checkpointing), ``"none"`` (the default
+            step: per-block checkpointing) or ``"auto"`` (the fastest of
+            :func:`auto_candidates` that fits the budget; without a budget, the plain
+            step if it fits PLAIN_MACHINE_SHARE of :func:`machine_memory_bytes`, else
+            the default step).
+        plain: whether ``auto`` may pick the plain step (the trainer passes False when
+            ``TrainConfig.grad_checkpoint`` is True).
         device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
         tile_chunk: the tile chunk of ``auto`` / ``"tile"`` (default DEFAULT_TILE_CHUNK).
         ranks, link: also plan ``ranks`` processes over ``link``: :mod:`mozgach_mlx.plan_scale`.
@@ -446,8 +503,10 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     disk = dv.disk_gbs if dv is not None and dv.disk_gbs else DEFAULT_DISK_GBS
     pairs, attention_note = _attention_pairs(attention, L, s.heads)
 
+    dequant = s.linear_params * 4 if backend == "cpu" and quantize else 0
+
     def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
-        return peak_of(_components(s, n, B, act, weights, lora, mlp_chunk, loss_chunk, st))
+        return peak_of(_components(s, n, B, act, weights, lora, mlp_chunk, loss_chunk, st, dequant))
 
     def cost(st: MemoryStrategy) -> tuple[float, float]:
         flops = _step_flops(s, B, L, pairs, st)
@@ -455,11 +514,16 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         return flops, flops / (g * 1e9) + io
 
     budget = _budget(dv, memory_gb)
-    candidates = auto_candidates(L, tile_chunk)
+    candidates = auto_candidates(L, tile_chunk, plain)
+    if chosen is None and budget is None:  # auto without a budget: plain if it surely fits here, else default
+        machine = machine_memory_bytes()
+        plain_st = MemoryStrategy(plain=True)
+        fits_here = plain and machine is not None and total_at(plain_st, L) <= PLAIN_MACHINE_SHARE * machine
+        chosen = plain_st if fits_here else MemoryStrategy()
     if chosen is None:  # auto: the fastest candidate that fits
-        fitting = [c for c in candidates if budget is None or total_at(c, L) <= budget]
+        fitting = [c for c in candidates if total_at(c, L) <= budget]
         chosen = min(fitting, key=lambda c: cost(c)[1]) if fitting else min(candidates, key=lambda c: total_at(c, L))
-    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk, chosen)
+    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk, chosen, dequant)
     flops, seconds = cost(chosen)
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
     scale = scale_out(flops / (g * 1e9), lora_n, ranks, link) if ranks > 1 else None
@@ -522,6 +586,9 @@ def _step_flops(s: _Shapes, B: int, L: int, pairs: int, st: MemoryStrategy) -> f
     if k > 1:
         per_pair += 4.0 * (k - 1) / k
         linear += 2.0 * s.linear_params * (k - 1) / k
+    if st.plain:  # no recomputed forward of the blocks
+        per_pair -= 4.0
+        linear -= 2.0 * s.linear_params
     return linear * B * L + per_pair * s.n_layers * B * s.head_dim * pairs
 
 

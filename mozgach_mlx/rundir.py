@@ -129,14 +129,13 @@ def parse_quantize(value: Any) -> int | None:
 DEFAULT_RUN_TRAIN = {
     "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 64, "grad_accumulation": 2,
     "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "save_every": 32,
-    "grad_checkpoint": False, "group_by_length": True,
+    "group_by_length": True,
 }
 DEFAULT_RUN_LORA: dict[str, Any] = {"dropout": 0.0, "targets": ("all-linear",)}
 # `--model tiny` (random base, byte tokenizer) on the synthetic 108-domain corpus.
 SYNTHETIC_RUN_TRAIN = {
     "learning_rate": 2e-3, "warmup_steps": 3, "max_steps": 16, "grad_accumulation": 1,
     "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
-    "grad_checkpoint": False,
 }
 SYNTHETIC_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
 

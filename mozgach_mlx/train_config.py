@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .lora import LoRAConfig
 from .typecheck import check_fields
 
-MEMORY_STRATEGIES = ("auto", "none", "tile", "offload", "tile+offload")
+MEMORY_STRATEGIES = ("auto", "plain", "none", "tile", "offload", "tile+offload")
 
 
 def _help(text: str, **kw) -> dict:
@@ -55,7 +55,9 @@ class TrainConfig:
     eval_every: int = field(default=200, metadata=_help("validate every N optimizer steps (0 = only at end)"))
     eval_batches: int | None = field(default=None, metadata=_help("validation batches (None = all)"))
     save_every: int = field(default=100, metadata=_help("checkpoint every N optimizer steps (0 = only at end)"))
-    grad_checkpoint: bool = field(default=True, metadata=_help("recompute each block in the backward pass"))
+    grad_checkpoint: bool | None = field(default=None, metadata=_help(
+        "recompute each block in the backward pass: None = auto (memory_strategy auto runs the plain step, "
+        "without, when it fits); True = always; False = never"))
     mlp_chunk: int | None = field(default=4096, metadata=_help(
         "evaluate the MLP in chunks of N positions (None = the whole sequence at once)"))
     loss_chunk: int | None = field(default=None, metadata=_help(
@@ -68,7 +70,8 @@ class TrainConfig:
         "S2-Attn (LongLoRA) group in training: tokens, or a fraction of the sequence such as 0.25 (None = off)"))
 
     memory_strategy: str = field(default="auto", metadata=_help(
-        "memory strategy: auto (the planner's fastest that fits memory_gb) | none | tile | offload | tile+offload"))
+        "memory strategy: auto (the planner's fastest that fits memory_gb, else this machine's memory) | plain "
+        "(no checkpointing, the MLP whole) | none (per-block checkpointing) | tile | offload | tile+offload"))
     tile_chunk: int | None = field(default=None, metadata=_help(
         "positions per chunk of the tiled block recompute (default 4096)"))
     memory_gb: float | None = field(default=None, metadata=_help(
@@ -126,4 +129,6 @@ class TrainConfig:
             d.pop(k, None)
         if not d["group_by_length"]:  # added later: runs recorded before it keep their fingerprint
             d.pop("group_by_length")
+        if d["grad_checkpoint"] is None:  # auto, the default since it replaced True: old runs keep theirs
+            d["grad_checkpoint"] = True
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -4,9 +4,13 @@ validation, atomic checkpoints and exact resume.
 The trainer is a function with injected parts (``loss_fn``, ``callback``), configured by
 one dataclass whose field metadata is the CLI help (see cli.py).
 
-Memory: the model runs with per-block gradient checkpointing (``model.grad_checkpoint``),
+Memory: ``memory_strategy="auto"`` (the default) runs the plain step (every activation
+kept, no recompute) when the planner says it fits (``memory_gb``, else half this
+machine's memory); otherwise per-block gradient checkpointing (``model.grad_checkpoint``),
 the MLP in chunks along the sequence (``model.mlp_chunk``) and a chunked loss that never
-builds (L, vocab) logits, so a step's peak memory grows linearly in the sequence length.
+builds (L, vocab) logits, so a step's peak memory grows linearly in the sequence length,
+or a costlier strategy of :mod:`.memory`. The choice is ``TrainResult.memory_strategy``
+(and the fleet's manifest).
 
 Attention: packed documents attend only within themselves (``attention_mask="document"``,
 the batches' segment ids; evaluation too, so the valid loss is each document's own);
@@ -123,7 +127,7 @@ def memory_plan(model, cfg: TrainConfig, *, quantize: int | None = None):
     return plan(model, cfg.max_seq_length, batch_size=cfg.batch_size, lora_rank=cfg.lora.r,
                 lora_targets=tuple(t for t in cfg.lora.targets if t.endswith("_proj")), mlp_chunk=cfg.mlp_chunk,
                 loss_chunk=cfg.loss_chunk, memory_gb=cfg.memory_gb, strategy=cfg.memory_strategy,
-                tile_chunk=cfg.tile_chunk, attention=attention or None, **kw)
+                tile_chunk=cfg.tile_chunk, attention=attention or None, plain=cfg.grad_checkpoint is not True, **kw)
 
 
 def check_memory(p) -> None:
@@ -358,7 +362,7 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     mplan = memory_plan(model, cfg)
     check_memory(mplan)  # before any data is read
     strategy = memory.MemoryStrategy(**mplan.strategy)
-    if not strategy.is_default and loss_fn is not default_loss:
+    if not strategy.runs_model_step and loss_fn is not default_loss:
         raise ConfigError(f"memory strategy {strategy.describe()} runs the default loss only; pass "
                           "memory_strategy='none' with a custom loss_fn")
     if main:
@@ -369,7 +373,8 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         _check_group(model, train, valid, cfg, group)
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
-    with _model_settings(model, grad_checkpoint=cfg.grad_checkpoint, mlp_chunk=cfg.mlp_chunk,
+    plain = strategy.plain or cfg.grad_checkpoint is False
+    with _model_settings(model, grad_checkpoint=not plain, mlp_chunk=None if strategy.plain else cfg.mlp_chunk,
                          s2_group=cfg.s2_attn_group):
         lora.ensure(model, cfg.lora)
         lora.reset(model, seed=cfg.seed)
@@ -501,7 +506,7 @@ def _grad_fn(model, loss_fn: Callable, cfg: TrainConfig, strategy: memory.Memory
     The default step is compiled with ``cfg.compile`` on one process with the built-in
     loss: a user's ``loss_fn`` may have Python side effects that a traced graph would run
     only once, and the data-parallel step's collectives stay outside a trace."""
-    if strategy.is_default:
+    if strategy.runs_model_step:
         vg = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
         return compiled(model, vg) if cfg.compile and group is None and loss_fn is default_loss else vg
     if offload.exists():

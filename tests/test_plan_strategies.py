@@ -6,6 +6,7 @@ losses with a strategy equal the default step's (memory.py is exact)."""
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -228,3 +229,79 @@ def test_planner_within_10_percent_of_fresh_measurements(tmp_path):
     for line in out.read_text().splitlines():
         r = json.loads(line)
         assert 0.9 <= b.estimate(r) / r["peak_bytes"] <= 1.1, r
+
+
+# ------------------------------------------------------------ the plain step and auto
+
+
+def _plain_peak(model, L: int, B: int = 4) -> int:
+    """Measured peak of the trainer's plain step (compiled, as train_adapter runs it)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mozgach_mlx import trainer
+
+    model.grad_checkpoint, model.mlp_chunk = False, None
+    cfg = TrainConfig(batch_size=B, max_seq_length=L)
+    vg = trainer.compiled(model, nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg)))
+    x = mx.random.randint(0, model.args.vocab_size, (B, L), key=mx.random.key(0))
+    m = mx.ones((B, L))
+    mx.eval(vg(x, x, m))
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(vg(x, x, m))
+    return mx.get_peak_memory()
+
+
+def test_plain_step_estimate_errs_high_and_tracks_its_growth():
+    model, _ = mz.load("tiny-stdlib", quantize=4)
+    lora.apply(model, lora.LoRAConfig(r=16, dropout=0.0, targets=("all-linear",)))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    est, got = [], []
+    for L in (256, 1024):
+        est.append(mz.plan(model, L, batch_size=4, strategy="plain", lora_targets=targets, backend="cpu").total_bytes)
+        got.append(_plain_peak(model, L))
+    for e, p in zip(est, got, strict=True):
+        assert 1.0 <= e / p < 1.7, (e, p)  # auto must not pick a step that does not fit: the estimate errs high
+    assert 0.8 < (est[1] - est[0]) / (got[1] - got[0]) < 1.8
+    # the plain step keeps more than the checkpointed one and skips its recomputed forward
+    dflt = mz.plan(model, 1024, batch_size=4, strategy="none", lora_targets=targets, backend="cpu")
+    plain = mz.plan(model, 1024, batch_size=4, strategy="plain", lora_targets=targets, backend="cpu")
+    assert plain.total_bytes > dflt.total_bytes and plain.flops_per_step < dflt.flops_per_step
+    assert plain.strategy == {"plain": True} and "plain step" in MemoryStrategy(plain=True).describe()
+
+
+def test_auto_runs_the_plain_step_when_it_fits_else_the_cheapest_that_does(monkeypatch):
+    kw = dict(batch_size=4, backend="cpu")
+    plain = mz.plan("tiny-stdlib", 2048, strategy="plain", **kw).total_bytes
+    dflt = mz.plan("tiny-stdlib", 2048, strategy="none", **kw).total_bytes
+    assert dflt < plain
+    assert mz.plan("tiny-stdlib", 2048, memory_gb=2 * plain / GiB, **kw).strategy == {"plain": True}
+    between = (plain + dflt) / 2 / GiB
+    assert mz.plan("tiny-stdlib", 2048, memory_gb=between, **kw).strategy == {}  # checkpointing fits, plain not
+    assert mz.plan("tiny-stdlib", 2048, memory_gb=4 * plain / GiB, plain=False, **kw).strategy == {}
+    # no budget: the plain step if it fits half of this machine's memory, else the default step as before
+    module = sys.modules["mozgach_mlx.plan"]
+    monkeypatch.setattr(module, "machine_memory_bytes", lambda: 4 * plain)
+    assert mz.plan("tiny-stdlib", 2048, **kw).strategy == {"plain": True}
+    monkeypatch.setattr(module, "machine_memory_bytes", lambda: plain)
+    assert mz.plan("tiny-stdlib", 2048, **kw).strategy == {}
+    with pytest.raises(ConfigError, match="plain keeps every activation"):
+        MemoryStrategy(plain=True, offload=True)
+
+
+def test_trainer_default_is_auto_plain_records_it_and_equals_the_checkpointed_step(tmp_path):
+    def run(name, **kw):
+        model, tok = mz.load("tiny")
+        cfg = TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=3, grad_accumulation=2, batch_size=2,
+                          max_seq_length=64, eval_every=0, save_every=0, progress=False,
+                          lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0), **kw)
+        return train_adapter(model, tok, _task(tok), cfg, tmp_path / name)
+
+    auto, ckpt = run("auto"), run("ckpt", grad_checkpoint=True)
+    assert auto.memory_strategy == MemoryStrategy(plain=True).to_dict()  # TrainConfig's defaults: auto -> plain
+    assert ckpt.memory_strategy == MemoryStrategy().to_dict()  # checkpointing asked for by hand: never plain
+    np.testing.assert_allclose(auto.losses, ckpt.losses, rtol=1e-5)
+    assert json.loads((tmp_path / "auto" / "result.json").read_text())["memory_strategy"]["plain"] is True
+    assert TrainConfig().fingerprint() == TrainConfig(grad_checkpoint=True).fingerprint()  # old runs resume

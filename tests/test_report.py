@@ -130,12 +130,15 @@ def test_memory_plan_curve_is_the_planners(run):
     out, _ = run
     curve = collect(out).plan
     model, _ = mz.load("tiny", quantize=4)
+    # the strategy the run's steps ran with (auto chose the plain step for this small run), at every context
+    ran = {r["memory_strategy"]["plain"] for r in json.loads((out / "manifest.json").read_text())["adapters"].values()}
+    assert ran == {True}
+    kw = dict(batch_size=2, lora_rank=4, quantize=4, strategy="plain")
     for i in (0, len(curve.contexts) // 2, len(curve.contexts) - 1):
-        p = mz.plan("tiny", context=int(curve.contexts[i]), batch_size=2, lora_rank=4, quantize=4)
+        p = mz.plan("tiny", context=int(curve.contexts[i]), **kw)
         assert curve.total_gib[i] == pytest.approx(p.total_bytes / GiB, rel=1e-9)
     assert curve.limit_gib == pytest.approx(mx.get_memory_limit() / GiB)
-    assert curve.max_context == mz.plan("tiny", batch_size=2, lora_rank=4, quantize=4,
-                                        memory_gb=curve.limit_gib).max_context
+    assert curve.max_context == mz.plan("tiny", memory_gb=curve.limit_gib, **kw).max_context
     assert curve.contexts[-1] > curve.max_context and curve.run_context == 64
     ax = make_figures(collect(out))["memory_plan.png"].axes[0]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), curve.total_gib)

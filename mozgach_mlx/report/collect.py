@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, MozgachError
 from ..evaluate import REPORT_FILE as EVAL_FILE
+from ..memory import MemoryStrategy
 from ..plan import GiB, plan
 from ..rundir import Manifest, parse_quantize, read_manifest
 
@@ -202,6 +203,11 @@ def plan_curve(manifest: Manifest, adapters: list[AdapterCurves], n_points: int 
         kw["quantize"] = quant.get("bits")
     elif manifest.run is not None:
         kw["quantize"] = parse_quantize(manifest.run.quantize)
+    # the strategy the run's steps ran with (auto may have picked the plain step), for every context
+    ran = [r.memory_strategy for r in manifest.adapters.values() if getattr(r, "memory_strategy", None)]
+    ran_st = MemoryStrategy(**{k: v for k, v in ran[0].items() if k in MemoryStrategy.__dataclass_fields__}) \
+        if ran else MemoryStrategy()
+    kw["strategy"] = ran_st
     limit, label = device_memory_limit()
     at_limit = plan(model, context=4096, memory_gb=limit, **kw)
     run_ctx = train.get("max_seq_length")
@@ -216,8 +222,8 @@ def plan_curve(manifest: Manifest, adapters: list[AdapterCurves], n_points: int 
         components_gib={k: np.array([p.components[k] / GiB for p in plans]) for k in names},
         limit_gib=limit, limit_label=label, max_context=at_limit.max_context, run_context=run_ctx,
         measured_peak_gib=max(peaks) * 1e9 / GiB if peaks else None,
-        notes=([] if train.get("grad_checkpoint", True) else
-               ["the planner assumes gradient checkpointing; this run trained without it"]))
+        notes=(["the planner assumes gradient checkpointing; this run trained without it"]
+               if train.get("grad_checkpoint") is False and ran_st.is_default else []))
 
 
 def collect(out: str | Path) -> RunData:
