@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import os
 import sys
 import warnings
 from functools import lru_cache
@@ -97,7 +98,7 @@ def load_fast_blas() -> str | None:
         warnings.warn(f"mozgach_mlx: MLX keeps its slow bundled BLAS: {_blas_reason}", stacklevel=3)
         return None
     try:
-        threads = settings.blas_threads() or 1
+        threads = settings.blas_threads() or auto_blas_threads()
     except ConfigError as e:  # a bad value must not break `import mozgach_mlx`
         warnings.warn(f"mozgach_mlx: {e} Using 1.", stacklevel=3)
         threads = 1
@@ -124,6 +125,25 @@ def blas_binding() -> blasbind.Binding | None:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _malloc_tuned = False
+
+
+# MOZGACH_BLAS_THREADS=auto: 2 threads only when the machine is idle at import. On a loaded
+# machine 2-thread OpenBLAS GEMMs were erratic here (a waiting caller whose worker thread
+# the scheduler does not run; README "Backends"); on an idle one they pay (RESULTS.md).
+AUTO_BLAS_MAX_THREADS = 2
+AUTO_BLAS_IDLE_LOAD = 0.5  # 1-minute load average per spare core below which the machine counts as idle
+
+
+def auto_blas_threads(cores: int | None = None, load: float | None = None) -> int:
+    """Threads for the bound OpenBLAS: min(AUTO_BLAS_MAX_THREADS, this process's cores) when
+    the 1-minute load average leaves that many cores free, else 1."""
+    try:
+        cores = cores if cores is not None else len(os.sched_getaffinity(0))
+        load = load if load is not None else os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1
+    n = min(AUTO_BLAS_MAX_THREADS, cores)
+    return n if n > 1 and load <= (cores - n) + AUTO_BLAS_IDLE_LOAD else 1
 
 
 def tune_malloc() -> bool:

@@ -12,7 +12,7 @@ This module must not import ``mlx`` (it is read before the fast BLAS is loaded).
 variable                         values                                      default
 ===============================  ==========================================  ============
 MOZGACH_BLAS                     ``pip|system|none`` or a library path       auto
-MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1)        1
+MOZGACH_BLAS_THREADS             threads of the bound OpenBLAS (>= 1|auto)   auto
 MOZGACH_MALLOC                   ``default`` keeps glibc's malloc thresholds  tuned
 MOZGACH_ATTENTION                ``blockwise|metal|cuda|reference``           auto
 MOZGACH_ATTENTION_CPU_STREAMS    CPU streams for blockwise attention (>= 1)  1
@@ -36,7 +36,8 @@ VARIABLES = {
     "MOZGACH_BLAS": ("`pip`, `system`, `none`, or a path of an OpenBLAS library", "auto: `pip`, else `system`",
                      "the OpenBLAS MLX's CPU matmuls are rebound to (Linux): `pip` is the scipy-openblas32 "
                      "wheel, `system` apt's/dnf's, `none` keeps MLX's slow bundled BLAS"),
-    "MOZGACH_BLAS_THREADS": ("integer >= 1", "1", "threads of the bound OpenBLAS (Linux)"),
+    "MOZGACH_BLAS_THREADS": ("integer >= 1, `auto`", "auto: 2 on an idle machine, else 1",
+                             "threads of the bound OpenBLAS (Linux)"),
     "MOZGACH_MALLOC": ("`default`", "tuned", "`default` keeps glibc's malloc thresholds (Linux)"),
     "MOZGACH_ATTENTION": ("`blockwise`, `metal`, `cuda`, `reference`", "auto",
                           "force an attention implementation"),
@@ -65,9 +66,12 @@ def blas() -> str | None:
 
 
 def blas_threads() -> int | None:
-    """``MOZGACH_BLAS_THREADS``: threads of the bound OpenBLAS, or None (the default)."""
+    """``MOZGACH_BLAS_THREADS``: threads of the bound OpenBLAS, or None (``auto``, the
+    default: :func:`mozgach_mlx.backend.auto_blas_threads`)."""
     value = _get("MOZGACH_BLAS_THREADS")
-    return _positive_int("MOZGACH_BLAS_THREADS", value, "; unset it for the default") if value else None
+    if not value or value.lower() == "auto":
+        return None
+    return _positive_int("MOZGACH_BLAS_THREADS", value, " or auto; unset it for the default (auto)")
 
 
 def _positive_int(name: str, value: str, hint: str = "") -> int:

@@ -43,17 +43,28 @@ def test_blas_can_be_disabled_by_env():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS loading is Linux-only")
-def test_blas_threads_default_one_and_overridable():
+def test_blas_threads_auto_by_default_and_overridable():
     """The count is read back from the library itself (openblas_get_num_threads)."""
     if backend.pip_blas() is None:
         pytest.skip("scipy-openblas32 is not installed")
-    code = "import mozgach_mlx.backend as b, mozgach_mlx; print(b.info()['cpu_blas_threads'])"
+    code = ("import os, mozgach_mlx.backend as b, mozgach_mlx; "
+            "print(b.info()['cpu_blas_threads'], b.auto_blas_threads(load=os.getloadavg()[0]))")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOZGACH_", "OPENBLAS_NUM"))}
-    for extra, want in (({}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2"), ({"MOZGACH_BLAS_THREADS": "x"}, "1")):
+    for extra, want in (({"MOZGACH_BLAS_THREADS": "1"}, "1"), ({"MOZGACH_BLAS_THREADS": "2"}, "2"),
+                        ({"MOZGACH_BLAS_THREADS": "x"}, "1"), ({}, None), ({"MOZGACH_BLAS_THREADS": "auto"}, None)):
         res = subprocess.run([sys.executable, "-c", code], env=env | {"MOZGACH_BLAS": "pip"} | extra,
                              capture_output=True, text=True, check=True)
-        assert res.stdout.strip() == want, extra
+        got, auto_now = res.stdout.split()
+        assert got == (want or auto_now) or (want is None and got in ("1", "2")), (extra, res.stdout)
         assert ("MOZGACH_BLAS_THREADS='x'" in res.stderr) == (extra.get("MOZGACH_BLAS_THREADS") == "x")
+
+
+def test_auto_blas_threads_uses_two_cores_only_when_they_are_free():
+    assert backend.auto_blas_threads(cores=2, load=0.1) == 2
+    assert backend.auto_blas_threads(cores=2, load=1.2) == 1  # another process on one of the two cores
+    assert backend.auto_blas_threads(cores=1, load=0.0) == 1
+    assert backend.auto_blas_threads(cores=16, load=6.0) == 2  # 10 idle cores
+    assert backend.auto_blas_threads(cores=16, load=15.0) == 1
 
 
 def test_mlx_imported_first_gives_no_warning():
