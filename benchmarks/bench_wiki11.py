@@ -10,6 +10,7 @@ and prints its table:
     python benchmarks/bench_wiki11.py fleet      # mozgach train over smollm2-135m and tiny-stdlib (timed)
     python benchmarks/bench_wiki11.py eval       # the four routers (+ zero-shot), mozgach report
     python benchmarks/bench_wiki11.py mix        # top-1 vs top-2 on two-topic text
+    python benchmarks/bench_wiki11.py summary    # the two bases side by side (from the saved results)
     python benchmarks/bench_wiki11.py all
 
 Schedule (chosen by ``schedule``, see benchmarks/RESULTS.md "wiki11 over SmolLM2"):
@@ -339,12 +340,13 @@ def eval_stage(args) -> dict:
                      "eval": rep.to_dict(), "zero_shot": zero,
                      "zero_shot_generated": generated}
         save_json("" if base == "smollm2" else f"_{base}", res[base])
-    if len(res) == 2:
-        side_by_side(res)
     return res
 
 
-def side_by_side(res: dict) -> None:
+def summary(args) -> dict:
+    """The side-by-side table of the two bases from their saved results."""
+    res = {b: json.loads((HERE / f"results_wiki11{'' if b == 'smollm2' else '_' + b}.json").read_text())
+           for b in BASES}
     rows = {b: {r["domain"]: r for r in res[b]["eval"]["rows"]} for b in res}
     print("\n| topic | SmolLM2 base | own | gain | own lowest | tiny-stdlib base | own | gain | own lowest |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -364,7 +366,10 @@ def side_by_side(res: dict) -> None:
                 line.append(f"{m} {ci(e[f'route_{m}_correct'], e['route_samples'])}")
         z = res[b]["zero_shot"]
         line.append(f"arrow {ci(z['correct'], z['samples'])}")
+        g = res[b]["zero_shot_generated"]
+        line.append(f"generated-text tokens {ci(g['correct'], g['samples'])}")
         print(f"{b}: " + "; ".join(line))
+    return res
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -379,9 +384,9 @@ def mix(args) -> dict:
     res = {}
     for base in args.bases:
         run = RUNS / base
-        rep = json.loads((run / "eval.json").read_text())
-        names = rep["adapters"]
-        by_name = {r["adapter"]: r["domain"] for r in rep["rows"]}
+        manifest = json.loads((run / "manifest.json").read_text())
+        by_name = {n: r["domain"] for n, r in sorted(manifest["adapters"].items()) if r["status"] == "done"}
+        names = list(by_name)
         model, tok = mz.load(BASES[base])
         domains = {d.name: d for d in data.discover_domains(corpus_dir(run))}
         held = {n: topic_samples(tok, domains[by_name[n]], args.mix_samples) for n in names}
@@ -410,21 +415,23 @@ def mix(args) -> dict:
                   f"{o['top2_is_the_pair']}/{len(seqs)} |")
         print(f"base {out['base']:.4f}; first topic's adapter only {out['first_topic_only']:.4f}; "
               f"the true pair, equal {out['oracle_pair_equal']:.4f}", flush=True)
-    save_json("_mix", res)
+    path = HERE / "results_wiki11_mix.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    save_json("_mix", {**saved, **res})  # one base at a time keeps the other's
     return res
 
 
 # ----------------------------------------------------------------------------- main
 
 
-STAGES = {"schedule": schedule, "fleet": fleet, "eval": eval_stage, "mix": mix}
+STAGES = {"schedule": schedule, "fleet": fleet, "eval": eval_stage, "mix": mix, "summary": summary}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=[*STAGES, "all"])
     ap.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
-    ap.add_argument("--mix-samples", type=int, default=2, help="two-topic samples per pair of topics")
+    ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
     args = ap.parse_args()
     for name, fn in STAGES.items():
         if args.stage in (name, "all"):
