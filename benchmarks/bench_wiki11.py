@@ -48,7 +48,7 @@ PROBE_SAMPLES = 32  # train articles per topic for the linear probe
 # the fleet's schedule (both bases); LoRA on every linear layer, as the default run
 SCHEDULE = {"learning-rate": "5e-4", "warmup-steps": "1", "max-steps": "8", "grad-accumulation": "1",
             "batch-size": "4", "max-seq-length": "256", "eval-every": "0", "eval-batches": "1",
-            "save-every": "4", "no-grad-checkpoint": None, "lora-dropout": "0.0", "lora-targets": "all-linear"}
+            "save-every": "4", "lora-dropout": "0.0", "lora-targets": "all-linear"}
 BASES = {"smollm2": "smollm2-135m", "tiny": "tiny-stdlib"}
 GEN_ROWS = 4  # texts each adapter generates for the zero-shot token router
 GEN_TOKENS = 96
@@ -348,6 +348,7 @@ def summary(args) -> dict:
     res = {b: json.loads((HERE / f"results_wiki11{'' if b == 'smollm2' else '_' + b}.json").read_text())
            for b in BASES}
     rows = {b: {r["domain"]: r for r in res[b]["eval"]["rows"]} for b in res}
+    topic = {b: {r["adapter"]: r["domain"] for r in res[b]["eval"]["rows"]} for b in res}
     print("\n| topic | SmolLM2 base | own | gain | own lowest | tiny-stdlib base | own | gain | own lowest |")
     print("|---|---|---|---|---|---|---|---|---|")
     for dom in rows["smollm2"]:
@@ -356,7 +357,7 @@ def summary(args) -> dict:
             r = rows[b][dom]
             gain = 100 * (1 - r["own_loss"] / r["base_loss"])
             cells += [f"{r['base_loss']:.3f}", f"{r['own_loss']:.3f}", f"{gain:.1f}%",
-                      "yes" if r["own_best"] else f"NO ({r['best_other']})"]
+                      "yes" if r["own_best"] else f"NO ({topic[b][r['best_other']]})"]
         print(f"| {dom} | " + " | ".join(cells) + " |")
     for b in res:
         e = res[b]["eval"]

@@ -149,7 +149,7 @@ def test_two_topics_over_smollm2_beat_the_base_on_held_out_text(tmp_path):
         "train", "--model", "smollm2-135m", "--data", "wiki11", "--out", str(out), "--domains", "6,7",
         "--learning-rate", "5e-4", "--warmup-steps", "1", "--max-steps", "8", "--grad-accumulation", "1",
         "--batch-size", "4", "--max-seq-length", "256", "--eval-every", "0", "--eval-batches", "1",
-        "--save-every", "0", "--no-grad-checkpoint", "--lora-dropout", "0", "--lora-targets", "all-linear",
+        "--save-every", "0", "--lora-dropout", "0", "--lora-targets", "all-linear",
         "--quiet"])
     assert res.exit_code == 0, res.output
     report = evaluate_run(out, route_samples=2, signature_samples=0, probe_samples=0, write=False, progress=False)
