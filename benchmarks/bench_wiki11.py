@@ -14,8 +14,9 @@ and prints its table:
     python benchmarks/bench_wiki11.py all
 
 Schedule (chosen by ``schedule``, see benchmarks/RESULTS.md "wiki11 over SmolLM2"):
-``SCHEDULE`` below, the same for both bases: at lr 1e-3 the pilot's adapters were worse
-than the base after 8 steps, so the fleet runs 8 steps at 5e-4 (cosine). Run directories
+``SCHEDULE`` below (``RunConfig.preset`` of ``--data wiki11``), the same for both bases:
+at lr 1e-3 the pilot's adapters were worse than the base after 8 steps, so the fleet
+runs 8 steps at 5e-4 (cosine). Run directories
 go to ``$WIKI11_RUNS`` (default /tmp/wiki11_runs); a finished fleet is skipped by
 ``mozgach train`` itself. Times on the loaded 2-core machine: fleet 26 min over SmolLM2
 (3.5 min over tiny-stdlib), eval 20 min, mixing 8 min, pilot ~15 min. Held-out samples: ``mozgach eval``'s
@@ -42,6 +43,7 @@ import mozgach_mlx as mz
 from mozgach_mlx import data
 from mozgach_mlx.bank import AdapterBank
 from mozgach_mlx.evaluate import held_out_samples, wilson_interval
+from mozgach_mlx.rundir import WIKI_RUN_LORA, WIKI_RUN_TRAIN
 
 HERE = Path(__file__).resolve().parent
 RUNS = Path(os.environ.get("WIKI11_RUNS", "/tmp/wiki11_runs"))
@@ -49,10 +51,10 @@ SAMPLE_TOKENS = 256
 ROUTE_SAMPLES = 4  # held-out samples per topic for eval and routing (the loss router's cost bounds it)
 SIGNATURE_SAMPLES = 16  # train articles per topic for the signature centroids
 PROBE_SAMPLES = 32  # train articles per topic for the linear probe
-# the fleet's schedule (both bases); LoRA on every linear layer, as the default run
-SCHEDULE = {"learning-rate": "5e-4", "warmup-steps": "1", "max-steps": "8", "grad-accumulation": "1",
-            "batch-size": "4", "max-seq-length": "256", "eval-every": "0", "eval-batches": "1",
-            "save-every": "4", "lora-dropout": "0.0", "lora-targets": "all-linear"}
+# the fleet's schedule (both bases): `mozgach train --data wiki11`'s preset, passed as flags so
+# that the command is the same for both bases and says what it ran
+SCHEDULE = {**{k.replace("_", "-"): str(v) for k, v in WIKI_RUN_TRAIN.items()},
+            "lora-dropout": str(WIKI_RUN_LORA["dropout"]), "lora-targets": ",".join(WIKI_RUN_LORA["targets"])}
 BASES = {"smollm2": "smollm2-135m", "tiny": "tiny-stdlib"}
 GEN_ROWS = 4  # texts each adapter generates for the zero-shot token router
 GEN_TOKENS = 96

