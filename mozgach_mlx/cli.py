@@ -38,7 +38,7 @@ def _field_options(cls, prefix: str = "", skip: tuple = ()):
         flag = "--" + dest.replace("_", "-")
         typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         help_ = f.metadata.get("help", "")
-        if typ == "bool":
+        if typ in ("bool", "bool | None"):  # a flag pair; not given: None (the dataclass's default)
             opts.append(click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=help_))
         elif "tuple" in typ:
             opts.append(click.option(flag, dest, default=None, help=help_ + " (comma-separated)"))

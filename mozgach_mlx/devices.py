@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -123,3 +124,27 @@ def probe(n: int = 1024, repeats: int = 3) -> Device:
     tflops = 2 * n**3 / secs / 1e12
     return Device("this", kind, round(ram, 1), tflops, 0.0, 1.0, sustained=1.0, limit_gb=limit,
                   source=f"measured here: {n}x{n} {dtype} matmul")
+
+
+def machine_memory_bytes() -> int | None:
+    """What the current backend can hold: Metal's recommended working set, else the RAM
+    available now (Linux ``MemAvailable``) or in all; None if unknown."""
+    import mlx.core as mx
+
+    try:
+        if mx.metal.is_available():
+            return int(mx.metal.device_info()["max_recommended_working_set_size"])
+    except (AttributeError, KeyError, RuntimeError):
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

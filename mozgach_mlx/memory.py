@@ -66,6 +66,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -141,6 +142,55 @@ class MemoryStrategy:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# tiles of the "tile" strategy and of auto's tiled candidates (min(this, context))
+DEFAULT_TILE_CHUNK = 4096
+# strategy="auto" tries these in order of increasing cost, with the tile chunk
+# min(DEFAULT_TILE_CHUNK, context); the fastest that fits wins.
+AUTO_CANDIDATES = ({"plain": True}, {}, {"tile": True}, {"tile": True, "checkpoint_every": 2},
+                   {"tile": True, "offload": True}, {"offload": True})
+STRATEGY_WORDS = ("tile", "offload")
+
+def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -> MemoryStrategy | None:
+    """A MemoryStrategy from ``strategy``: None/"none" (the default step), "auto" (-> None,
+    chosen by the planner), "tile", "offload" or "tile+offload" (tiles of ``tile_chunk``,
+    default DEFAULT_TILE_CHUNK), a MemoryStrategy or a dict of its fields."""
+    if strategy is None or strategy == "none" or strategy == {}:
+        return MemoryStrategy()
+    if strategy == "auto":
+        return None
+    if strategy == "plain":
+        return MemoryStrategy(plain=True)
+    if isinstance(strategy, str):
+        words = set(strategy.split("+"))
+        if not words <= set(STRATEGY_WORDS):
+            raise ConfigError(f"memory strategy {strategy!r}: use auto, plain, none, tile, offload or tile+offload")
+        return MemoryStrategy(tile_chunk=min(tile_chunk or DEFAULT_TILE_CHUNK, context) if "tile" in words else None,
+                              offload="offload" in words)
+    if isinstance(strategy, MemoryStrategy):
+        return strategy
+    if isinstance(strategy, dict):
+        names = {f.name for f in dataclasses.fields(MemoryStrategy)}
+        bad = sorted(set(strategy) - names)
+        if bad:
+            raise ConfigError(f"plan(): unknown strategy key(s) {bad}; use {sorted(names)}")
+        return MemoryStrategy(**strategy)
+    raise ConfigError(f"plan(): strategy={strategy!r}; use 'auto', 'plain', 'none', a MemoryStrategy or a dict of "
+                      "its fields")
+
+
+def auto_candidates(context: int, tile_chunk: int | None = None, plain: bool = True) -> list[MemoryStrategy]:
+    """The strategies ``strategy="auto"`` tries, cheapest first (:data:`AUTO_CANDIDATES`;
+    ``plain=False`` leaves the plain step out)."""
+    c = min(tile_chunk or DEFAULT_TILE_CHUNK, context)
+    out = []
+    for cand in AUTO_CANDIDATES:
+        if cand.get("plain") and not plain:
+            continue
+        kw = {k: v for k, v in cand.items() if k != "tile"}
+        out.append(MemoryStrategy(tile_chunk=c if cand.get("tile") else None, **kw))
+    return out
 
 
 def clean_stale_offload(directory: str | Path) -> list[Path]:

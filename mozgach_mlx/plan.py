@@ -56,7 +56,7 @@ In a 16-bit compute dtype the block term also counts the blockwise attention's f
 copies of K, V and its fp32 dK, dV accumulators (read from attention/blockwise.py; the
 coefficients are calibrated in fp32 on the CPU only -- nothing here ran on a GPU).
 
-``strategy="auto"`` picks, among a fixed list of candidates (:data:`AUTO_CANDIDATES`),
+``strategy="auto"`` picks, among a fixed list of candidates (:data:`mozgach_mlx.memory.AUTO_CANDIDATES`),
 the fastest whose estimate fits the budget. ``device=`` takes a profile from
 :mod:`mozgach_mlx.devices` (the budget is its accelerator limit, e.g. Metal's default
 working set; the throughput its peak times a stated sustained fraction).
@@ -74,10 +74,11 @@ import numpy as np
 from . import attention as attn
 from . import devices as dev_mod
 from . import quant
+from .devices import machine_memory_bytes
 from .errors import ConfigError
 from .lora import LoRAConfig
 from .loss import auto_chunk
-from .memory import MemoryStrategy
+from .memory import MemoryStrategy, auto_candidates, parse_strategy
 from .models import presets
 from .plan_scale import ScaleOut, scale_out
 from .rundir import RunConfig, parse_quantize
@@ -104,11 +105,6 @@ TILE_ATTN_WIDTHS = 5.0
 TILE_D_WIDTHS = 3.0
 ENGINE_BLOCK_WIDTHS = 22.0  # an untiled block in the block-by-block step (offload / every k without tiles)
 TILE_MLP_WIDTHS = 10.0  # one chunk's MLP working set in the tiled phase B (a plain vjp, no overlap)
-DEFAULT_TILE_CHUNK = 4096
-# strategy="auto" tries these in order of increasing cost, with the tile chunk
-# min(DEFAULT_TILE_CHUNK, context); the fastest that fits wins.
-AUTO_CANDIDATES = ({"plain": True}, {}, {"tile": True}, {"tile": True, "checkpoint_every": 2},
-                   {"tile": True, "offload": True}, {"offload": True})
 # The plain step keeps every block's activations for the backward pass, in units of
 # B*L*d and B*L*intermediate per block, plus (CPU, quantized base) every layer's
 # dequantized fp32 weights. Fitted on the CPU against measured peaks, erring high
@@ -320,72 +316,6 @@ def peak_of(components: dict[str, int]) -> int:
     return c["weights"] + c["adapter"] + c["checkpoints"] + max(c["block"] + c["mlp"], c["loss"] + c["head"])
 
 
-STRATEGY_WORDS = ("tile", "offload")
-
-
-def machine_memory_bytes() -> int | None:
-    """What the current backend can hold: Metal's recommended working set, else the RAM
-    available now (Linux ``MemAvailable``) or in all; None if unknown."""
-    import mlx.core as mx
-
-    try:
-        if mx.metal.is_available():
-            return int(mx.metal.device_info()["max_recommended_working_set_size"])
-    except (AttributeError, KeyError, RuntimeError):
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def parse_strategy(strategy: Any, context: int, tile_chunk: int | None = None) -> MemoryStrategy | None:
-    """A MemoryStrategy from ``strategy``: None/"none" (the default step), "auto" (-> None,
-    chosen by the planner), "tile", "offload" or "tile+offload" (tiles of ``tile_chunk``,
-    default DEFAULT_TILE_CHUNK), a MemoryStrategy or a dict of its fields."""
-    if strategy is None or strategy == "none" or strategy == {}:
-        return MemoryStrategy()
-    if strategy == "auto":
-        return None
-    if strategy == "plain":
-        return MemoryStrategy(plain=True)
-    if isinstance(strategy, str):
-        words = set(strategy.split("+"))
-        if not words <= set(STRATEGY_WORDS):
-            raise ConfigError(f"memory strategy {strategy!r}: use auto, plain, none, tile, offload or tile+offload")
-        return MemoryStrategy(tile_chunk=min(tile_chunk or DEFAULT_TILE_CHUNK, context) if "tile" in words else None,
-                              offload="offload" in words)
-    if isinstance(strategy, MemoryStrategy):
-        return strategy
-    if isinstance(strategy, dict):
-        names = {f.name for f in dataclasses.fields(MemoryStrategy)}
-        bad = sorted(set(strategy) - names)
-        if bad:
-            raise ConfigError(f"plan(): unknown strategy key(s) {bad}; use {sorted(names)}")
-        return MemoryStrategy(**strategy)
-    raise ConfigError(f"plan(): strategy={strategy!r}; use 'auto', 'plain', 'none', a MemoryStrategy or a dict of "
-                      "its fields")
-
-
-def auto_candidates(context: int, tile_chunk: int | None = None, plain: bool = True) -> list[MemoryStrategy]:
-    """The strategies ``strategy="auto"`` tries, cheapest first (:data:`AUTO_CANDIDATES`;
-    ``plain=False`` leaves the plain step out)."""
-    c = min(tile_chunk or DEFAULT_TILE_CHUNK, context)
-    out = []
-    for cand in AUTO_CANDIDATES:
-        if cand.get("plain") and not plain:
-            continue
-        kw = {k: v for k, v in cand.items() if k != "tile"}
-        out.append(MemoryStrategy(tile_chunk=c if cand.get("tile") else None, **kw))
-    return out
 
 
 def _max_context(total_at, budget: int, mlp_chunk: int | None = None, loss_chunk: int | None = None) -> int | None:
@@ -475,16 +405,11 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
             ``attention_mask="document"``), ``{"window": w}`` (sliding window),
             ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
             combination; default plain causal attention.
-        strategy: the memory strategy (:class:`~mozgach_mlx.memory.MemoryStrategy` or a
-            dict of its fields), ``"plain"`` (no checkpointing), ``"none"`` (the default
-            step: per-block checkpointing) or ``"auto"`` (the fastest of
-            :func:`auto_candidates` that fits the budget; without a budget, the plain
-            step if it fits PLAIN_MACHINE_SHARE of :func:`machine_memory_bytes`, else
-            the default step).
-        plain: whether ``auto`` may pick the plain step (the trainer passes False when
-            ``TrainConfig.grad_checkpoint`` is True).
+        strategy: a :class:`~mozgach_mlx.memory.MemoryStrategy` (or a dict of its fields),
+            ``"plain"``, ``"none"`` (per-block checkpointing) or ``"auto"`` (:func:`_auto`).
+        plain: whether ``auto`` may pick the plain step (False: grad_checkpoint=True).
         device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
-        tile_chunk: the tile chunk of ``auto`` / ``"tile"`` (default DEFAULT_TILE_CHUNK).
+        tile_chunk: the tile chunk of ``auto`` / ``"tile"`` (default ``memory.DEFAULT_TILE_CHUNK``).
         ranks, link: also plan ``ranks`` processes over ``link``: :mod:`mozgach_mlx.plan_scale`.
     """
     _check_args(context, batch_size, quantize)
@@ -515,14 +440,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
 
     budget = _budget(dv, memory_gb)
     candidates = auto_candidates(L, tile_chunk, plain)
-    if chosen is None and budget is None:  # auto without a budget: plain if it surely fits here, else default
-        machine = machine_memory_bytes()
-        plain_st = MemoryStrategy(plain=True)
-        fits_here = plain and machine is not None and total_at(plain_st, L) <= PLAIN_MACHINE_SHARE * machine
-        chosen = plain_st if fits_here else MemoryStrategy()
-    if chosen is None:  # auto: the fastest candidate that fits
-        fitting = [c for c in candidates if total_at(c, L) <= budget]
-        chosen = min(fitting, key=lambda c: cost(c)[1]) if fitting else min(candidates, key=lambda c: total_at(c, L))
+    if chosen is None:
+        chosen = _auto(candidates, lambda c: total_at(c, L), lambda c: cost(c)[1], budget, plain)
     comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk, chosen, dequant)
     flops, seconds = cost(chosen)
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
@@ -537,6 +456,19 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
                 strategy={k: v for k, v in chosen.to_dict().items() if v != getattr(MemoryStrategy(), k)},
                 device=dv.name if dv is not None else None, io_seconds=cost(chosen)[1] - flops / (g * 1e9),
                 suggestions=sugg, scale=scale)
+
+
+def _auto(candidates: list[MemoryStrategy], peak, seconds, budget: int | None, plain: bool) -> MemoryStrategy:
+    """``strategy="auto"``: the fastest candidate whose ``peak`` fits ``budget`` (none fits:
+    the smallest). Without a budget, the plain step if it fits PLAIN_MACHINE_SHARE of
+    :func:`machine_memory_bytes`, else the default step."""
+    if budget is None:
+        machine = machine_memory_bytes()
+        plain_st = MemoryStrategy(plain=True)
+        fits_here = plain and machine is not None and peak(plain_st) <= PLAIN_MACHINE_SHARE * machine
+        return plain_st if fits_here else MemoryStrategy()
+    fitting = [c for c in candidates if peak(c) <= budget]
+    return min(fitting, key=seconds) if fitting else min(candidates, key=peak)
 
 
 def _live_weights(stored: int, s: _Shapes, backend: str, quantize: int | None) -> int:

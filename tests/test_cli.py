@@ -74,6 +74,15 @@ def test_help_lists_the_issue_flags():
         assert flag in out, flag
 
 
+def test_optional_bool_fields_are_flag_pairs_that_default_to_auto():
+    """TrainConfig.grad_checkpoint is bool | None: --grad-checkpoint / --no-grad-checkpoint, absent = None (auto)."""
+    cmd = main.commands["train"]
+    for args, want in (([], None), (["--grad-checkpoint"], True), (["--no-grad-checkpoint"], False)):
+        params = cmd.make_context("train", list(args)).params
+        assert params["grad_checkpoint"] is want
+        assert build_configs(params | {"model": "some/dir", "data": "d"}, {})[1].grad_checkpoint is want
+
+
 def test_bad_flag_value_exits_2_with_one_line(tmp_path):
     res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "o"), "--quantize", "3", "--quiet"])
     assert res.exit_code == 2
