@@ -409,8 +409,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
             ``"plain"``, ``"none"`` (per-block checkpointing) or ``"auto"`` (:func:`_auto`).
         plain: whether ``auto`` may pick the plain step (False: grad_checkpoint=True).
         device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
-        tile_chunk: the tile chunk of ``auto`` / ``"tile"`` (default ``memory.DEFAULT_TILE_CHUNK``).
-        ranks, link: also plan ``ranks`` processes over ``link``: :mod:`mozgach_mlx.plan_scale`.
+        tile_chunk: the tile chunk of ``auto`` / ``"tile"``; ranks, link: also plan ``ranks``
+            processes over ``link`` (:mod:`mozgach_mlx.plan_scale`).
     """
     _check_args(context, batch_size, quantize)
     chosen = parse_strategy(strategy, context, tile_chunk)
