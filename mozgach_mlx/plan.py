@@ -392,8 +392,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         model_or_config: a loaded model (its actual stored bytes are used), a config dict,
             a preset id (``llama-3.1-8b``, ... see :mod:`mozgach_mlx.models.presets`),
             ``"tiny"`` or a model path/repo (only ``config.json`` is read).
-        context: tokens per sequence.
-        quantize: base bits (4, 8) or None; ignored for a loaded model (it is measured).
+        context: tokens per sequence; quantize: base bits (4, 8) or None (a loaded model's are measured).
         compute_bytes: bytes per activation (default: 4 on the CPU, 2 on a GPU).
         mlp_chunk: the trainer's MLP chunk (None = whole sequence).
         loss_chunk: the loss chunk (None = the trainer's automatic choice).
