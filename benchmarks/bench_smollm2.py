@@ -9,8 +9,9 @@ tests/test_gguf.py). LoRA r=16, alpha=32 (mlx-lm scale 2.0) on every linear laye
 
 Each side runs its best setting at each length:
 
-* ``ours``: no checkpointing up to 2K tokens; from 4K on, per-block checkpointing and the
-  chunked MLP (``TrainConfig`` defaults); always blockwise attention and the chunked loss.
+* ``ours``: no checkpointing up to 2K tokens (the plain step ``TrainConfig``'s auto strategy
+  picks there, asserted); from 4K on, per-block checkpointing and the chunked MLP; always
+  blockwise attention and the chunked loss.
 * ``mlx-lm``: its ``default_loss`` on full logits, without ``grad_checkpoint`` up to 2K
   and with it from 4K on (at 8K without it the 30 layers' attention probabilities alone
   are 9 heads x 8K^2 x 4 B x 30 = 72 GB).
@@ -18,6 +19,10 @@ Each side runs its best setting at each length:
   the CPU backend MLX's ``quantized_matmul`` has no fast kernel, which is what mlx-lm
   uses for a 4-bit base; this row shows what is left of the difference when both sides
   run the matmuls through the same BLAS.
+
+Both steps are compiled as both trainers run them (mlx-lm's ``train()`` and our
+``TrainConfig.compile``: ``mx.compile`` with the model, optimizer and random state as inputs
+and outputs); ``--no-compile`` times the uncompiled ones.
 
 Each (system, length) runs in a fresh subprocess with an address-space limit, so an
 out-of-memory shows up as "OOM" in the table. Step time is wall clock and the child's
@@ -44,7 +49,7 @@ CHILD = r"""
 import json, resource, sys, time
 system, L, steps, limit_gb, warmup_len, saved = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                                   float(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
-ckpt_from = int(sys.argv[7])
+ckpt_from, compile_step = int(sys.argv[7]), sys.argv[8] == "1"
 resource.setrlimit(resource.RLIMIT_AS, (int(limit_gb * 2**30), int(limit_gb * 2**30)))
 import mozgach_mlx as mz
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
@@ -86,7 +91,10 @@ else:
     from mozgach_mlx import lora, trainer
     model, _ = mz.load("smollm2-135m")
     lora.apply(model, lora.LoRAConfig(r=16, alpha=32, dropout=0.0, targets=tuple(k.split(".")[1] for k in KEYS)))
+    # what TrainConfig's auto strategy runs: the plain step where it fits, else checkpointing
     tc = trainer.TrainConfig(grad_checkpoint=checkpoint, mlp_chunk=4096 if checkpoint else None)
+    if not checkpoint:
+        assert trainer.memory_plan(model, trainer.TrainConfig(max_seq_length=L)).strategy == {"plain": True}
     model.grad_checkpoint, model.mlp_chunk = tc.grad_checkpoint, tc.mlp_chunk
     def loss_fn(m, n_tok=None):
         x, y = (inputs, targets) if n_tok is None else (inputs[:, :n_tok], targets[:, :n_tok])
@@ -97,9 +105,18 @@ mx.eval(model.parameters())
 opt = optim.AdamW(learning_rate=1e-4, weight_decay=0.0)
 vg = nn.value_and_grad(model, loss_fn)
 
-def step(*a):
+def raw_step(*a):
     loss, grads = vg(model, *a)
     opt.update(model, grads)
+    return loss
+
+# both trainers compile their step (mlx-lm's train(), our TrainConfig.compile): model, optimizer
+# and random state as the graph's inputs and outputs
+state = [model.state, opt.state, mx.random.state]
+fn = mx.compile(raw_step, inputs=state, outputs=state) if compile_step else raw_step
+
+def step(*a):
+    loss = fn(*a)
     mx.eval(loss, model.trainable_parameters(), opt.state)
     return loss.item()
 
@@ -115,11 +132,11 @@ print(json.dumps({"tok_s": L / dt, "step_s": dt, "cpu_s": dc, "peak_gb": mx.get_
 
 
 def run_one(system: str, L: int, steps: int, limit_gb: float, warmup_len: int, saved: Path,
-            timeout: float) -> dict:
+            timeout: float, compile_step: bool = True) -> dict:
     t = time.perf_counter()
     try:
         p = subprocess.run([sys.executable, "-c", CHILD, system, str(L), str(steps), str(limit_gb),
-                            str(warmup_len), str(saved), str(CHECKPOINT_FROM)],
+                            str(warmup_len), str(saved), str(CHECKPOINT_FROM), "1" if compile_step else "0"],
                            capture_output=True, text=True, env=dict(os.environ), timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"> {timeout:.0f} s", "wall": time.perf_counter() - t}
@@ -141,6 +158,7 @@ def main() -> None:
     ap.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit per run")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per (system, length)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--no-compile", action="store_true", help="time the uncompiled steps (both sides)")
     args = ap.parse_args()
     import mozgach_mlx as mz
 
@@ -153,13 +171,14 @@ def main() -> None:
             model, tok = mz.load("smollm2-135m")
             mz.save(model, tok, saved)
             del model
-        print(f"SmolLM2-135M (Q4_1 GGUF), LoRA r=16 on all linear layers, batch 1, {args.steps} timed steps")
+        print(f"SmolLM2-135M (Q4_1 GGUF), LoRA r=16 on all linear layers, batch 1, {args.steps} timed steps, "
+              f"{'uncompiled' if args.no_compile else 'compiled'} steps")
         print("| L | " + " | ".join(f"{s} tok/s | {s} step s | {s} CPU s | {s} peak GB" for s in systems)
               + " | " + " | ".join(f"ours vs {s}: speed, memory" for s in systems if s != "ours") + " |")
         print("|---:|" + "---:|" * (4 * len(systems) + len(systems) - 1))
         for L in lengths:
-            res = {s: run_one(s, L, args.steps, args.limit_gb, args.warmup_len, saved, args.timeout)
-                   for s in systems}
+            res = {s: run_one(s, L, args.steps, args.limit_gb, args.warmup_len, saved, args.timeout,
+                              not args.no_compile) for s in systems}
             rows.append({"L": L, **res})
 
             def f(r, k, spec):
