@@ -334,7 +334,19 @@ def serve_cmd(out, model, adapters, api_key, **opts: Any) -> None:
 
     cfg = ServeConfig(**{k: v for k, v in opts.items() if v is not None},
                       api_key=api_key if api_key is not None else env_api_key())
-    sys.exit(serve(cfg, out=out, model=model, adapters=list(adapters or ())))
+    code = serve(cfg, out=out, model=model, adapters=list(adapters or ()))
+    # The server stopped cleanly (every request finished or cancelled, the scheduler joined).
+    # Leave without interpreter teardown: with uvicorn's and anyio's threads still around,
+    # destroying MLX's C++ statics aborted ~1 graceful exit in 3 on the dev machine
+    # ("terminate called without an active exception", exit -6).
+    import os
+
+    import mlx.core as mx
+
+    mx.synchronize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

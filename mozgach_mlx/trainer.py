@@ -373,8 +373,8 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
         _check_group(model, train, valid, cfg, group)
     if not train:
         raise ConfigError("the training split is empty after tokenization; check the data path and format")
-    plain = strategy.plain or cfg.grad_checkpoint is False
-    with _model_settings(model, grad_checkpoint=not plain, mlp_chunk=None if strategy.plain else cfg.mlp_chunk,
+    no_checkpoint = strategy.plain or cfg.grad_checkpoint is False  # None (auto) and not plain: checkpoint
+    with _model_settings(model, grad_checkpoint=not no_checkpoint, mlp_chunk=None if strategy.plain else cfg.mlp_chunk,
                          s2_group=cfg.s2_attn_group):
         lora.ensure(model, cfg.lora)
         lora.reset(model, seed=cfg.seed)
