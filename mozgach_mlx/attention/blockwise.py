@@ -196,9 +196,10 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
 # CPU streams the query blocks are spread over (env MOZGACH_ATTENTION_CPU_STREAMS). MLX
 # runs each stream's ops on its own thread and its CPU elementwise kernels are
 # single-threaded, so >1 lets the elementwise work of several query blocks use several
-# cores. Default 1: on the shared 2-core dev box 2 streams measured ~1.6x *slower*
-# (CPU time 5.7 s vs 3.3 s at L=4K, H=8, D=64 -- contention with OpenBLAS's threads);
-# worth re-measuring on an idle many-core machine.
+# cores. Default 1: on the shared 2-core dev box 2 streams once measured ~1.6x *slower*
+# (loaded, before subnormals were flushed); idle, with one BLAS thread, 2 streams are
+# 1.41x faster at 2K-4K for no more CPU, and no faster with 2 BLAS threads
+# (benchmarks/RESULTS.md, issue 23).
 
 
 @lru_cache(maxsize=1)
