@@ -140,13 +140,18 @@ def _task(tok, n=8, L=64):
     return {"train": out, "valid": out[:2]}
 
 
+def _train(tmp_path, name, *, dropout=0.0, grad_accumulation=2, **kw):
+    """Three steps of a small adapter over the random tiny base, with ``kw`` in its TrainConfig."""
+    model, tok = mz.load("tiny")
+    cfg = TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=3, grad_accumulation=grad_accumulation,
+                      batch_size=2, max_seq_length=64, eval_every=0, save_every=0, progress=False,
+                      lora=lora.LoRAConfig(r=4, alpha=8, dropout=dropout), **kw)
+    return train_adapter(model, tok, _task(tok), cfg, tmp_path / name)
+
+
 def test_trainer_runs_a_strategy_exactly_and_records_it(tmp_path):
     def run(name, **kw):
-        model, tok = mz.load("tiny")
-        cfg = TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=3, grad_accumulation=2, batch_size=2,
-                          max_seq_length=64, eval_every=0, save_every=0, progress=False,
-                          lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.1), **kw)
-        return train_adapter(model, tok, _task(tok), cfg, tmp_path / name)
+        return _train(tmp_path, name, dropout=0.1, **kw)
 
     ref = run("ref", memory_strategy="none")
     got = run("tiled", memory_strategy="tile+offload", tile_chunk=24)
@@ -163,11 +168,7 @@ def test_trainer_runs_a_strategy_exactly_and_records_it(tmp_path):
 
 def test_trainer_with_dropout_off_matches_the_default_step_exactly(tmp_path):
     def run(name, **kw):
-        model, tok = mz.load("tiny")
-        cfg = TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=3, grad_accumulation=1, batch_size=2,
-                          max_seq_length=64, eval_every=0, save_every=0, progress=False,
-                          lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0), **kw)
-        return train_adapter(model, tok, _task(tok), cfg, tmp_path / name)
+        return _train(tmp_path, name, grad_accumulation=1, **kw)
 
     ref, got = run("ref", memory_strategy="none"), run("t", memory_strategy="tile", tile_chunk=20)
     np.testing.assert_allclose(got.losses, ref.losses, rtol=1e-5)
@@ -293,11 +294,7 @@ def test_auto_runs_the_plain_step_when_it_fits_else_the_cheapest_that_does(monke
 
 def test_trainer_default_is_auto_plain_records_it_and_equals_the_checkpointed_step(tmp_path):
     def run(name, **kw):
-        model, tok = mz.load("tiny")
-        cfg = TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=3, grad_accumulation=2, batch_size=2,
-                          max_seq_length=64, eval_every=0, save_every=0, progress=False,
-                          lora=lora.LoRAConfig(r=4, alpha=8, dropout=0.0), **kw)
-        return train_adapter(model, tok, _task(tok), cfg, tmp_path / name)
+        return _train(tmp_path, name, **kw)
 
     auto, ckpt = run("auto"), run("ckpt", grad_checkpoint=True)
     assert auto.memory_strategy == MemoryStrategy(plain=True).to_dict()  # TrainConfig's defaults: auto -> plain
