@@ -1,6 +1,6 @@
 # ruff: noqa: I001  (mozgach_mlx first: no longer required for the fast BLAS, see blasbind.py; kept as is)
 """Shared fixtures, the small seeded model builders the test files use
-(``from conftest import small_config, randomize``) and :func:`fp32_tol`."""
+(``from conftest import small_config, randomize``), :func:`fp32_tol` and :func:`measured_peak`."""
 
 import mozgach_mlx  # noqa: F401
 import mlx.core as mx
@@ -29,6 +29,19 @@ def fp32_tol(scale: float, n: int) -> float:
     magnitude above it.
     """
     return n * F32_EPS * scale
+
+
+def measured_peak(step, warm_up: bool = False) -> int:
+    """Peak bytes MLX allocates while evaluating ``step()`` (a callable returning arrays),
+    from a synchronized, emptied cache; ``warm_up`` evaluates it once before (compiled
+    kernels, traces and lazily built state out of the measurement)."""
+    if warm_up:
+        mx.eval(step())
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(step())
+    return mx.get_peak_memory()
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import random_model, small_config
+from conftest import measured_peak, random_model, small_config
 from mlx.utils import tree_flatten
 
 import mozgach_mlx as mz
@@ -173,12 +173,7 @@ def _peak(m, strategy, L):
         f = nn.value_and_grad(m, lambda a, b, c: trainer.default_loss(m, a, b, c, cfg))
     else:
         f = memory.value_and_grad(m, strategy, loss_chunk=256)
-    mx.eval(f(x, y, w))
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    mx.eval(f(x, y, w))
-    return mx.get_peak_memory()
+    return measured_peak(lambda: f(x, y, w), warm_up=True)
 
 
 def test_tiled_recompute_peak_grows_slower_than_the_default():

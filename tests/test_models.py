@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import fp32_tol, small_config
+from conftest import fp32_tol, measured_peak, small_config
 from conftest import randomize as shared_randomize
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
@@ -164,12 +164,7 @@ def test_grad_checkpoint_with_frozen_base_gives_trainable_grads_only():
 
 
 def _peak_training_memory(m, x) -> int:
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    loss, g = _grads(m, x)
-    mx.eval(loss, g)
-    return mx.get_peak_memory()
+    return measured_peak(lambda: _grads(m, x))
 
 
 def test_grad_checkpoint_reduces_peak_memory():
@@ -201,12 +196,8 @@ def test_mlp_chunk_reduces_peak_memory():
     mx.eval(x)
 
     def peak(chunk):
-        mx.synchronize()
-        mx.clear_cache()
-        mx.reset_peak_memory()
         loss = lambda m, x: (chunked_mlp(m, x, chunk) ** 2).sum()
-        mx.eval(nn.value_and_grad(mlp, loss)(mlp, x))
-        return mx.get_peak_memory()
+        return measured_peak(lambda: nn.value_and_grad(mlp, loss)(mlp, x))
 
     whole, chunked = peak(4096), peak(256)
     assert chunked < 0.7 * whole, (whole, chunked)

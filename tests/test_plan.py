@@ -4,6 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import measured_peak
 
 import mozgach_mlx as mz
 from mozgach_mlx import lora, trainer
@@ -22,12 +23,7 @@ def _measured_peak(L: int) -> tuple[int, object]:
     x = mx.random.randint(0, 250, (1, L))
     m = mx.ones((1, L))
     vg = nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg))
-    mx.eval(vg(x, x, m))
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    mx.eval(vg(x, x, m))
-    return mx.get_peak_memory(), model
+    return measured_peak(lambda: vg(x, x, m), warm_up=True), model
 
 
 def test_estimate_tracks_measured_peak_and_its_growth():

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import measured_peak
 
 import mozgach_mlx as mz
 from mozgach_mlx import devices, lora
@@ -247,12 +248,7 @@ def _plain_peak(model, L: int, B: int = 4) -> int:
     vg = trainer.compiled(model, nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg)))
     x = mx.random.randint(0, model.args.vocab_size, (B, L), key=mx.random.key(0))
     m = mx.ones((B, L))
-    mx.eval(vg(x, x, m))
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    mx.eval(vg(x, x, m))
-    return mx.get_peak_memory()
+    return measured_peak(lambda: vg(x, x, m), warm_up=True)
 
 
 def test_plain_step_estimate_errs_high_and_tracks_its_growth():

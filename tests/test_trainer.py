@@ -4,6 +4,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import measured_peak
 
 import mozgach_mlx as mz
 from mozgach_mlx import lora, trainer
@@ -196,11 +197,7 @@ def _step_peak(L: int) -> int:
     x = mx.random.randint(0, 250, (1, L))
     m = mx.ones((1, L))
     vg = nn.value_and_grad(model, lambda a, b, c: trainer.default_loss(model, a, b, c, cfg))
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    mx.eval(vg(x, x, m))
-    return mx.get_peak_memory()
+    return measured_peak(lambda: vg(x, x, m))
 
 
 @pytest.mark.slow
