@@ -264,7 +264,10 @@ def generate_cmd(out, model, adapter, prompt, chat, **gen: Any) -> None:
               help="plan for this backend (default: the one here)")
 @click.option("--ranks", type=int, default=None, help="also estimate training over this many processes")
 @click.option("--link", type=click.Choice(["thunderbolt5", "10gbe", "1gbe"]), default=None,
-              help="the link between the ranks (default 10gbe)")
+              help="the link between the ranks (default 10gbe; figures in mozgach_mlx/plan_scale.py)")
+@click.option("--link-gbps", type=float, default=None, help="the link's rate in Gbit/s (a measured one)")
+@click.option("--context-parallel", is_flag=True, default=None,
+              help="one sequence over --ranks machines (ring attention): per-rank memory, bytes sent, step time")
 @click.option("--device", default=None, help="device profile: m4, m4-pro, m4-max, m3-max, h100 or this (measured); "
               "--memory-gb is then its RAM")
 @click.option("--strategy", default=None, help="memory strategy: auto, none, tile, offload, tile+offload "
@@ -274,15 +277,19 @@ def generate_cmd(out, model, adapter, prompt, chat, **gen: Any) -> None:
 @click.option("--checkpoint-every", type=int, default=None, help="store only every k-th block input")
 @click.option("--solve-context", is_flag=True, default=None, help="find the longest context that fits the budget")
 @_debug_option
-def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link, device, strategy,
-             tile_chunk, offload, checkpoint_every, solve_context) -> None:
+def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link, link_gbps,
+             context_parallel, device, strategy, tile_chunk, offload, checkpoint_every, solve_context) -> None:
     """Estimate peak memory and step time of LoRA training at a context length."""
     from .plan import plan
     from .plan import solve_context as solve
 
+    if context_parallel and (ranks is None or ranks < 2):
+        raise ConfigError("--context-parallel spreads one sequence over several machines, but --ranks is "
+                          f"{'not given' if ranks is None else ranks}: give --ranks N with N >= 2 (e.g. --ranks 2)")
     given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
              "gflops": gflops, "backend": backend, "ranks": ranks, "link": link, "device": device,
-             "strategy": strategy, "tile_chunk": tile_chunk}
+             "strategy": strategy, "tile_chunk": tile_chunk, "link_gbps": link_gbps,
+             "context_parallel": context_parallel}
     kw = {k: v for k, v in given.items() if v is not None}
     if quantize is not None:
         kw["quantize"] = parse_quantize(quantize)

@@ -73,6 +73,7 @@ import numpy as np
 
 from . import attention as attn
 from . import devices as dev_mod
+from . import plan_context as pc
 from . import quant
 from .devices import machine_memory_bytes
 from .errors import ConfigError
@@ -80,6 +81,7 @@ from .lora import LoRAConfig
 from .loss import auto_chunk
 from .memory import MemoryStrategy, auto_candidates, parse_strategy
 from .models import presets
+from .plan_context import ContextParallel
 from .plan_scale import ScaleOut, scale_out
 from .rundir import RunConfig, parse_quantize
 from .train_config import TrainConfig
@@ -137,6 +139,7 @@ class Plan:
     seconds_per_step: float
     notes: list[str] = field(default_factory=list)
     scale: ScaleOut | None = None  # over several ranks (plan(..., ranks=, link=))
+    context_parallel: ContextParallel | None = None  # one sequence over the ranks (per-rank figures)
     strategy: dict = field(default_factory=dict)  # MemoryStrategy fields; {} = the default step
     device: str | None = None
     io_seconds: float = 0.0  # offload file I/O per step (included in seconds_per_step)
@@ -161,14 +164,16 @@ class Plan:
             lines.append(f"  strategy: {MemoryStrategy(**self.strategy).describe()}")
         for k, v in self.components.items():
             lines.append(f"  {k:<12} {v / GiB:9.3f} GiB")
+        ring = " + ring" if "ring" in self.components else ""
         lines.append(f"  {'total':<12} {self.total_bytes / GiB:9.3f} GiB  (weights + adapter + checkpoints + "
-                     "the larger of block + mlp and loss + head)")
+                     f"the larger of block + mlp{ring} and loss + head)" + (" per rank" if ring else ""))
         if self.budget_bytes is not None:
             lines.append(f"  budget {self.budget_bytes / GiB:.1f} GiB: {'fits' if self.fits else 'does NOT fit'}"
                          + (f", headroom {self.headroom_bytes / GiB:.1f} GiB" if self.fits else "")
                          + (f"; longest context that fits ~{self.max_context:,}" if self.max_context else ""))
         io = f" (of which offload I/O {self.io_seconds:,.1f} s)" if self.io_seconds else ""
-        lines.append(f"  time: {self.flops_per_step / 1e12:.2f} TFLOP/step at {self.gflops:,.0f} GFLOP/s "
+        lines.append(f"  time: {self.flops_per_step / 1e12:.2f} TFLOP/step{' per rank' if ring else ''} at "
+                     f"{self.gflops:,.0f} GFLOP/s "
                      f"~ {_duration(self.seconds_per_step)}/step{io}, {self.tokens_per_second:,.0f} tokens/s "
                      "(estimate)")
         lines += [f"  note: {n}" for n in self.notes]
@@ -314,9 +319,8 @@ def peak_of(components: dict[str, int]) -> int:
     loss computes its gradient in the forward pass) and the block phase (block + mlp: the
     backward's recompute) are never live at once, so the larger of the two counts."""
     c = components
-    return c["weights"] + c["adapter"] + c["checkpoints"] + max(c["block"] + c["mlp"], c["loss"] + c["head"])
-
-
+    return c["weights"] + c["adapter"] + c["checkpoints"] + max(c["block"] + c["mlp"] + c.get("ring", 0),
+                                                                 c["loss"] + c["head"])
 
 
 def _max_context(total_at, budget: int, mlp_chunk: int | None = None, loss_chunk: int | None = None) -> int | None:
@@ -383,7 +387,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          loss_chunk: int | None = TrainConfig.loss_chunk, memory_gb: float | None = None,
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
          strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
-         tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True) -> Plan:
+         tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True,
+         context_parallel: bool = False, link_gbps: float | None = None, cp_layout: str = "zigzag") -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -409,6 +414,9 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
             ``"plain"``, ``"none"`` (per-block checkpointing) or ``"auto"`` (:func:`_auto`).
         plain: whether ``auto`` may pick the plain step (False: grad_checkpoint=True).
         device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
+        context_parallel: one sequence over ``ranks`` ranks (ring attention; memory and time per
+            rank, bytes sent: :mod:`mozgach_mlx.plan_context`; ranks=1 is the 1-process plan);
+            link_gbps: the link's rate instead of its profile's; cp_layout: zigzag or contiguous.
         tile_chunk: the tile chunk of ``auto`` / ``"tile"``; ranks, link: also plan ``ranks``
             processes over ``link`` (:mod:`mozgach_mlx.plan_scale`).
     """
@@ -430,32 +438,47 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
 
     dequant = s.linear_params * 4 if backend == "cpu" and quantize else 0
 
-    def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
-        return peak_of(_components(s, n, B, act, weights, lora, mlp_chunk, loss_chunk, st, dequant))
+    pc.check(ranks, context_parallel)
+    cp, kv_dim = ranks if context_parallel else 1, (s.qkv_width - s.heads * s.head_dim) // 2  # K (= V) width
+    share = pc.attention_share(cp, cp_layout, not attention)  # the busiest rank's share of the pairs
 
-    def cost(st: MemoryStrategy) -> tuple[float, float]:
-        flops = _step_flops(s, B, L, pairs, st)
-        io = (2 * s.n_layers * B * L * s.d * act / (disk * 1e9)) if st.offload else 0.0
+    def comps(st: MemoryStrategy, n: int, lora: int = lora_n) -> dict[str, int]:  # per rank, n tokens in all
+        r = pc.local_tokens(n, cp)
+        c = _components(s, r, B, act, weights, lora, mlp_chunk, loss_chunk, st, dequant)
+        return {**c, "ring": pc.ring_bytes(B, r, kv_dim, act, 4, cp)} if cp > 1 else c
+
+    def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
+        return peak_of(comps(st, n, lora))
+
+    def cost(st: MemoryStrategy, n: int = pc.local_tokens(L, cp), p: float = pairs * share) -> tuple[float, float]:
+        flops = _step_flops(s, B, n, p, st)
+        io = (2 * s.n_layers * B * n * s.d * act / (disk * 1e9)) if st.offload else 0.0
         return flops, flops / (g * 1e9) + io
 
     budget = _budget(dv, memory_gb)
     candidates = auto_candidates(L, tile_chunk, plain)
     if chosen is None:
         chosen = _auto(candidates, lambda c: total_at(c, L), lambda c: cost(c)[1], budget, plain)
-    comp = _components(s, L, B, act, weights, lora_n, mlp_chunk, loss_chunk, chosen, dequant)
+    comp = comps(chosen, L)
     flops, seconds = cost(chosen)
+    cpx = pc.estimate(ranks=cp, link=link, link_gbps=link_gbps, layout=cp_layout, n_layers=s.n_layers, batch=B,
+                      context=L, kv_dim=kv_dim, kv_bytes=act, dkv_bytes=4, forwards=pc.attention_forwards(chosen),
+                      lora_params=lora_n, compute_seconds=seconds, single_seconds=cost(chosen, L, pairs)[1],
+                      attention_pass_seconds=4.0 * s.n_layers * B * s.head_dim * pairs * share / (g * 1e9)) \
+        if context_parallel else None
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
-    scale = scale_out(flops / (g * 1e9), lora_n, ranks, link) if ranks > 1 else None
+    scale = scale_out(flops / (g * 1e9), lora_n, ranks, link, link_gbps=link_gbps) if ranks > 1 and not cpx else None
     notes = _notes(cfg, L, attention_note, budget is not None and max_ctx is None, dv, g, gflops, backend, seconds) \
-        + ([scale.note()] if scale else [])
+        + ([scale.note()] if scale else []) + ([cpx.note()] if cpx and cp > 1 else [])
     total = peak_of(comp)
     sugg = [] if budget is None or total <= budget else _suggestions(
         total_at, candidates, chosen, L, budget, mlp_chunk, loss_chunk, lora_rank, s, lora_targets)
     return Plan(context=L, batch_size=B, components=comp, total_bytes=total, budget_bytes=budget,
-                max_context=max_ctx, flops_per_step=flops, gflops=g, seconds_per_step=seconds, notes=notes,
+                max_context=max_ctx, flops_per_step=flops, gflops=g, notes=notes,
+                seconds_per_step=cpx.seconds_per_step if cpx else seconds,
                 strategy={k: v for k, v in chosen.to_dict().items() if v != getattr(MemoryStrategy(), k)},
                 device=dv.name if dv is not None else None, io_seconds=cost(chosen)[1] - flops / (g * 1e9),
-                suggestions=sugg, scale=scale)
+                suggestions=sugg, scale=scale, context_parallel=cpx)
 
 
 def _auto(candidates: list[MemoryStrategy], peak, seconds, budget: int | None, plain: bool) -> MemoryStrategy:
