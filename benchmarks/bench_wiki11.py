@@ -62,6 +62,7 @@ PILOT_TOPICS = ("history", "mathematics")
 PILOT_STEPS = (4, 8, 12, 16)
 PILOT_LR = 1e-3  # constant after warmup; the fleet's SCHEDULE was chosen from what it showed
 PILOT_SAMPLES = 4
+SNAPSHOT_STEPS = (8, 16, 24)  # the fleet's adapters kept at these steps (and its final one) for ``snapshots``
 
 
 def save_json(name: str, obj: dict) -> Path:
@@ -160,6 +161,58 @@ def schedule(args) -> dict:
     return res
 
 
+def snapshots(args) -> dict:
+    """Loss routing after k steps: the SmolLM2 fleet's adapters kept at ``SNAPSHOT_STEPS``
+    by ``fleet`` (and its final ones), scored on the same held-out samples as ``eval``: per
+    topic, is the own adapter lowest on the mean, and how many single samples does the loss
+    router send to the own adapter?"""
+    base = "smollm2"
+    run, snap = RUNS / base, RUNS / f"{base}_snap"
+    manifest = json.loads((run / "manifest.json").read_text())
+    names = sorted(n for n, r in manifest["adapters"].items() if r["status"] == "done")
+    final = max(manifest["adapters"][n]["steps"] for n in names)
+    topic = {n: manifest["adapters"][n]["domain"] for n in names}
+    steps = [s for s in args.snapshot_steps if s == final or (snap / str(s)).is_dir()]
+    dirs = {(s, n): (run / n if s == final else snap / str(s) / n) for s in steps for n in names}
+    for (s, _), d in dirs.items():
+        if s != final:
+            Snapshots.configure(run, d)
+    doms = {d.name: d for d in data.discover_domains(corpus_dir(run))}
+    model, tok = mz.load(BASES[base])
+    samples = {n: topic_samples(tok, doms[topic[n]], ROUTE_SAMPLES) for n in names}
+    seqs = [x for n in names for x in samples[n]]
+    owner = np.array([j for j, n in enumerate(names) for _ in samples[n]])
+    cols = [None, *dirs]
+    t0 = time.perf_counter()
+    with AdapterBank(model, tok, list(dirs.values()), names=[f"s{s}_{n}" for s, n in dirs]) as bank:
+        pairs = [(i, None if c is None else f"s{c[0]}_{c[1]}") for i in range(len(seqs)) for c in cols]
+        sums, counts = bank.pair_losses(seqs, pairs)
+    seconds = time.perf_counter() - t0
+    loss = (sums / counts).reshape(len(seqs), len(cols))  # nats/token per sample and column
+    res: dict = {"steps": steps, "samples": len(seqs), "sample_tokens": SAMPLE_TOKENS, "seconds": seconds,
+                 "schedule": SCHEDULE, "by_step": {}}
+    print("| steps | own lowest (topic mean) | routed by loss | mean gain vs base | own - best other (median) |")
+    print("|---|---|---|---|---|")
+    for s in steps:
+        k = [cols.index((s, n)) for n in names]
+        per = loss[:, k]  # samples x adapters
+        routed = int((per.argmin(1) == owner).sum())
+        mean = np.stack([per[owner == j].mean(0) for j in range(len(names))])  # topic x adapter
+        lowest = int((mean.argmin(1) == np.arange(len(names))).sum())
+        own = per[np.arange(len(seqs)), owner]
+        other = np.where(np.eye(len(names), dtype=bool)[owner], np.inf, per).min(1)
+        gain = float((1 - own / loss[:, 0]).mean())
+        res["by_step"][str(s)] = {"routed_by_loss": routed, "own_lowest": lowest, "gain_vs_base": gain,
+                                  "interval": list(wilson_interval(routed, len(seqs))),
+                                  "margin_median": float(np.median(own - other)),
+                                  "per_topic_routed": {topic[n]: int((per.argmin(1)[owner == j] == j).sum())
+                                                       for j, n in enumerate(names)}}
+        print(f"| {s} | {lowest}/{len(names)} | {ci(routed, len(seqs))} | {100 * gain:.1f}% | "
+              f"{float(np.median(own - other)):+.4f} |", flush=True)
+    save_json("_snapshots", res)
+    return res
+
+
 # ----------------------------------------------------------------------------- fleet
 
 
@@ -176,18 +229,68 @@ def train_command(base: str) -> list[str]:
     return cmd
 
 
+class Snapshots:
+    """Keep each adapter's checkpointed weights at ``SNAPSHOT_STEPS`` while ``mozgach train``
+    runs (a checkpoint lives ``save_every`` steps, ~1 min here; polled every second) as
+    ``RUNS/<base>_snap/<step>/<adapter>/``. With the preset's constant learning rate the
+    first k steps of the fleet are exactly a k-step fleet, so one run measures them all."""
+
+    def __init__(self, base: str) -> None:
+        import threading
+
+        self.run, self.out = RUNS / base, RUNS / f"{base}_snap"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> Snapshots:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @staticmethod
+    def configure(run: Path, snap: Path) -> None:
+        """Give a kept adapter its trained adapter's config (the same LoRA layout)."""
+        cfg = json.loads((run / snap.name / mz.lora.CONFIG_FILE).read_text())
+        cfg.get("mozgach", {}).pop("files", None)  # the snapshot holds adapters.safetensors only
+        (snap / mz.lora.CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
+
+    def _poll(self) -> None:
+        import shutil
+
+        while not self.stop.wait(1.0):
+            for ck in self.run.glob("mozgach108_*/checkpoint"):
+                for step in SNAPSHOT_STEPS:
+                    src = ck / f"adapter-{step:07d}.safetensors"
+                    dst = self.out / str(step) / ck.parent.name / mz.lora.MLX_WEIGHTS
+                    if src.is_file() and not dst.is_file():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        try:
+                            shutil.copyfile(src, dst.with_suffix(".tmp"))
+                            os.replace(dst.with_suffix(".tmp"), dst)
+                        except FileNotFoundError:  # replaced by the next checkpoint meanwhile
+                            pass
+
+
 def fleet(args) -> dict:
-    """``mozgach train`` over each base, timed (a finished run is skipped by mozgach itself)."""
+    """``mozgach train`` over each base, timed (a finished run is skipped by mozgach itself),
+    keeping the adapters' weights at ``SNAPSHOT_STEPS`` for ``schedule``."""
     res = {}
     exe = str(Path(sys.executable).parent / "mozgach")
     for base in args.bases:
         cmd = train_command(base)
         before = machine()
-        t0 = time.perf_counter()
-        subprocess.run([exe, *cmd[1:]], check=True)
+        t0, c0 = time.perf_counter(), os.times()
+        with Snapshots(base):
+            subprocess.run([exe, *cmd[1:]], check=True)
+        c1 = os.times()
         res[base] = {"command": " ".join(cmd), "seconds": time.perf_counter() - t0, "before": before,
+                     "cpu_seconds": (c1.children_user + c1.children_system) - (c0.children_user + c0.children_system),
                      "after": machine()}
-        print(f"{base}: {res[base]['seconds']:.0f} s  ({res[base]['command']})", flush=True)
+        print(f"{base}: {res[base]['seconds']:.0f} s, {res[base]['cpu_seconds']:.0f} CPU-s "
+              f"({res[base]['command']})", flush=True)
         manifest = json.loads((RUNS / base / "manifest.json").read_text())
         res[base]["adapters"] = {n: {k: r[k] for k in ("domain", "train_loss", "valid_loss", "base_valid_loss",
                                                         "steps", "tokens", "seconds")}
@@ -431,13 +534,15 @@ def mix(args) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-STAGES = {"schedule": schedule, "fleet": fleet, "eval": eval_stage, "mix": mix, "summary": summary}
+STAGES = {"schedule": schedule, "fleet": fleet, "snapshots": snapshots, "eval": eval_stage, "mix": mix,
+          "summary": summary}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=[*STAGES, "all"])
     ap.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
+    ap.add_argument("--snapshot-steps", type=int, nargs="+", default=[*SNAPSHOT_STEPS, WIKI_RUN_TRAIN["max_steps"]])
     ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
     args = ap.parse_args()
     for name, fn in STAGES.items():
