@@ -149,18 +149,50 @@ def test_cli_context_parallel_plan_and_solve():
     assert "ring" in res.output and "per rank" in res.output and "each rank sends" in res.output
 
 
-def _measured_configs() -> list[dict]:
+PLAN_KEYS = ("batch_size", "mlp_chunk", "loss_chunk", "quantize", "lora_rank", "strategy", "attention",
+             "compute_bytes")
+
+
+def _measured_rows() -> list[dict]:
+    """The context-parallel rows of benchmarks/results_context_parallel.json: a list (or
+    {"runs": [...]}) of measured configurations, each with ``model`` (a preset, "tiny" or an
+    HF config dict), ``context`` (tokens per sequence), ``ranks`` (>= 2),
+    ``peak_bytes_per_rank`` (or ``peak_mib_per_rank``) and optionally ``layout``,
+    ``backend`` (default cpu), ``lora_targets`` and any of PLAN_KEYS as mz.plan takes them."""
     if not RESULTS.exists():
         pytest.skip(f"{RESULTS.name} is absent: the context-parallel benchmark has not recorded per-rank peaks yet")
-    rows = json.loads(RESULTS.read_text())
-    rows = rows.get("runs", rows.get("results", rows)) if isinstance(rows, dict) else rows
-    return [r for r in rows if r.get("ranks", 1) > 1 and r.get("peak_bytes_per_rank")]
+    data = json.loads(RESULTS.read_text())
+    rows = data.get("runs", data.get("results", [])) if isinstance(data, dict) else data
+    return [r for r in rows if (r.get("ranks") or r.get("world_size") or 1) > 1]
+
+
+def _plan_for(row: dict):
+    model, L = row.get("model") or row.get("config"), row.get("context") or row.get("tokens")
+    peak = row.get("peak_bytes_per_rank") or (row.get("peak_mib_per_rank") or 0) * 2**20
+    assert model and L and peak, f"{RESULTS.name}: a row without model, context or a per-rank peak: {row}"
+    kw = {k: row[k] for k in PLAN_KEYS if k in row}
+    if "lora_targets" in row:
+        kw["lora_targets"] = tuple(row["lora_targets"])
+    p = mz.plan(model, L, ranks=row.get("ranks") or row["world_size"], context_parallel=True,
+                backend=row.get("backend", "cpu"), cp_layout=row.get("layout", "zigzag"), **kw)
+    return p, peak
 
 
 def test_plan_matches_the_measured_per_rank_peaks_within_10_percent():
-    rows = _measured_configs()
-    assert rows, f"{RESULTS.name} has no context-parallel rows with a per-rank peak"
+    rows = _measured_rows()
+    assert rows, f"{RESULTS.name} has no context-parallel rows"
     for row in rows:
-        p = pc.plan_for_measurement(row)
-        ratio = p.total_bytes / row["peak_bytes_per_rank"]
-        assert 0.9 <= ratio <= 1.1, (row, p.total_bytes, ratio)
+        p, peak = _plan_for(row)
+        assert 0.9 <= p.total_bytes / peak <= 1.1, (row, p.total_bytes, p.total_bytes / peak)
+
+
+def test_the_model_counts():
+    from mozgach_mlx.memory import MemoryStrategy as S
+
+    assert pc.local_tokens(1001, 4) == 251 and pc.local_tokens(1000, 1) == 1000
+    assert [pc.attention_forwards(s) for s in (S(plain=True), S(), S(tile_chunk=64), S(checkpoint_every=2))] \
+        == [1.0, 2.0, 3.0, 2.5]
+    assert pc.attention_share(4, "zigzag", True) == 0.25 and pc.attention_share(4, "contiguous", True) == 7 / 16
+    assert pc.attention_share(4, "contiguous", False) == 0.25 and pc.ring_bytes(1, 100, 8, 2, 4, 1) == 0
+    with pytest.raises(mz.errors.ConfigError, match="layout 'stripes'"):
+        mz.plan(SMALL, 1000, ranks=2, context_parallel=True, cp_layout="stripes")
