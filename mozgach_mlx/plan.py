@@ -388,7 +388,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
          strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
          tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True,
-         context_parallel: bool = False, link_gbps: float | None = None, cp_layout: str = "zigzag") -> Plan:
+         context_parallel: bool = False, link_gbps: float | None = None, context_split: str = "zigzag") -> Plan:
     """Estimate peak memory and step time of LoRA training at ``context`` tokens.
 
     Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
@@ -416,7 +416,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
         context_parallel: one sequence over ``ranks`` ranks (ring attention; memory and time per
             rank, bytes sent: :mod:`mozgach_mlx.plan_context`; ranks=1 is the 1-process plan);
-            link_gbps: the link's rate instead of its profile's; cp_layout: zigzag or contiguous.
+            link_gbps: the link's rate instead of its profile's; context_split: zigzag or contiguous (the trainer's).
         tile_chunk: the tile chunk of ``auto`` / ``"tile"``; ranks, link: also plan ``ranks``
             processes over ``link`` (:mod:`mozgach_mlx.plan_scale`).
     """
@@ -440,7 +440,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
 
     pc.check(ranks, context_parallel)
     cp, kv_dim = ranks if context_parallel else 1, (s.qkv_width - s.heads * s.head_dim) // 2  # K (= V) width
-    share = pc.attention_share(cp, cp_layout, not attention)  # the busiest rank's share of the pairs
+    share = pc.attention_share(cp, context_split, not attention)  # the busiest rank's share of the pairs
 
     def comps(st: MemoryStrategy, n: int, lora: int = lora_n) -> dict[str, int]:  # per rank, n tokens in all
         r = pc.local_tokens(n, cp)
@@ -461,7 +461,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         chosen = _auto(candidates, lambda c: total_at(c, L), lambda c: cost(c)[1], budget, plain)
     comp = comps(chosen, L)
     flops, seconds = cost(chosen)
-    cpx = pc.estimate(ranks=cp, link=link, link_gbps=link_gbps, layout=cp_layout, n_layers=s.n_layers, batch=B,
+    cpx = pc.estimate(ranks=cp, link=link, link_gbps=link_gbps, layout=context_split, n_layers=s.n_layers, batch=B,
                       context=L, kv_dim=kv_dim, kv_bytes=act, dkv_bytes=4, forwards=pc.attention_forwards(chosen),
                       lora_params=lora_n, compute_seconds=seconds, single_seconds=cost(chosen, L, pairs)[1],
                       attention_pass_seconds=4.0 * s.n_layers * B * s.head_dim * pairs * share / (g * 1e9)) \

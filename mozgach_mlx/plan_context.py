@@ -90,7 +90,7 @@ def attention_share(ranks: int, layout: str, causal_only: bool) -> float:
     """The busiest rank's share of the attention pairs: 1/N balanced (zig-zag, or any
     mask but plain causal), (2N - 1)/N^2 for the last rank of a contiguous causal split."""
     if layout not in LAYOUTS:
-        raise ConfigError(f"context-parallel layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+        raise ConfigError(f"context_split={layout!r} is not one of {', '.join(LAYOUTS)}")
     if layout == "contiguous" and causal_only:
         return (2 * ranks - 1) / ranks**2
     return 1.0 / ranks

@@ -102,7 +102,7 @@ def test_step_time_is_compute_plus_what_the_link_adds():
                   link="thunderbolt5")
     assert tb5.context_parallel.compute_seconds == pytest.approx(one.seconds_per_step / 4, rel=1e-3)
     contiguous = mz.plan("llama-3.1-8b", 32_768, device="m4-pro", strategy="none", ranks=4, context_parallel=True,
-                         link="thunderbolt5", cp_layout="contiguous")
+                         link="thunderbolt5", context_split="contiguous")
     # a contiguous split leaves the last rank 7/16 of a causal mask's pairs, not 4/16 (18 D FLOPs a pair)
     pairs = mz.attention.computed_pairs(32_768, heads=32)
     extra = 18.0 * 32 * 128 * pairs * (7 / 16 - 1 / 4)
@@ -173,8 +173,9 @@ def _plan_for(row: dict):
     kw = {k: row[k] for k in PLAN_KEYS if k in row}
     if "lora_targets" in row:
         kw["lora_targets"] = tuple(row["lora_targets"])
+    split = row.get("context_split", row.get("layout", "zigzag"))
     p = mz.plan(model, L, ranks=row.get("ranks") or row["world_size"], context_parallel=True,
-                backend=row.get("backend", "cpu"), cp_layout=row.get("layout", "zigzag"), **kw)
+                backend=row.get("backend", "cpu"), context_split=split, **kw)
     return p, peak
 
 
@@ -194,5 +195,5 @@ def test_the_model_counts():
         == [1.0, 2.0, 3.0, 2.5]
     assert pc.attention_share(4, "zigzag", True) == 0.25 and pc.attention_share(4, "contiguous", True) == 7 / 16
     assert pc.attention_share(4, "contiguous", False) == 0.25 and pc.ring_bytes(1, 100, 8, 2, 4, 1) == 0
-    with pytest.raises(mz.errors.ConfigError, match="layout 'stripes'"):
-        mz.plan(SMALL, 1000, ranks=2, context_parallel=True, cp_layout="stripes")
+    with pytest.raises(mz.errors.ConfigError, match="context_split=.stripes."):
+        mz.plan(SMALL, 1000, ranks=2, context_parallel=True, context_split="stripes")
