@@ -76,6 +76,11 @@ class TrainConfig:
         "positions per chunk of the tiled block recompute (default 4096)"))
     memory_gb: float | None = field(default=None, metadata=_help(
         "memory budget in GiB: plan before loading data and refuse a step that does not fit"))
+    context_parallel: bool = field(default=False, metadata=_help(
+        "context parallelism: with a process group (--distributed context) every rank holds a slice of each "
+        "sequence and attention runs as ring attention (mozgach_mlx.context)"))
+    context_split: str = field(default="zigzag", metadata=_help(
+        "how sequences are sliced over the ranks: zigzag (chunks r and 2N-1-r: balanced causal work) | contiguous"))
     compile: bool = field(default=True, metadata=_help(
         "compile the step's value-and-grad (mx.compile; one trace per batch shape) with the built-in loss, "
         "the default memory strategy and one process; the same losses to float rounding"))
@@ -104,6 +109,7 @@ class TrainConfig:
             ("memory_strategy", self.memory_strategy in MEMORY_STRATEGIES, ", ".join(MEMORY_STRATEGIES)),
             ("tile_chunk", self.tile_chunk is None or self.tile_chunk >= 1, ">= 1 or None"),
             ("memory_gb", self.memory_gb is None or self.memory_gb > 0, "> 0 or None"),
+            ("context_split", self.context_split in ("zigzag", "contiguous"), "zigzag or contiguous"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -123,9 +129,10 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that change the optimisation trajectory (not logging knobs)."""
         d = self.to_dict()
-        # memory knobs do not change the trajectory (the strategies are exact)
+        # memory knobs do not change the trajectory (the strategies are exact), nor does context
+        # parallelism: a run resumes on another number of ranks
         for k in ("progress", "eval_every", "eval_batches", "save_every", "memory_strategy", "tile_chunk",
-                  "memory_gb", "compile"):
+                  "memory_gb", "compile", "context_parallel", "context_split"):
             d.pop(k, None)
         if not d["group_by_length"]:  # added later: runs recorded before it keep their fingerprint
             d.pop("group_by_length")

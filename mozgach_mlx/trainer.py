@@ -266,7 +266,7 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
     """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts
     (data-parallel: this rank's micro-batches, then the sums over the group)."""
     acc, step_loss, step_tokens = None, 0.0, 0
-    mine = dist.my_micro_batches(cfg.grad_accumulation, group)
+    mine = dist.my_micro_batches(cfg.grad_accumulation, None if cfg.context_parallel else group)
     for micro in range(cfg.grad_accumulation):
         x, y, m, seg = batches.next()  # every rank walks the whole stream: same data position
         if micro not in mine:
@@ -362,6 +362,10 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     mplan = memory_plan(model, cfg)
     check_memory(mplan)  # before any data is read
     strategy = memory.MemoryStrategy(**mplan.strategy)
+    if cfg.context_parallel:
+        from .context.step import check_strategy
+
+        strategy = check_strategy(strategy, cfg.memory_strategy)
     if not strategy.runs_model_step and loss_fn is not default_loss:
         raise ConfigError(f"memory strategy {strategy.describe()} runs the default loss only; pass "
                           "memory_strategy='none' with a custom loss_fn")
@@ -408,7 +412,8 @@ def _check_group(model, train, valid, cfg: TrainConfig, group) -> None:
         for seq in seqs:
             data.update(np.asarray(seq[0]).tobytes())
     dist.check_same(group, config=cfg.fingerprint(), base=base_fingerprint(model), data=data.hexdigest()[:16])
-    dist.check_data_parallel(cfg.grad_accumulation, group)
+    if not cfg.context_parallel:
+        dist.check_data_parallel(cfg.grad_accumulation, group)
 
 
 def _start(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig, resume: bool, group) -> dict | None:
@@ -506,6 +511,10 @@ def _grad_fn(model, loss_fn: Callable, cfg: TrainConfig, strategy: memory.Memory
     The default step is compiled with ``cfg.compile`` on one process with the built-in
     loss: a user's ``loss_fn`` may have Python side effects that a traced graph would run
     only once, and the data-parallel step's collectives stay outside a trace."""
+    if cfg.context_parallel:  # every rank: its slice of every sequence (mozgach_mlx.context)
+        from .context.step import grad_fn
+
+        return grad_fn(model, loss_fn, cfg, strategy, group, offload_dir=offload)
     if strategy.runs_model_step:
         vg = nn.value_and_grad(model, lambda x, y, k, **kw: loss_fn(model, x, y, k, cfg, **kw))
         return compiled(model, vg) if cfg.compile and group is None and loss_fn is default_loss else vg

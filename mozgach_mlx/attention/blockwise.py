@@ -73,7 +73,7 @@ def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
         kind = plan.at(i, j)
         if kind == SKIP:
             continue
-        kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+        kj, vj = kf[:, :, ka - plan.k0:kb - plan.k0], vf[:, :, ka - plan.k0:kb - plan.k0]
         if dep:
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
@@ -92,12 +92,17 @@ def _fwd_query_block(qi, kf, vf, i, plan, rep, seg, dep):
             acc = acc * alpha + p @ vj
         m = m_new
         dep = [m, lsum, acc]
+    if acc is None:  # no key block visible (a piece of the keys only: context parallelism)
+        return mx.zeros(qi.shape, mx.float32), mx.full((*qi.shape[:-1], 1), _NEG, mx.float32)
     return _finish(acc, m, lsum)
 
 
-def _blockwise_forward(q, k, v, scale, plan, seg):
-    """(o (B, H, L, D) in q.dtype, lse2 (B, Hkv, rep, L) float32: the logsumexp in base 2,
-    log2(sum_j 2**s2_j), of the base-2 scores s2 = log2(e) * scale * q.k)."""
+def blockwise_forward(q, k, v, scale: float, plan: BlockPlan, seg: mx.array | None, dtype=None):
+    """(o (B, H, L, D) in ``dtype`` (default q.dtype), lse2 (B, Hkv, rep, L) float32: the
+    logsumexp in base 2, log2(sum_j 2**s2_j), of the base-2 scores s2 = log2(e) * scale *
+    q.k) of the queries ``q`` against the keys ``k`` / values ``v`` that ``plan`` places
+    (its ``q0`` / ``k0`` are the positions of their first rows). A query that sees no key
+    of the plan gets o = 0 and lse2 = -1e30 (:func:`merge_partials` weights it 0)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -112,14 +117,25 @@ def _blockwise_forward(q, k, v, scale, plan, seg):
         with _on(lanes[lane]):
             # (B, Hkv, rep, n, D) -> (B, Hkv, rep*n, D): the group's heads stacked as rows;
             # base-2 scores s2 = log2(e) * scale * q k^T, so exp(s - m) == 2**(s2 - m2).
-            qi = (q5[:, :, :, qa:qb].astype(mx.float32) * (scale * ops.LOG2E)).reshape(B, Hkv, rep * n, D)
+            q_i = q5[:, :, :, qa - plan.q0:qb - plan.q0]
+            qi = (q_i.astype(mx.float32) * (scale * ops.LOG2E)).reshape(B, Hkv, rep * n, D)
             o_i, lse_i = _fwd_query_block(qi, kf, vf, bi, plan, rep, seg, deps[lane])
-            o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(q.dtype))
+            o_parts.append(o_i.reshape(B, Hkv, rep, n, D).astype(dtype or q.dtype))
             lse_parts.append(lse_i.reshape(B, Hkv, rep, n))
         deps[lane] = [o_parts[-1], lse_parts[-1]]
     o = mx.concatenate(o_parts, axis=3) if len(o_parts) > 1 else o_parts[0]
     lse = mx.concatenate(lse_parts, axis=3) if len(lse_parts) > 1 else lse_parts[0]
     return o.reshape(B, H, L, D), lse
+
+
+def merge_partials(o1: mx.array, l1: mx.array, o2: mx.array, l2: mx.array) -> tuple[mx.array, mx.array]:
+    """Attention over the union of two disjoint key sets from the attention over each:
+    o (..., n, D) float32 and lse2 (..., n) as :func:`blockwise_forward` returns them."""
+    m = mx.maximum(l1, l2)
+    w1, w2 = ops.exp2(l1 - m), ops.exp2(l2 - m)
+    total = w1 + w2
+    o = (o1 * (w1 / total)[..., None]) + (o2 * (w2 / total)[..., None])
+    return o, m + mx.log2(total)
 
 
 def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva, dep):
@@ -131,7 +147,7 @@ def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva,
         kind = plan.at(i, j)
         if kind == SKIP:
             continue
-        kj, vj = kf[:, :, ka:kb], vf[:, :, ka:kb]
+        kj, vj = kf[:, :, ka - plan.k0:kb - plan.k0], vf[:, :, ka - plan.k0:kb - plan.k0]
         if dep:
             kj, vj = mx.depends([kj, vj], dep)
         s = qi @ kj.swapaxes(-1, -2)  # (B, Hkv, R, C)
@@ -150,8 +166,11 @@ def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva,
     return dqi, dep
 
 
-def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
-    """(dq, dk, dv) in the dtypes of (q, k, v)."""
+def blockwise_backward(q, k, v, o, lse, do, scale: float, plan: BlockPlan, seg: mx.array | None, dtypes=None):
+    """(dq, dk, dv) of :func:`blockwise_forward` for the output cotangent ``do``, in
+    ``dtypes`` (default those of q, k, v). ``o`` and ``lse`` are the attention's output
+    and base-2 logsumexp over *all* its keys: with the keys split into pieces, each
+    piece's call gives its exact share of dq and its own dk, dv (FlashAttention-2)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -171,13 +190,15 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
         lane, n = bi % len(lanes), qb - qa
         with _on(lanes[lane]):
             R = rep * n
-            qs = (q5[:, :, :, qa:qb].astype(mx.float32) * scale).reshape(B, Hkv, R, D)
-            doi = do5[:, :, :, qa:qb].astype(mx.float32)
-            delta = (doi * o5[:, :, :, qa:qb].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
-            lse_i = lse[:, :, :, qa:qb].reshape(B, Hkv, R, 1)
+            a, b = qa - plan.q0, qb - plan.q0
+            qs = (q5[:, :, :, a:b].astype(mx.float32) * scale).reshape(B, Hkv, R, D)
+            doi = do5[:, :, :, a:b].astype(mx.float32)
+            delta = (doi * o5[:, :, :, a:b].astype(mx.float32)).sum(axis=-1)  # (B, Hkv, rep, n)
+            lse_i = lse[:, :, :, a:b].reshape(B, Hkv, R, 1)
             dqi, dep = _bwd_query_block(qs, doi.reshape(B, Hkv, R, D), delta.reshape(B, Hkv, R, 1), lse_i,
                                         kf, vf, bi, plan, rep, seg, dk_acc[lane], dv_acc[lane], deps[lane])
-            dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(q.dtype))
+            dqi = mx.zeros((B, Hkv, R, D), mx.float32) if dqi is None else dqi  # no key visible (a piece)
+            dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(dtypes[0] if dtypes else q.dtype))
         deps[lane] = [dq_parts[-1]] + [a for a in dep if a is not dqi]
     dk_parts, dv_parts = [], []
     for j, (ka, kb) in enumerate(kspans):
@@ -190,7 +211,8 @@ def _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg):
     dq = mx.concatenate(dq_parts, axis=3) if len(dq_parts) > 1 else dq_parts[0]
     dk = mx.concatenate(dk_parts, axis=2) if len(dk_parts) > 1 else dk_parts[0]
     dv = mx.concatenate(dv_parts, axis=2) if len(dv_parts) > 1 else dv_parts[0]
-    return dq.reshape(B, H, L, D), dk.astype(k.dtype), dv.astype(v.dtype)
+    dt = dtypes or (q.dtype, k.dtype, v.dtype)
+    return dq.reshape(B, H, L, D), dk.astype(dt[1]), dv.astype(dt[2])
 
 
 # CPU streams the query blocks are spread over (env MOZGACH_ATTENTION_CPU_STREAMS). MLX
@@ -223,14 +245,14 @@ def _blockwise_fn(scale: float, plan: BlockPlan, seg: mx.array | None):
 
     @mx.custom_function
     def attn(q, k, v):
-        return _blockwise_forward(q, k, v, scale, plan, seg)
+        return blockwise_forward(q, k, v, scale, plan, seg)
 
     @attn.vjp
     def attn_vjp(primals, cotangents, outputs):
         q, k, v = primals
         do = cotangents[0]
         o, lse = outputs
-        return _blockwise_backward(q, k, v, o, lse, do, scale, plan, seg)
+        return blockwise_backward(q, k, v, o, lse, do, scale, plan, seg)
 
     return attn
 

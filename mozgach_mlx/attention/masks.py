@@ -139,12 +139,20 @@ def host_segments(segment_ids: mx.array | None) -> tuple[np.ndarray | None, bool
         return None, False
 
 
+def _block_minmax(seg: np.ndarray, blocks) -> tuple[np.ndarray, np.ndarray]:
+    """(B, n) min and max of the ids over each [start, end) block of positions."""
+    starts = [a for a, _ in blocks]
+    if blocks[-1][1] == seg.shape[1] and all(blocks[i][1] == blocks[i + 1][0] for i in range(len(blocks) - 1)):
+        return np.minimum.reduceat(seg, starts, axis=1), np.maximum.reduceat(seg, starts, axis=1)
+    lo = np.stack([seg[:, a:b].min(axis=1) for a, b in blocks], axis=1)
+    hi = np.stack([seg[:, a:b].max(axis=1) for a, b in blocks], axis=1)
+    return lo, hi
+
+
 def _segment_kinds(seg: np.ndarray, qspans, kspans) -> np.ndarray:
     """(nq, nk) kinds from per-block min/max of the ids, reduced over the batch rows."""
-    qs = np.array([a for a, _ in qspans])
-    ks = np.array([a for a, _ in kspans])
-    qmin, qmax = np.minimum.reduceat(seg, qs, axis=1), np.maximum.reduceat(seg, qs, axis=1)  # (B, nq)
-    kmin, kmax = np.minimum.reduceat(seg, ks, axis=1), np.maximum.reduceat(seg, ks, axis=1)  # (B, nk)
+    qmin, qmax = _block_minmax(seg, qspans)  # (B, nq)
+    kmin, kmax = _block_minmax(seg, kspans)  # (B, nk)
     skip = (qmax[:, :, None] < kmin[:, None, :]) | (kmax[:, None, :] < qmin[:, :, None])  # (B, nq, nk)
     full = ((qmin == qmax)[:, :, None] & (kmin == kmax)[:, None, :]
             & (qmin[:, :, None] == kmin[:, None, :]))
@@ -154,14 +162,24 @@ def _segment_kinds(seg: np.ndarray, qspans, kspans) -> np.ndarray:
 class BlockPlan:
     """Which (query block, key block) pairs an attention call computes, and how.
 
-    ``qspans`` / ``kspans``: [start, end) of the blocks; ``kinds[name]`` (nq, nk) per
-    condition; ``kind`` (nq, nk) combined (SKIP / FULL / MASK).
+    ``qspans`` / ``kspans``: [start, end) of the blocks, in sequence positions;
+    ``kinds[name]`` (nq, nk) per condition; ``kind`` (nq, nk) combined (SKIP / FULL / MASK).
+
+    By default queries and keys are the same ``length`` positions from 0. A piece of a
+    longer sequence against another piece (context parallelism: a rank's queries against
+    the keys another rank holds) passes ``q_start`` (its queries are positions
+    ``q_start .. q_start + length - 1``), ``k_start`` and ``k_length``; ``q0`` / ``k0``
+    are then subtracted from a span to index the piece's arrays, and ``segments`` are the
+    whole sequence's ids (indexed by position).
     """
 
     def __init__(self, spec: MaskSpec, length: int, block_q: int, block_k: int,
-                 segments: np.ndarray | None = None, segments_known: bool = True) -> None:
+                 segments: np.ndarray | None = None, segments_known: bool = True, *,
+                 q_start: int = 0, k_start: int = 0, k_length: int | None = None) -> None:
         self.spec = spec
-        self.qspans, self.kspans = spans(length, block_q), spans(length, block_k)
+        self.q0, self.k0 = q_start, k_start
+        self.qspans = [(a + q_start, b + q_start) for a, b in spans(length, block_q)]
+        self.kspans = [(a + k_start, b + k_start) for a, b in spans(length if k_length is None else k_length, block_k)]
         qa = np.array([a for a, _ in self.qspans])[:, None]
         qb = np.array([b for _, b in self.qspans])[:, None]
         ka = np.array([a for a, _ in self.kspans])[None, :]

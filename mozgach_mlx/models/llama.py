@@ -149,6 +149,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=args.o_bias)
         self.set_rope(args)
+        # Context parallelism (mozgach_mlx.context): while a context-parallel step runs, the
+        # object that applies RoPE at this rank's global positions and runs ring attention.
+        self.context_parallel = None
 
     def set_rope(self, args: ModelArgs) -> None:
         self.rope = build_rope(self.head_dim, args.rope_theta, args.rope_scaling,
@@ -168,6 +171,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if self.context_parallel is not None and cache is None:  # x is this rank's slice of the sequence
+            o = self.context_parallel.attention(q, k, v, rope=self.rope, scale=self.scale, window=self.window)
+            return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
         offset = 0 if cache is None else cache.offset
         q = self.rope(q, offset=offset)
         k = self.rope(k, offset=offset)

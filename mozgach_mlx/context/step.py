@@ -1,0 +1,126 @@
+"""The context-parallel training step: every rank runs the model on its slice of each
+sequence, attention as ring attention over the group.
+
+:class:`ContextShard` is what a step installs on every attention layer
+(``Attention.context_parallel``, see :mod:`mozgach_mlx.models.llama`): it rotates this
+rank's q and k by RoPE at their *global* positions (one ``offset`` per piece of the
+layout) and runs :func:`.ring.ring_attention` with the mask of the whole sequence (its
+segment ids, S² groups of the whole length, the layer's window). Everything else in a
+block is per token and runs on the slice as it is.
+
+:func:`grad_fn` is the trainer's step: it shards inputs, targets and loss mask by the
+layout, installs the shard, and runs the model's value-and-grad (the plain step or
+per-block checkpointing, or a non-tiled strategy of :mod:`mozgach_mlx.memory`) on the
+slice. The chunked loss of a slice is the sum over its tokens, so the ranks' loss sums,
+token counts and LoRA gradients summed over the group (the trainer's
+``distributed.sum_step``) are the whole sequence's, normalised by the global token count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import attention as attn
+from .. import distributed as dist
+from .. import memory
+from ..errors import ConfigError
+from .layout import Layout
+from .ring import ring_attention
+from .transport import RingTransport
+
+
+class LocalTransport:
+    """The ring of one process (world size 1): nothing ever travels."""
+
+    bytes_sent = 0
+    messages = 0
+
+    def exchange(self, sends, recvs):
+        if sends or recvs:
+            raise RuntimeError("a ring of one rank has nothing to exchange")
+        return []
+
+
+def transport_for(group):
+    return LocalTransport() if group is None else RingTransport(group)
+
+
+class ContextShard:
+    """This rank's part of one batch: its layout, the whole batch's segment ids and S²
+    group, the transport. ``attention`` is what every attention layer calls."""
+
+    def __init__(self, layout: Layout, rank: int, transport, *, segment_ids: mx.array | None = None,
+                 s2_group: int | None = None, block_size: tuple[int, int] | None = None) -> None:
+        self.layout, self.rank, self.transport = layout, rank, transport
+        self.segment_ids, self.s2_group, self.block_size = segment_ids, s2_group, block_size
+
+    def rope(self, rope: nn.Module, x: mx.array) -> mx.array:
+        """``x`` (B, H, Lr, D) rotated at this rank's global positions."""
+        if hasattr(rope, "scaled_base"):
+            raise ConfigError("context parallel: dynamic RoPE scaling depends on the whole sequence length at every "
+                              "position; use linear, yarn or llama3 scaling, or --distributed none")
+        parts = [rope(x[:, :, off:off + b - a], offset=a)
+                 for (a, b), off in zip(self.layout.pieces(self.rank), self.layout.offsets(self.rank), strict=True)]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=2)
+
+    def attention(self, q, k, v, *, rope: nn.Module, scale: float, window: int | None) -> mx.array:
+        return ring_attention(self.rope(rope, q), self.rope(rope, k), v, self.layout, self.rank, self.transport,
+                              scale=scale, causal=True, window=window, segment_ids=self.segment_ids,
+                              s2_group=self.s2_group, block_size=self.block_size)
+
+
+@contextlib.contextmanager
+def installed(model, shard: ContextShard | None) -> Iterator[None]:
+    """Every attention layer of ``model`` runs context-parallel with ``shard`` inside."""
+    layers = [layer.self_attn for layer in model.layers]
+    if any(not hasattr(a, "context_parallel") for a in layers):
+        raise ConfigError(f"context parallel needs a mozgach model (got {type(model).__name__})")
+    for a in layers:
+        a.context_parallel = shard
+    try:
+        yield
+    finally:
+        for a in layers:
+            a.context_parallel = None
+
+
+def check_strategy(strategy: memory.MemoryStrategy, requested: str) -> memory.MemoryStrategy:
+    """The memory strategy a context-parallel step runs: tiled recompute calls attention on
+    whole-sequence q, k, v and does not compose yet (auto falls back to per-block
+    checkpointing; an explicit tile is refused)."""
+    if not strategy.tile_chunk:
+        return strategy
+    if requested == "auto":
+        return memory.MemoryStrategy()
+    raise ConfigError(f"memory_strategy={requested!r} (tiled block recompute) does not compose with context_parallel "
+                      "yet; use memory_strategy none (per-block checkpointing), plain or offload")
+
+
+def shard_batch(layout: Layout, rank: int, *arrays: mx.array) -> list[mx.array]:
+    return [layout.shard(a, rank) for a in arrays]
+
+
+def grad_fn(model, loss_fn: Callable, cfg, strategy: memory.MemoryStrategy, group, *,
+            offload_dir=None, block_size: tuple[int, int] | None = None) -> Callable:
+    """``(x, y, mask, segment_ids=None) -> ((loss_sum, n), grads)`` of this rank's slice
+    of the batch (sums over the slice; the trainer sums them over the group)."""
+    rank, n = dist.rank(group), dist.size(group)
+    transport = transport_for(group)
+    if strategy.runs_model_step:
+        vg = nn.value_and_grad(model, lambda x, y, k: loss_fn(model, x, y, k, cfg))
+    else:
+        vg = memory.value_and_grad(model, strategy, loss_chunk=cfg.loss_chunk, offload_dir=offload_dir)
+
+    def step(x: mx.array, y: mx.array, m: mx.array, segment_ids: mx.array | None = None):
+        layout = Layout(x.shape[1], n, cfg.context_split)
+        s2 = attn.s2_group_tokens(model.s2_group, x.shape[1]) if model.training else None
+        shard = ContextShard(layout, rank, transport, segment_ids=segment_ids, s2_group=s2, block_size=block_size)
+        with installed(model, shard):
+            return vg(*shard_batch(layout, rank, x, y, m))
+
+    step.transport = transport
+    return step
