@@ -21,26 +21,30 @@ The ring term is live only while attention runs, so it joins the block phase of 
 Bytes each rank sends per step (one micro-batch, forward and backward), closed form:
 
     K/V     n_layers x (F + 1) x (N - 1) x B r 2 kv_dim x kv_bytes
-    dK/dV   n_layers x N x B r 2 kv_dim x dkv_bytes
+    dK/dV   n_layers x (N - 1) x B r 2 kv_dim x dkv_bytes
     LoRA    2 (N - 1) / N x lora_params x 4         (ring all-reduce of the fp32 gradients)
 
 F is the number of attention forwards in a step (1 plain, 2 with checkpointing -- the
 backward recomputes the block --, 3 with tiled recompute, + (k-1)/k with checkpoint_every
-k: the FLOP model's own count); each forward passes K/V round the ring (N - 1 hops), the
-backward passes them once more (N - 1 hops) with the dK/dV accumulators, which take one
-more hop to return to their owner (N hops).
+k: the FLOP model's own count); each forward passes K/V round the ring (N - 1 hops, one
+(2, B, Hkv, r, D) message in the compute dtype), the backward passes them once more with
+the fp32 dK/dV accumulators, which start at the owner's neighbour and reach home after
+N - 1 hops (``context/ring.py``). These are the busiest rank's bytes: the ring skips hops
+that no later rank needs (a contiguous causal split never sends the last rank's K/V),
+which lowers the other ranks' traffic, not the busiest one's.
 
 Time per step: the rank's compute (its r tokens' linear FLOPs and its share of the
 attention pairs: 1/N with the zig-zag split; a contiguous split leaves the last rank
 (2N - 1)/N of the mean on a causal mask) at the device's throughput, plus what the link
-adds. Assumed overlap: ring attention double-buffers, so hop i + 1's transfer runs while
-block i is computed (MLX runs send/recv on a CPU stream beside the GPU's work:
-``stream=mx.cpu``, as ml-explore/mlx#3207 advises for JACCL); only a transfer's excess
-over one block's compute shows, plus each layer's last dK/dV hop home and the LoRA
-all-reduce, which nothing overlaps. ``link_seconds`` is the time on the link if nothing
-overlapped (an upper bound). Masks that hide whole blocks (documents, windows) compute
-fewer pairs but are assumed to send every hop. A model, not a measurement: nobody here
-has two Macs.
+adds, as ``context/transport.py`` runs it: no overlap (each exchange is evaluated before
+the block it brings is computed), and since MLX's ring backend sends synchronously, even
+ranks send then receive and odd ranks receive then send, so one hop takes 2 message times
+with an even number of ranks and 3 with an odd one (the chain of waits closes through the
+odd rank); the LoRA all-reduce follows. ``overlapped_seconds`` is what a double-buffered
+ring would expose instead (hop i + 1's transfer during block i's compute; only a
+transfer's excess shows): the gain left to an asynchronous transport. Masks that hide
+whole blocks (documents, windows) compute fewer pairs but are assumed to send every hop.
+A model, not a measurement: nobody here has two Macs.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def sent_bytes(*, n_layers: int, batch: int, tokens: int, kv_dim: int, kv_bytes:
         return {"kv": 0.0, "dkv": 0.0, "lora": 0.0}
     block = batch * tokens * 2 * kv_dim
     return {"kv": n_layers * (forwards + 1) * (ranks - 1) * block * kv_bytes,
-            "dkv": float(n_layers * ranks * block * dkv_bytes),
+            "dkv": float(n_layers * (ranks - 1) * block * dkv_bytes),
             "lora": 2 * (ranks - 1) / ranks * lora_params * 4}
 
 
@@ -109,8 +113,8 @@ class ContextParallel:
     ring_bytes: int
     sent: dict  # kind -> bytes sent per step by one rank
     compute_seconds: float
-    link_seconds: float  # every transfer back to back, nothing overlapped
-    exposed_seconds: float  # what the overlap leaves of the ring's transfers
+    link_seconds: float  # the ring's exchanges as the transport runs them (no overlap)
+    overlapped_seconds: float  # what a double-buffered ring would leave of them
     allreduce_seconds: float
     single_seconds: float  # the same step in one process
     link_source: str = ""
@@ -121,7 +125,7 @@ class ContextParallel:
 
     @property
     def seconds_per_step(self) -> float:
-        return self.compute_seconds + self.exposed_seconds + self.allreduce_seconds
+        return self.compute_seconds + self.link_seconds + self.allreduce_seconds
 
     @property
     def speedup(self) -> float:
@@ -134,9 +138,9 @@ class ContextParallel:
                 f"{self.link_source}), {self.tokens_per_rank:,} tokens per rank ({self.layout}); "
                 f"each rank sends {self.sent_bytes / gib:.2f} GiB per step (K/V {s['kv'] / gib:.2f}, dK/dV "
                 f"{s['dkv'] / gib:.2f}, LoRA all-reduce {s['lora'] / 2**20:.1f} MiB); step = compute "
-                f"{_secs(self.compute_seconds)} + exposed ring transfers {_secs(self.exposed_seconds)} + all-reduce "
-                f"{_secs(self.allreduce_seconds)} (ring transfers overlapped with the block computed: "
-                f"{_secs(self.link_seconds)} on the link if nothing overlapped); {self.speedup:.2f}x one process")
+                f"{_secs(self.compute_seconds)} + ring exchanges {_secs(self.link_seconds)} (synchronous, not "
+                f"overlapped; {_secs(self.overlapped_seconds)} if they were) + all-reduce "
+                f"{_secs(self.allreduce_seconds)}; {self.speedup:.2f}x one process")
 
 
 def _secs(x: float) -> str:
@@ -157,17 +161,18 @@ def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_l
     block = batch * r * 2 * kv_dim
     t_kv, t_dkv = block * kv_bytes / bw + lk.latency, block * dkv_bytes / bw + lk.latency
     fwd_block = attention_pass_seconds / n_layers / ranks  # one hop's compute in a forward
-    hops = ranks - 1
+    hops, serial = ranks - 1, 2 if ranks % 2 == 0 else 3  # message times per hop (module docstring)
     if ranks > 1:
-        exposed = n_layers * (forwards * hops * max(0.0, t_kv - fwd_block)
-                              + hops * max(0.0, t_kv + t_dkv - 2.5 * fwd_block) + t_dkv)
-        on_link = n_layers * ((forwards + 1) * hops * t_kv + ranks * t_dkv)
+        overlapped = n_layers * hops * (forwards * max(0.0, t_kv - fwd_block)
+                                        + max(0.0, t_kv + t_dkv - 2.5 * fwd_block))
+        on_link = n_layers * hops * serial * ((forwards + 1) * t_kv + t_dkv)
     else:
-        exposed = on_link = 0.0
+        overlapped = on_link = 0.0
     grad = allreduce_seconds(lora_params * 4, ranks, lk.gbps, lk.latency)
     return ContextParallel(ranks=ranks, link=link, gbps=lk.gbps, latency=lk.latency, layout=layout,
                            tokens_per_rank=r, ring_bytes=ring_bytes(batch, r, kv_dim, kv_bytes, dkv_bytes, ranks),
-                           sent=sent, compute_seconds=compute_seconds, link_seconds=on_link, exposed_seconds=exposed,
+                           sent=sent, compute_seconds=compute_seconds, link_seconds=on_link,
+                           overlapped_seconds=overlapped,
                            allreduce_seconds=grad, single_seconds=single_seconds, link_source=lk.source)
 
 
