@@ -1,5 +1,6 @@
 """Data- and adapter-parallel training over ``mx.distributed`` (processes started by
-``mlx.launch``: ring over TCP, MPI, JACCL over Thunderbolt 5, NCCL on CUDA).
+``mozgach launch`` on one machine, or ``mlx.launch``: ring over TCP, MPI, JACCL over
+Thunderbolt 5, NCCL on CUDA).
 
 Two ways to use a group of W processes (``--distributed``):
 
@@ -11,13 +12,22 @@ Two ways to use a group of W processes (``--distributed``):
               sequence is the single process's with the same global batch (within fp32
               summation order). Only rank 0 writes files and logs.
 ``adapters``  each rank trains whole adapters, the domains assigned to it by token count
-              (:func:`balance`), in rounds; after each round the ranks report their
-              records and adapter files through the group and rank 0 writes the manifest
-              (and any file it does not already hold: the machines need not share a disk).
+              (:func:`balance`), with no collective while it trains: rank 0 records its
+              own in ``manifest.json``, every other rank its own in
+              ``manifest.rank{r}.json``; at the end (and at the start of a resumed run)
+              rank 0 merges the parts, and only the adapter files it does not hold
+              travel, to rank 0 only (:func:`send_to_main`; the machines need not share a
+              disk).
 
 What every collective here relies on: all ranks call them in the same order. A rank that
 fails a check must not leave the others waiting, so checks run on every rank and their
-outcome is agreed (:func:`together`) before anyone goes on.
+outcome is agreed (:func:`together`) before anyone goes on. A rank that dies while the
+others train (adapter-parallel) is not noticed by them until the end-of-run merge; it is
+the launcher's job to stop them at once: ``mozgach launch`` and ``mlx.launch`` both stop
+the other ranks when one exits non-zero (``mozgach launch`` also exits with its code and
+one line ``rank N failed: ...``). A ring collective with a dead peer raises at once
+("connection to a peer was lost"): the survivors of a job started without such a launcher
+end at the merge, not hang.
 
 The run directory's lock (``OUT/.lock``) is held by rank 0 only (:func:`hold`): the ranks
 of one job never lock each other out, and a second, unrelated job on the same ``--out`` is
@@ -43,7 +53,8 @@ from .rundir import locked
 MODES = ("none", "data", "adapters")
 BUCKET_BYTES = 64 << 20  # one all_sum per this many bytes of gradients (few calls, bounded copies)
 
-LAUNCH_HINT = "e.g. `mlx.launch -n 2 --backend ring -- mozgach train --distributed {mode} ...`"
+LAUNCH_HINT = ("e.g. `mozgach launch -n 2 -- mozgach train --distributed {mode} ...` on one machine, "
+               "`mlx.launch --hostfile hosts.json -- mozgach train --distributed {mode} ...` over several")
 
 
 def check_mode(mode: str) -> str:
@@ -61,9 +72,10 @@ def init(mode: str):
         group = mx.distributed.init(strict=False)
     except RuntimeError as e:
         raise ConfigError(f"--distributed {mode}: the process group did not start ({' '.join(str(e).split())}); "
-                          f"launch every rank with mlx.launch ({LAUNCH_HINT.format(mode=mode)})") from None
+                          f"launch every rank with mozgach launch or mlx.launch ({LAUNCH_HINT.format(mode=mode)})"
+                          ) from None
     if group.size() < 2:
-        raise ConfigError(f"--distributed {mode} needs 2 or more processes started by mlx.launch, but this "
+        raise ConfigError(f"--distributed {mode} needs 2 or more processes started by a launcher, but this "
                           f"process is alone (world size 1); launch it with {LAUNCH_HINT.format(mode=mode)}, "
                           "or use --distributed none")
     return group
@@ -155,6 +167,36 @@ def all_gather_json(obj: Any, group) -> list[Any]:
 def broadcast_json(obj: Any, group) -> Any:
     """Rank 0's JSON-able ``obj`` on every rank (what the others pass is ignored)."""
     return all_gather_json(obj if is_main(group) else None, group)[0]
+
+
+def send_to_main(data: bytes, sizes: list[int], group) -> list[bytes]:
+    """Rank 0 receives every rank's ``data`` (``sizes[r]`` bytes from rank r, known to
+    every rank); the other ranks receive nothing (``[]``). The bytes go to rank 0 only,
+    hop by hop over neighbours (r -> r-1 -> ... -> 0: the ring backend sends only to its
+    neighbours), one ``send``/``recv`` pair per hop; ranks with nothing to send send
+    nothing."""
+    if group is None:
+        return [data]
+    me = rank(group)
+    if len(data) != sizes[me]:
+        raise ValueError(f"send_to_main: rank {me} has {len(data)} bytes, not the announced {sizes[me]}")
+    got = [data] if me == 0 else []
+    for src in range(1, size(group)):
+        if not sizes[src]:
+            if me == 0:
+                got.append(b"")
+            continue
+        buf = mx.array(np.frombuffer(data, np.uint8)) if me == src else None
+        for hop in range(src, 0, -1):  # hop -> hop - 1
+            if me == hop:
+                mx.eval(mx.distributed.send(buf, hop - 1, group=group))
+                buf = None
+            elif me == hop - 1:
+                buf = mx.distributed.recv((sizes[src],), mx.uint8, hop, group=group)
+                mx.eval(buf)
+        if me == 0:
+            got.append(np.array(buf).tobytes())
+    return got
 
 
 def together(group, fn: Callable[[], Any], *, main_only: bool = False) -> Any:

@@ -8,6 +8,15 @@ next. ``OUT/manifest.json`` is rewritten atomically after every state change, so
 killed at any moment resumes with the same command: finished adapters are skipped after
 their file hashes are verified, the interrupted one continues from its last checkpoint,
 and a domain whose data is broken is marked failed while the run goes on.
+
+Adapter-parallel (``distributed="adapters"``), rank r > 0 records its adapters in its own
+manifest part ``OUT/manifest.rank{r}.json`` (atomically, after every state change) and
+logs to ``OUT/logs/fleet.rank{r}.jsonl``; nothing crosses the group while the ranks
+train. Rank 0 merges the parts into ``manifest.json`` at the end of the run and at the
+start of every run (so a run killed at any moment resumes with any number of ranks, or
+one process, from the manifest and the parts), fetching over the group only the adapter
+files it does not hold itself (machines without a shared disk), then the parts are
+removed.
 """
 
 from __future__ import annotations
@@ -155,6 +164,9 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
 
     Distributed, only rank 0 writes the manifest and ``logs/fleet.jsonl``, and its
     result lists every rank's adapters; the other ranks' results list their own.
+    Adapter-parallel, rank r > 0 writes its records to ``manifest.rank{r}.json`` and its
+    events to ``logs/fleet.rank{r}.jsonl`` while it trains, and rank 0 merges the parts at
+    the end; every run, distributed or not, first merges the parts a killed run left.
     """
     mode = dist.check_mode(distributed)
     group = None if mode == "none" else (group if group is not None else dist.init(mode))
@@ -166,27 +178,43 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
         return _train_fleet(model, tok, domains, cfg, out_dir, base, config, on_event, mode, group)
 
 
-class _Fleet:
-    """What the loop of one fleet run shares: the manifest and event log (rank 0's),
-    the result, and how an adapter's outcome is recorded."""
+PART_PREFIX = "manifest.rank"
 
-    def __init__(self, out_dir: Path, manifest: Manifest | None, on_event, group) -> None:
+
+def part_path(out_dir: Path, rank: int) -> Path:
+    """Rank ``rank``'s manifest part (adapter-parallel ranks > 0)."""
+    return Path(out_dir) / f"{PART_PREFIX}{rank}.json"
+
+
+def _parts(out_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(out_dir).glob(f"{PART_PREFIX}*.json")
+                  if p.name[len(PART_PREFIX):-len(".json")].isdigit())
+
+
+class _Fleet:
+    """What the loop of one fleet run shares: the records this rank writes (rank 0: the
+    manifest; an adapter-parallel rank r > 0: its part), its event log, the result, and
+    how an adapter's outcome is recorded."""
+
+    def __init__(self, out_dir: Path, manifest: Manifest | None, on_event, group, mode: str = "none") -> None:
         self.out_dir, self.manifest, self.on_event, self.group = out_dir, manifest, on_event, group
         self.main = dist.is_main(group)
         self.result = FleetResult(out_dir=str(out_dir))
-        self.events = out_dir / "logs" / "fleet.jsonl"
+        me = dist.rank(group)
+        self.events = out_dir / "logs" / ("fleet.jsonl" if self.main else f"fleet.rank{me}.jsonl")
+        self.logging = self.main or mode == "adapters"
 
     def emit(self, kind: str, info: dict) -> None:
-        if not self.main:
+        if not self.logging:
             return
         with open(self.events, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": _now(), "event": kind, **info}, default=str) + "\n")
-        if self.on_event is not None:
+        if self.on_event is not None and self.main:
             self.on_event(kind, info)
 
     def start(self, dom, **info) -> None:
         name = adapter_dir_name(dom.id)
-        if self.main:
+        if self.manifest is not None:
             self.manifest.update(name, domain=dom.name, domain_id=dom.id, status="running", started=_now(),
                                  error=None, data=domain_files(dom))
         self.emit("start", {"name": name, "domain": dom.name, **info})
@@ -194,13 +222,16 @@ class _Fleet:
     def finish(self, dom, status: str, fields: dict) -> None:
         name = adapter_dir_name(dom.id)
         (self.result.done if status == "done" else self.result.failed).append(name)
-        if not self.main:
+        if self.manifest is None:
             return
         rec = self.manifest.update(name, status=status, **fields)
-        if status == "done":
-            self.emit("done", {"name": name, **dataclasses.asdict(rec)})
+        self.emit_outcome(name, rec)
+
+    def emit_outcome(self, name: str, rec: AdapterRecord, **info) -> None:
+        if rec.status == "done":
+            self.emit("done", {"name": name, **dataclasses.asdict(rec), **info})
         else:
-            self.emit("failed", {"name": name, "domain": dom.name, "error": fields["error"]})
+            self.emit("failed", {"name": name, "domain": rec.domain, "error": rec.error, **info})
 
 
 def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, base: dict, config: dict,
@@ -210,7 +241,8 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     if main or mode == "adapters":  # adapter-parallel ranks log their own adapters' steps
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
     manifest = dist.together(group, lambda: open_manifest(out_dir, base, config), main_only=True)
-    fleet = _Fleet(out_dir, manifest, on_event, group)
+    fleet = _Fleet(out_dir, manifest, on_event, group, mode)
+    _merge(fleet, _offers_from_parts(out_dir, base, config, group), at_start=True)
 
     lora.ensure(model, cfg.lora)
     check_memory(memory_plan(model, cfg))  # refuse before any domain's data is read
@@ -233,7 +265,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     todo = set(dist.broadcast_json(todo, group))
     todo = [d for d in domains if d.id in todo]
     if mode == "adapters":
-        _adapter_parallel(model, tok, todo, cfg, fleet, baseline)
+        _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config)
     else:
         for dom in todo:
             fleet.start(dom)
@@ -264,10 +296,11 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
         files=_file_hashes(adir) if dist.is_main(group) else {})
 
 
-def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int) -> None:
-    """Each rank trains its share of ``todo`` (balanced by training tokens), in rounds: in
-    round k every rank trains its k-th domain, then the ranks send their records and
-    adapter files to rank 0, which records them (and writes the files it lacks)."""
+def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int, base: dict,
+                      config: dict) -> None:
+    """Each rank trains its share of ``todo`` (balanced by training tokens) with no
+    collective until all are done: rank 0 records in the manifest, rank r > 0 in its part;
+    then rank 0 merges the parts (:func:`_merge`)."""
     group, out_dir = fleet.group, fleet.out_dir
     me, world = dist.rank(group), dist.size(group)
     sizes = {d.id: _train_tokens(d, tok, cfg) for i, d in enumerate(todo) if i % world == me}
@@ -275,24 +308,102 @@ def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, b
     plan = dist.balance(counts, world)
     by_id = {d.id: d for d in todo}
     fleet.emit("assign", {"ranks": plan, "tokens": counts})
-    for k in range(max((len(p) for p in plan), default=0)):
-        for r, ids in enumerate(plan):
-            if k < len(ids):
-                fleet.start(by_id[ids[k]], rank=r)
-        report, blob = None, b""
-        if k < len(plan[me]):
-            dom = by_id[plan[me][k]]
-            status, fields = _fit(model, tok, dom, cfg, out_dir, baseline)  # one process: files hashed
-            fleet.finish(dom, status, fields)  # rank 0 records its own at once
-            if not fleet.main:
-                report, blob = _pack(dom.id, status, fields, out_dir)
-        reports = dist.all_gather_json(report, group)
-        blobs = dist.all_gather_bytes(blob, group)
-        if fleet.main:
-            for rep, data in zip(reports[1:], blobs[1:], strict=True):
-                if rep is not None:
-                    _unpack(rep, data, out_dir)
-                    fleet.finish(by_id[rep["id"]], rep["status"], rep["fields"])
+    if not fleet.main:
+        fleet.manifest = Manifest(base=base, config=config, path=part_path(out_dir, me))
+        fleet.manifest.save()
+    for dom_id in plan[me]:
+        dom = by_id[dom_id]
+        fleet.start(dom, rank=me)
+        fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline))  # one process: files hashed
+    offers = {} if fleet.main else {name: dataclasses.asdict(rec) for name, rec in fleet.manifest.adapters.items()}
+    try:
+        _merge(fleet, offers, at_start=False)
+    except RuntimeError as e:  # a peer left the group (the launcher did not stop this rank)
+        raise MozgachError(f"rank {me}: the end-of-run merge failed, a rank left the group "
+                           f"({' '.join(str(e).split())}); the finished adapters are recorded in "
+                           f"{out_dir}/manifest.json and {PART_PREFIX}*.json: rerun the same command (any "
+                           "number of ranks) to merge them and train the rest") from None
+
+
+def _offers_from_parts(out_dir: Path, base: dict, config: dict, group) -> dict[str, dict]:
+    """The finished adapters recorded in the manifest parts this rank can read whose
+    files it holds (verified), as ``{name: record}``; ConfigError for a part of another run."""
+    def read() -> dict[str, dict]:
+        offers: dict[str, dict] = {}
+        for path in _parts(out_dir):
+            try:
+                part = Manifest.from_dict(json.loads(path.read_text()), path)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ConfigError(f"{path}: unreadable manifest part ({e}); move it away (its adapters are "
+                                  "then retrained)") from None
+            if part.base.get("fingerprint") != base["fingerprint"] or part.config_fingerprint != fingerprint(config):
+                raise ConfigError(f"{path}: this manifest part is from a run with a different base or config; "
+                                  "move it away or use another --out")
+            for name, rec in part.adapters.items():
+                if rec.status == "done" and _verified(out_dir / name, rec):
+                    offers.setdefault(name, dataclasses.asdict(rec))
+        return offers
+
+    return dist.together(group, read)
+
+
+def _merge(fleet: _Fleet, offers: dict[str, dict], *, at_start: bool) -> None:
+    """Rank 0 takes into its manifest the adapters the ranks offer (``{name: record}``):
+    a finished one unless its manifest already has it finished and verified, its files
+    fetched from the lowest rank offering it when rank 0 does not hold the same bytes
+    (hash) itself; a failed one unless the manifest has it finished. Then every rank
+    removes the manifest parts it can see (they are in the manifest now). A collective:
+    every rank calls it; the only one of an adapter-parallel run after its start."""
+    group, out_dir, main = fleet.group, fleet.out_dir, fleet.main
+    everyone = dist.all_gather_json(offers, group)
+    need: list[list] = [[] for _ in everyone]  # per rank: [name, file] that rank 0 wants from it
+    if main:
+        taken = set()
+        for r, rank_offers in enumerate(everyone):
+            for name, rec in sorted(rank_offers.items()):
+                if name in taken or rec["status"] != "done" or _finished(fleet.manifest, out_dir, name):
+                    continue
+                taken.add(name)
+                need[r] += [[name, f] for f, h in sorted(rec["files"].items())
+                            if not ((out_dir / name / f).exists() and sha256_file(out_dir / name / f) == h)]
+    need = dist.broadcast_json(need, group)
+    blobs: list[bytes] = []
+    lengths: list[list[int]] = [[] for _ in need]
+    if any(need):  # machines without a shared disk: the files go to rank 0, and only there
+        me = dist.rank(group)
+        files = [(out_dir / name / f).read_bytes() for name, f in need[me]]
+        lengths = dist.all_gather_json([len(b) for b in files], group)
+        blobs = dist.send_to_main(b"".join(files), [sum(n) for n in lengths], group)
+
+    def record() -> None:
+        for r, rank_offers in enumerate(everyone):
+            offset = 0
+            for (name, f), n in zip(need[r], lengths[r], strict=True):
+                data, offset = blobs[r][offset:offset + n], offset + n
+                if hashlib.sha256(data).hexdigest() != rank_offers[name]["files"][f]:
+                    raise MozgachError(f"{out_dir / name / f}: the bytes received from rank {r} do not match "
+                                       "their hash; rerun the same command to merge or retrain this adapter")
+                atomic_write_bytes(out_dir / name / f, data)
+        for r, rank_offers in enumerate(everyone):
+            for name, rec in sorted(rank_offers.items()):
+                own = fleet.manifest.record(name)
+                if _finished(fleet.manifest, out_dir, name) or (rec["status"] != "done" and own is not None
+                                                                 and own.status == "done"):
+                    continue
+                fields = {k: v for k, v in rec.items() if k not in ("domain", "domain_id")}
+                new = fleet.manifest.update(name, domain=rec["domain"], domain_id=rec["domain_id"], **fields)
+                if not at_start:
+                    (fleet.result.done if new.status == "done" else fleet.result.failed).append(name)
+                    fleet.emit_outcome(name, new, rank=r)
+
+    dist.together(group, record, main_only=True)
+    for path in _parts(out_dir):  # merged into the manifest (every part this rank sees is this run's)
+        path.unlink(missing_ok=True)
+
+
+def _finished(manifest: Manifest, out_dir: Path, name: str) -> bool:
+    rec = manifest.record(name)
+    return rec is not None and rec.status == "done" and _verified(out_dir / name, rec)
 
 
 def _train_tokens(dom, tok, cfg: TrainConfig) -> int:
@@ -304,30 +415,6 @@ def _train_tokens(dom, tok, cfg: TrainConfig) -> int:
     except MozgachError:
         return 0
     return int(sum(len(s[0]) for s in splits["train"]))
-
-
-def _pack(domain_id: int, status: str, fields: dict, out_dir: Path) -> tuple[dict, bytes]:
-    """A rank's report of one adapter: its record and its files' bytes, one blob."""
-    adir = out_dir / adapter_dir_name(domain_id)
-    names = sorted(fields.get("files", {}))
-    parts = [(adir / f).read_bytes() for f in names]
-    return ({"id": domain_id, "status": status, "fields": fields, "sizes": [[f, len(b)] for f, b in zip(
-        names, parts, strict=True)]}, b"".join(parts))
-
-
-def _unpack(report: dict, blob: bytes, out_dir: Path) -> None:
-    """Rank 0 writes the reported adapter files it does not already hold (same hash)."""
-    adir = out_dir / adapter_dir_name(report["id"])
-    offset = 0
-    for f, n in report["sizes"]:
-        data, offset = blob[offset:offset + n], offset + n
-        want = report["fields"]["files"][f]
-        if (adir / f).exists() and sha256_file(adir / f) == want:
-            continue  # a shared disk: the rank wrote it here already
-        if hashlib.sha256(data).hexdigest() != want:
-            raise MozgachError(f"{adir / f}: the bytes received from a rank do not match their hash; rerun "
-                               "the same command to retrain this adapter")
-        atomic_write_bytes(adir / f, data)
 
 
 def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:

@@ -1,8 +1,10 @@
-"""mx.distributed: data-parallel training of one adapter and adapter-parallel fleets.
+"""mx.distributed: data-parallel training of one adapter, adapter-parallel fleets, and
+``mozgach launch`` (local ranks without a busy launcher).
 
-The 2-rank tests start real processes with ``mlx.launch -n 2 --backend ring`` on
-127.0.0.1 (free ports, a timeout, and every process of the launch killed at the end).
-The references are the single-process runs of the same configuration.
+The 2-rank tests start real processes with ``mlx.launch -n 2 --backend ring`` or
+``mozgach launch -n 2`` (``python -m mozgach_mlx.launch``) on 127.0.0.1 (free ports, a
+timeout, and every process of the launch killed at the end). The references are the
+single-process runs of the same configuration.
 """
 
 import itertools
@@ -84,7 +86,8 @@ def test_distributed_without_mlx_launch_is_one_line_exit_2(tmp_path, mode):
     res = CliRunner().invoke(main, ["train", "--distributed", mode, "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 2 and "Traceback" not in res.output
     line, = res.output.strip().splitlines()
-    assert "world size 1" in line and "mlx.launch -n 2 --backend ring" in line and "--distributed none" in line
+    assert "world size 1" in line and "mozgach launch -n 2 -- mozgach train" in line and "--distributed none" in line
+    assert "mlx.launch --hostfile" in line
     res = CliRunner().invoke(main, ["train", "--distributed", "both", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "not one of none, data, adapters" in res.output
 
@@ -111,12 +114,19 @@ def _free_ports(n: int = 2) -> int:
     raise RuntimeError("no free ports")
 
 
+OURS = [sys.executable, "-m", "mozgach_mlx.launch"]
+
+
 @contextmanager
-def _launch(*args: str, n: int = 2):
-    """``mlx.launch -n N --backend ring`` of ``python ARGS`` in its own process group;
-    every process of the group is killed on exit (none is left behind)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), sys.executable, *args]
+def _launch(*args: str, n: int = 2, launcher: str = "mlx", env: dict | None = None):
+    """``mlx.launch -n N --backend ring`` (or ``mozgach launch -n N`` with ``launcher=
+    "ours"``) of ``python ARGS`` in its own process group; every process of the group is
+    killed on exit (none is left behind)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    if launcher == "ours":
+        cmd = [*OURS, "-n", str(n), "--", sys.executable, *args]
+    else:
+        cmd = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), sys.executable, *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
     try:
@@ -237,7 +247,11 @@ def _events(out: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-@needs_launch
+def _part(out: Path, rank: int) -> dict:
+    path = out / f"manifest.rank{rank}.json"
+    return json.loads(path.read_text())["adapters"] if path.exists() else {}
+
+
 def test_adapter_parallel_fleet_killed_rank_resumed_on_one_process_equals_one_process(tmp_path):
     common = ["--n-domains", "4", *SMALL, "--max-steps", "4"]  # a checkpoint at step 2
     ref = _cli("--out", str(tmp_path / "ref"), *common)
@@ -245,30 +259,158 @@ def test_adapter_parallel_fleet_killed_rank_resumed_on_one_process_equals_one_pr
     assert ref.returncode == 0, ref_err[-3000:]
 
     cut = tmp_path / "cut"
-    with _launch("-m", "mozgach_mlx.train", "--distributed", "adapters", "--out", str(cut), *common) as run:
+    with _launch("-m", "mozgach_mlx.train", "--distributed", "adapters", "--out", str(cut), *common,
+                 launcher="ours") as run:
         plan = _wait_for(lambda: next((e["ranks"] for e in _events(cut) if e["event"] == "assign"), None), run,
                          "the assignment")
         assert sorted(len(p) for p in plan) == [2, 2]  # 4 equal domains, 2 each
-        second = plan[1][1]  # rank 1's second adapter: its first one went to rank 0 through the group
-        state = cut / f"mozgach108_{second:03d}" / "checkpoint" / "state.json"
-        _wait_for(state.exists, run, "rank 1's second adapter to checkpoint")
-        first = f"mozgach108_{plan[1][0]:03d}"
-        _wait_for(lambda: json.loads((cut / "manifest.json").read_text())["adapters"][first]["status"] == "done",
-                  run, "rank 0 to record rank 1's first adapter")
+        first, second = (f"mozgach108_{i:03d}" for i in plan[1])
+        _wait_for(lambda: _part(cut, 1).get(first, {}).get("status") == "done", run, "rank 1's first adapter")
+        _wait_for((cut / second / "checkpoint" / "state.json").exists, run, "rank 1's second adapter to checkpoint")
         os.kill(_rank_pid(run.pid, 1), signal.SIGKILL)
-        _finish(run)
-    manifest = json.loads((cut / "manifest.json").read_text())["adapters"]
-    assert manifest[f"mozgach108_{plan[1][0]:03d}"]["status"] == "done"
-    assert manifest[f"mozgach108_{second:03d}"]["status"] == "running"
-    assert [e["rank"] for e in _events(cut) if e["event"] == "start"][:2] == [0, 1]
+        _, err = _finish(run)
+    done = sum(r["status"] == "done" for part in (_part(cut, 1), json.loads((cut / "manifest.json").read_text())[
+        "adapters"]) for r in part.values())
+    assert run.returncode == 128 + signal.SIGKILL  # the launcher exits with the rank's code
+    assert [x for x in err.splitlines() if "failed" in x] == ["rank 1 failed: killed by SIGKILL"]
+    # rank 1's adapters are in its part only: nothing went through the group after the start
+    assert first not in json.loads((cut / "manifest.json").read_text())["adapters"]
+    assert _part(cut, 1)[first]["status"] == "done" and _part(cut, 1)[second]["status"] == "running"
+    assert {e["rank"] for e in _events(cut) if e["event"] == "start"} == {0}  # rank 0 logs its own ...
+    assert [json.loads(x)["name"] for x in (cut / "logs" / "fleet.rank1.jsonl").read_text().splitlines()
+            if json.loads(x)["event"] == "done"] == [first]  # ... and rank 1 its own
 
     again = _cli("--distributed", "none", "--out", str(cut), *common)  # resume on another number of ranks
     out, err = again.communicate(timeout=TIMEOUT)
     assert again.returncode == 0, err[-3000:]
     manifest = json.loads((cut / "manifest.json").read_text())["adapters"]
     assert all(r["status"] == "done" for r in manifest.values()) and len(manifest) == 4
-    assert manifest[f"mozgach108_{second:03d}"]["resumed_from"] >= 2
+    assert manifest[second]["resumed_from"] >= 2
+    assert f"{done} already done" in out  # rank 1's finished one taken from its part
+    assert not list(cut.glob("manifest.rank*.json"))  # merged, then removed
     assert _hashes(cut) == _hashes(tmp_path / "ref") and len(_hashes(cut)) == 4 * 3
+
+
+def _fleet_data(tmp: Path) -> Path:
+    return mz.synthetic.write_corpus(tmp / "data", n_domains=4, n_train=16, n_valid=4)
+
+
+def test_adapter_parallel_on_separate_disks_equals_one_process_with_no_collective_while_training(tmp_path):
+    from dist_worker import fleet_case
+
+    data = _fleet_data(tmp_path)
+    model, tok, domains, cfg = fleet_case(data)
+    mz.train_fleet(model, tok, domains, cfg, tmp_path / "ref")  # the 1-process reference
+    with _launch(str(WORKER), "fleet", str(tmp_path), "--data", str(data), "--separate-disks",
+                 launcher="ours") as run:
+        _, err = _finish(run)
+    assert run.returncode == 0, err[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert sorted(r0["done"]) == [f"mozgach108_{i:03d}" for i in range(1, 5)] and not r0["failed"]
+    assert len(r1["done"]) == 2 and set(r1["done"]) < set(r0["done"])
+    # no collective from the first adapter's start to the last one's end, on either rank
+    for r in (r0, r1):
+        assert len(r["per_adapter"]) == 2
+        assert len({n for pair in r["per_adapter"] for n in pair}) == 1, r["per_adapter"]
+        assert r["collectives"] > r["per_adapter"][0][0]  # ... but at the end (the merge)
+    # rank 0's disk holds every adapter, byte-identical to the 1-process run; rank 1's only its own
+    assert _hashes(tmp_path / "disk0") == _hashes(tmp_path / "ref") and len(_hashes(tmp_path / "ref")) == 4 * 3
+    assert sorted(p.name for p in (tmp_path / "disk1").glob("mozgach108_*")) == sorted(r1["done"])
+    manifest = json.loads((tmp_path / "disk0" / "manifest.json").read_text())["adapters"]
+    assert all(rec["status"] == "done" and rec["files"] for rec in manifest.values()) and len(manifest) == 4
+    assert not list(tmp_path.glob("disk*/manifest.rank*.json"))
+
+
+@pytest.mark.parametrize("launcher", ["ours", pytest.param("mlx", marks=needs_launch)])
+def test_a_rank_that_raises_mid_training_ends_the_job_within_30s(tmp_path, launcher):
+    data = _fleet_data(tmp_path)
+    t0 = time.time()  # rank 0 would train 2 x 2000 steps (minutes) if nobody stopped it
+    with _launch(str(WORKER), "fleet", str(tmp_path), "--data", str(data), "--steps", "2000", "--fail-rank", "1",
+                 "--fail-after", "3", launcher=launcher) as run:
+        _, err = _finish(run)
+    ended = time.time()
+    raised = float((tmp_path / "raised1.txt").read_text())
+    assert t0 < raised and ended - raised < 30, ended - raised
+    assert not (tmp_path / "rank0.json").exists()  # rank 0 was stopped, not finished
+    if launcher == "ours":
+        assert run.returncode == 1  # the failed rank's code
+        assert [x for x in err.splitlines() if "rank" in x and "failed" in x] == [
+            "rank 1 failed: RuntimeError: injected failure on rank 1"]
+    else:  # mlx.launch 0.32 stops the others too, but exits 0 and only warns
+        assert "Node with rank 1 exited with code 1" in err
+
+
+# ----------------------------------------------------------------------------- mozgach launch
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+RING_SUM = """import mlx.core as mx, os, json
+g = mx.distributed.init(strict=True, backend="ring")
+x = mx.distributed.all_sum(mx.array([g.rank() + 1.0]), group=g)
+print(json.dumps([g.rank(), g.size(), x.item(), os.environ["MOZGACH_BLAS_THREADS"],
+                  json.load(open(os.environ["MLX_HOSTFILE"]))]))
+"""
+
+
+def test_launch_starts_a_ring_group_on_free_local_ports():
+    res = subprocess.run([*OURS, "-n", "3", "--", sys.executable, "-c", RING_SUM], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = sorted(json.loads(x) for x in res.stdout.splitlines())
+    assert [g[:3] for g in got] == [[0, 3, 6.0], [1, 3, 6.0], [2, 3, 6.0]]  # a real group: 1 + 2 + 3
+    hosts = got[0][4]
+    assert all(g[4] == hosts for g in got) and len({h[0] for h in hosts}) == 3
+    assert all(h[0].startswith("127.0.0.1:") for h in hosts)
+    assert got[0][3] == str(max(1, (os.cpu_count() or 1) // 3))  # the cores shared out unless set
+
+
+def _until(cond, timeout: float = 30):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_launch_idles_while_ranks_run_and_a_failed_rank_stops_the_rest_with_its_code(tmp_path):
+    # rank 0 ignores SIGTERM (SIGKILL after --grace); rank 1 says what went wrong and exits 3
+    script = ("import os, signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "r = os.environ['MLX_RANK']\n"
+              "open(os.path.join(sys.argv[1], 'up' + r), 'w').close()\n"
+              "print('rank', r, 'up', flush=True)\n"
+              "while r == '1' and not os.path.exists(os.path.join(sys.argv[1], 'go')): time.sleep(0.05)\n"
+              "if r == '1': print('error: the disk is full', file=sys.stderr); sys.exit(3)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([*OURS, "-n", "2", "--grace", "2", "--", sys.executable, "-c", script, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        _until(lambda: (tmp_path / "up0").exists() and (tmp_path / "up1").exists())
+        cpu0, t0 = _cpu_s(proc.pid), time.time()
+        time.sleep(3)
+        idle = _cpu_s(proc.pid) - cpu0  # mlx.launch 0.32: ~1 s of CPU per second here
+        assert idle < 0.1 * (time.time() - t0), idle
+        (tmp_path / "go").touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 3
+    assert sorted(out.splitlines()) == ["rank 0 up", "rank 1 up"]  # forwarded, unprefixed
+    assert err.splitlines() == ["error: the disk is full", "rank 1 failed: the disk is full"]
+    assert not _group_pids(proc.pid)  # rank 0 did not outlive the launcher (SIGKILL after the grace)
+
+
+def test_launch_refuses_bad_input_in_one_line():
+    for args, want in ((["-n", "0", "--", "true"], "-n 0: the number of ranks must be 1 or more"),
+                       (["-n", "2"], "no command to run; put it after `--`"),
+                       (["-n", "2", "--", "/nonexistent/cmd"], "cannot start '/nonexistent/cmd'")):
+        res = subprocess.run([*OURS, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert res.returncode == 2 and want in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 @needs_launch
