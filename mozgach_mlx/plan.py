@@ -438,7 +438,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
 
     dequant = s.linear_params * 4 if backend == "cpu" and quantize else 0
 
-    pc.check(ranks, context_parallel)
+    pc.check(ranks, context_parallel, chosen)
     cp, kv_dim = ranks if context_parallel else 1, (s.qkv_width - s.heads * s.head_dim) // 2  # K (= V) width
     share = pc.attention_share(cp, context_split, not attention)  # the busiest rank's share of the pairs
 
@@ -456,7 +456,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         return flops, flops / (g * 1e9) + io
 
     budget = _budget(dv, memory_gb)
-    candidates = auto_candidates(L, tile_chunk, plain)
+    candidates = pc.usable(auto_candidates(L, tile_chunk, plain), cp)
     if chosen is None:
         chosen = _auto(candidates, lambda c: total_at(c, L), lambda c: cost(c)[1], budget, plain)
     comp = comps(chosen, L)
@@ -588,8 +588,9 @@ def solve_context(model_or_config: Any, *, granularity: int = 1024, **kw) -> Pla
     if probe.budget_bytes is None:
         raise ConfigError("solve_context needs a budget: pass memory_gb= or device=")
     given = parse_strategy(kw.get("strategy", TrainConfig.memory_strategy), 8 * granularity, kw.get("tile_chunk"))
-    best = None
-    for st in ([given] if given is not None else auto_candidates(8 * granularity, kw.get("tile_chunk"))):
+    best, n = None, kw.get("context_parallel") and kw.get("ranks")
+    cands = pc.usable(auto_candidates(8 * granularity, kw.get("tile_chunk")), n)
+    for st in ([given] if given is not None else cands):
         p = plan(model_or_config, 8 * granularity, **{**kw, "strategy": st})
         if p.max_context and (best is None or p.max_context > best[0]):
             best = (p.max_context, st)

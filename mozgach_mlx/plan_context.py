@@ -176,8 +176,17 @@ def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_l
                            allreduce_seconds=grad, single_seconds=single_seconds, link_source=lk.source)
 
 
-def check(ranks: int, context_parallel: bool) -> None:
-    """One-line errors for the ranks of a plan."""
+def check(ranks: int, context_parallel: bool, strategy=None) -> None:
+    """One-line errors for the ranks of a plan (and a strategy context parallelism cannot run)."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ConfigError(f"--ranks {ranks}: the number of processes must be a whole number >= 1 "
                           "(e.g. --ranks 2)")
+    if context_parallel and ranks > 1 and strategy is not None and strategy.tile_chunk:
+        raise ConfigError("tiled block recompute does not compose with context parallelism yet "
+                          "(mozgach_mlx/context/step.py); use --strategy none, plain, offload or auto")
+
+
+def usable(candidates: list, ranks: int) -> list:
+    """The memory strategies a context-parallel step over ``ranks`` ranks can run: all but
+    tiled recompute, which ``context.step.check_strategy`` refuses (auto falls back)."""
+    return candidates if (ranks or 1) <= 1 else [c for c in candidates if not c.tile_chunk]

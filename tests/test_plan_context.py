@@ -35,7 +35,7 @@ def test_one_rank_is_the_one_process_plan_exactly(kw):
 def test_per_rank_terms_are_the_one_process_terms_at_the_local_slice_plus_the_ring(ranks, L):
     """Base weights and adapter replicated, every activation term at ceil(L / N) tokens, and
     the ring's 2 in-flight K/V blocks with their fp32 dK/dV accumulators (bf16 K/V on Metal)."""
-    for strategy in ("none", "tile+offload"):
+    for strategy in ("none", "offload"):
         p = mz.plan("llama-3.1-8b", L, backend="metal", strategy=strategy, ranks=ranks, context_parallel=True)
         r = -(-L // ranks)
         local = mz.plan("llama-3.1-8b", r, backend="metal", strategy=p.strategy)
@@ -78,8 +78,6 @@ def test_bytes_sent_follow_the_closed_form(ranks):
     assert cp.sent["kv"] + cp.sent["dkv"] == by_hand[0]
     lora = layers * 16 * ((d + d) + (d + kv_dim) + (d + kv_dim) + (d + d))  # r=16 on q, k, v, o
     assert cp.sent["lora"] == pytest.approx(2 * (ranks - 1) / ranks * lora * 4)
-    tile = mz.plan(SMALL, L, backend="cpu", strategy="tile", ranks=ranks, context_parallel=True).context_parallel
-    assert tile.sent["kv"] + tile.sent["dkv"] == _ring_traffic(ranks, layers, 3, r * 2 * kv_dim, 4, 4)[0]
     plain = mz.plan(SMALL, L, backend="cpu", strategy="plain", ranks=ranks, context_parallel=True).context_parallel
     assert plain.sent["kv"] + plain.sent["dkv"] == _ring_traffic(ranks, layers, 1, r * 2 * kv_dim, 4, 4)[0]
 
@@ -113,14 +111,14 @@ def test_step_time_is_compute_plus_what_the_link_adds():
 
 def test_solve_context_is_monotone_in_ranks_and_memory_and_fits_exactly():
     by_ranks = []
-    for n in (1, 2, 3, 4):
+    for n in (2, 3, 4):  # (one process may run tiled recompute, which context parallelism cannot yet)
         p = solve_context("llama-3.1-8b", device="m4-pro", ranks=n, context_parallel=n > 1, link="thunderbolt5")
         assert p.fits
         over = mz.plan("llama-3.1-8b", p.context + 1024, device="m4-pro", ranks=n, context_parallel=n > 1,
                        strategy=p.strategy)
         assert not over.fits
         by_ranks.append(p.context)
-    assert by_ranks == sorted(by_ranks) and by_ranks[1] > 1.5 * by_ranks[0] and by_ranks[3] > 1.9 * by_ranks[1]
+    assert by_ranks == sorted(by_ranks) and by_ranks[2] > 1.9 * by_ranks[0]
     by_memory = [solve_context("llama-3.1-8b", device="m4-pro", memory_gb=gb, ranks=2, context_parallel=True).context
                  for gb in (24, 36, 48, 64)]
     assert by_memory == sorted(by_memory) and by_memory[0] < by_memory[-1]
@@ -195,5 +193,8 @@ def test_the_model_counts():
         == [1.0, 2.0, 3.0, 2.5]
     assert pc.attention_share(4, "zigzag", True) == 0.25 and pc.attention_share(4, "contiguous", True) == 7 / 16
     assert pc.attention_share(4, "contiguous", False) == 0.25 and pc.ring_bytes(1, 100, 8, 2, 4, 1) == 0
+    with pytest.raises(mz.errors.ConfigError, match="tiled block recompute does not compose"):
+        mz.plan(SMALL, 1000, ranks=2, context_parallel=True, strategy="tile")
+    assert not any(c.tile_chunk for c in pc.usable(mz.memory.auto_candidates(1000), 2))
     with pytest.raises(mz.errors.ConfigError, match="context_split=.stripes."):
         mz.plan(SMALL, 1000, ranks=2, context_parallel=True, context_split="stripes")
