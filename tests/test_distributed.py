@@ -368,6 +368,25 @@ def test_launch_starts_a_ring_group_on_free_local_ports():
     assert got[0][3] == str(max(1, (os.cpu_count() or 1) // 3))  # the cores shared out unless set
 
 
+SEND_TO_MAIN = """import mlx.core as mx, json, sys
+from mozgach_mlx import distributed as dist
+g = mx.distributed.init(strict=True, backend="ring")
+sizes = [0, 3, 70000, 5]  # rank 2 is no neighbour of rank 0 in a ring of 4: its bytes go 2 -> 1 -> 0
+data = bytes([g.rank()]) * sizes[g.rank()]
+got = dist.send_to_main(data, sizes, g)
+print(json.dumps([g.rank(), [[len(b), sorted(set(b))] for b in got]]))
+"""
+
+
+def test_send_to_main_relays_bytes_to_rank_0_only_over_neighbours():
+    res = subprocess.run([*OURS, "-n", "4", "--", sys.executable, "-c", SEND_TO_MAIN], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = dict(json.loads(x) for x in res.stdout.splitlines())
+    assert got[0] == [[0, []], [3, [1]], [70000, [2]], [5, [3]]]
+    assert got[1] == got[2] == got[3] == []
+
+
 def _until(cond, timeout: float = 30):
     deadline = time.time() + timeout
     while not cond():
