@@ -1,19 +1,25 @@
-"""mx.distributed on one machine: 1 process vs 2 ranks (mlx.launch, ring over 127.0.0.1), side by side.
+"""mx.distributed on one machine: 1 process vs 2 ranks (ring over 127.0.0.1), side by side.
 
-    python benchmarks/bench_distributed.py                  # both parts, 8 built-in domains
-    python benchmarks/bench_distributed.py --part fleet --n-domains 16
+    python benchmarks/bench_distributed.py                  # all parts, 8 built-in domains
+    python benchmarks/bench_distributed.py --part fleet --n-domains 8
+    python benchmarks/bench_distributed.py --part launcher
     python benchmarks/bench_distributed.py --part data
 
 ``data``:  one adapter trained in 1 process and data-parallel on 2 ranks with the same
            global batch (grad_accumulation 4 = 2 micro-batches per rank per step,
            dropout 0.1): the step losses side by side and their largest relative
            difference.
-``fleet``: the built-in default run (tiny model, its schedule preset) on the first N
-           domains: ``mozgach train`` in 1 process, then ``mlx.launch -n 2 --backend
-           ring mozgach train --distributed adapters``; wall-clock of each, the speed-up,
-           whether every adapter file has the same sha256 in both runs, and the load
-           average before and after each run (the machine may be shared: read the
-           speed-up with it).
+``fleet``: the built-in default run (tiny-stdlib on stdlib12, its schedule preset) on
+           domains 1..N: ``mozgach train`` in 1 process (default BLAS threads, and
+           ``MOZGACH_BLAS_THREADS=1``), then ``mozgach train --distributed adapters``
+           on 2 ranks started by ``mlx.launch -n 2 --backend ring`` and by ``mozgach
+           launch -n 2``, each rank with ``MOZGACH_BLAS_THREADS=1``; wall-clock of
+           each, its ratio to the 1-process default-threads run, the CPU seconds of the
+           launcher (sampled from /proc) and of all processes, whether every adapter
+           file has the same sha256 as the 1-process run's, and the load average before
+           and after each run (the machine may be shared: read the times with it).
+``launcher``: the launchers alone: 2 ranks that sleep 10 s, the launcher's CPU seconds
+           (``mlx.launch`` vs ``mozgach launch``).
 
 Each run is a fresh subprocess; nothing is cached between them.
 """
@@ -47,20 +53,39 @@ def _launch(n: int, *args: str) -> list[str]:
     return [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(_port()), sys.executable, *args]
 
 
+def _ours(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mozgach_mlx.launch", "-n", str(n), "--", sys.executable, *args]
+
+
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished descendant (the ranks too)
     return r.ru_utime + r.ru_stime
 
 
-def _timed(cmd: list[str]) -> tuple[float, tuple, tuple, float]:
-    """(wall s, load average before, after, CPU s of the run's processes)."""
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``: wall s, load average before and after, CPU s of all its processes and
+    of the top process alone (the launcher; sampled from /proc every 0.5 s until it exits)."""
     before, cpu0 = os.getloadavg(), _cpu()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    top = 0.0
+    while proc.poll() is None:
+        top = _proc_cpu(proc.pid) or top
+        time.sleep(0.5)
+    out, err = proc.communicate()
     wall = time.perf_counter() - t0
-    if proc.returncode != 0 or "exited with code" in proc.stderr:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return wall, before, os.getloadavg(), _cpu() - cpu0
+    if proc.returncode != 0 or "exited with code" in err:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall": wall, "before": before, "after": os.getloadavg(), "cpu": _cpu() - cpu0, "top": top}
 
 
 def _hashes(out: Path) -> dict[str, str]:
@@ -69,26 +94,48 @@ def _hashes(out: Path) -> dict[str, str]:
 
 
 def fleet(n_domains: int, tmp: Path, own_sessions: bool = False) -> None:
-    common = ["-m", "mozgach_mlx.train", "--n-domains", str(n_domains), "--quiet"]
+    common = ["-m", "mozgach_mlx.train", "--domains", f"1-{n_domains}", "--quiet"]
     # Linux's autogroup scheduler shares the CPU per session: with --own-sessions the
     # 1-process run and each rank get a session (setsid) of their own
     pre = ["setsid", "--wait"] if own_sessions else []
-    one, l1a, l1b, c1 = _timed([*pre, sys.executable, *common, "--out", str(tmp / "one")])
-    launch = _launch(2, *common, "--distributed", "adapters", "--out", str(tmp / "two"))
-    if own_sessions:
-        i = launch.index(sys.executable)
-        launch[i:i] = ["setsid"]
-    two, l2a, l2b, c2 = _timed(launch)
-    h1, h2 = _hashes(tmp / "one"), _hashes(tmp / "two")
-    same = h1 == h2 and len(h1) == 3 * n_domains
-    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
-    print(f"fleet: built-in default run, {n_domains} domains, {os.cpu_count()} cores, {platform.platform()}"
-          f"{', each process in its own session' if own_sessions else ''}")
-    print("| run | wall s | CPU s (user+sys, all processes) | load avg before (1/5/15 min) | after |")
-    print("|---|---:|---:|---|---|")
-    print(f"| 1 process | {one:.1f} | {c1:.1f} | {avg(l1a)} | {avg(l1b)} |")
-    print(f"| 2 ranks (adapters) | {two:.1f} | {c2:.1f} | {avg(l2a)} | {avg(l2b)} |")
-    print(f"speed-up {one / two:.2f}x; adapter files identical (sha256, {len(h1)} files): {same}")
+    one_thread = {"MOZGACH_BLAS_THREADS": "1"}
+    runs = [("1 process, default BLAS threads (auto)", "one", [*pre, sys.executable, *common], {}),
+            ("1 process, MOZGACH_BLAS_THREADS=1", "one1", [*pre, sys.executable, *common], one_thread)]
+    for label, name, make in (("2 ranks, mlx.launch, 1 BLAS thread each", "mlx", _launch),
+                              ("2 ranks, mozgach launch, 1 BLAS thread each", "ours", _ours)):
+        cmd = make(2, *common, "--distributed", "adapters")
+        if own_sessions:
+            i = cmd.index(sys.executable, 1 if make is _ours else 0)
+            cmd[i:i] = ["setsid"]
+        runs.append((label, name, cmd, one_thread))
+    res = {}
+    for _, name, cmd, env in runs:
+        res[name] = _timed([*cmd, "--out", str(tmp / name)], env)
+    ref = _hashes(tmp / "one")
+    avg = lambda la: " / ".join(f"{x:.2f}" for x in la)  # noqa: E731
+    print(f"fleet: built-in default run (tiny-stdlib, stdlib12), domains 1-{n_domains}, {os.cpu_count()} cores, "
+          f"{platform.platform()}{', each process in its own session' if own_sessions else ''}")
+    print("| run | wall s | vs 1 process (auto) | CPU s, launcher | CPU s, all processes | same sha256 | "
+          "load avg before (1/5/15 min) | after |")
+    print("|---|---:|---:|---:|---:|---|---|---|")
+    for label, name, _, _ in runs:
+        r = res[name]
+        launcher = f"{r['top']:.1f}" if name in ("mlx", "ours") else "-"
+        same = _hashes(tmp / name) == ref and len(ref) == 3 * n_domains
+        print(f"| {label} | {r['wall']:.1f} | {r['wall'] / res['one']['wall']:.2f}x | {launcher} | {r['cpu']:.1f} | "
+              f"{'yes' if same else 'NO'} | {avg(r['before'])} | {avg(r['after'])} |")
+
+
+def launcher(seconds: float = 10) -> None:
+    """The launchers' own CPU while 2 ranks sleep."""
+    sleep = ["-c", f"import time; time.sleep({seconds})"]
+    print(f"launchers alone: 2 ranks that sleep {seconds:g} s")
+    print("| launcher | wall s | launcher CPU s | % of a core |")
+    print("|---|---:|---:|---:|")
+    for label, cmd in (("mlx.launch -n 2 --backend ring", _launch(2, *sleep)),
+                       ("mozgach launch -n 2", _ours(2, *sleep))):
+        r = _timed(cmd)
+        print(f"| {label} | {r['wall']:.1f} | {r['top']:.2f} | {100 * r['top'] / r['wall']:.0f}% |")
 
 
 def _data_worker(out: Path) -> None:
@@ -115,8 +162,8 @@ def _data_case(out: Path):
 
 def data(tmp: Path) -> None:
     me = [str(Path(__file__).resolve()), "--worker", str(tmp)]
-    one, *_ = _timed([sys.executable, *me])
-    two, *_ = _timed(_launch(2, *me))
+    one = _timed([sys.executable, *me])["wall"]
+    two = _timed(_launch(2, *me))["wall"]
     l1 = json.loads((tmp / "losses-1.json").read_text())
     l2 = json.loads((tmp / "losses-2.json").read_text())
     print("data-parallel: tiny model, global batch 4 x 2 sequences x 128 tokens, dropout 0.1, 12 steps")
@@ -130,25 +177,23 @@ def data(tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["data", "fleet", "both"], default="both")
+    ap.add_argument("--part", choices=["data", "fleet", "launcher", "all"], default="all")
     ap.add_argument("--n-domains", type=int, default=8)
-    ap.add_argument("--blas-threads", type=int, default=None,
-                    help="OPENBLAS_NUM_THREADS for every process (default: OpenBLAS's own, one per core)")
     ap.add_argument("--own-sessions", action="store_true",
                     help="run the 1-process run and each rank in a session of its own (setsid; see fleet())")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.blas_threads:
-        os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
     if args.worker:
         return _data_worker(Path(args.worker))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dist_"))
     try:
         print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, python {platform.python_version()}, "
-              f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-        if args.part in ("data", "both"):
+              f"MOZGACH_BLAS_THREADS={os.environ.get('MOZGACH_BLAS_THREADS', 'unset')} (fleet: set per run)")
+        if args.part in ("launcher", "all"):
+            launcher()
+        if args.part in ("data", "all"):
             data(tmp)
-        if args.part in ("fleet", "both"):
+        if args.part in ("fleet", "all"):
             fleet(args.n_domains, tmp, args.own_sessions)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
