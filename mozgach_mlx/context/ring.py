@@ -42,7 +42,7 @@ from ..attention.blockwise import (
 )
 from ..attention.masks import SKIP, BlockPlan, MaskSpec, host_segments, s2_halves
 from .layout import Layout
-from .transport import drive
+from .transport import Slot, drive
 
 F32 = mx.float32
 
@@ -89,6 +89,12 @@ class RingPlan:
         n = self.layout.ranks
         return any(self.need[o, (o + t) % n] for t in range(1, min(s, n)))
 
+    def largest(self, s: int, hop, per_position: int) -> int:
+        """Elements of the largest message any rank sends at step s on route ``hop``."""
+        n = self.layout.ranks
+        sizes = [self.layout.local_length((x - s + 1) % n) for x in range(n) if hop(s, (x - s + 1) % n)]
+        return max(sizes, default=0) * per_position
+
     def pairs(self, d: int, o: int):
         """(p, pk, plan) of rank d's queries against origin o's keys that compute something."""
         for p in range(len(self.layout.pieces(d))):
@@ -114,14 +120,16 @@ def forward_steps(rp: RingPlan, rank: int, q: mx.array, k: mx.array, v: mx.array
     Hkv = k.shape[1]
     parts: list = [None] * len(lay.pieces(rank))
     held = mx.stack([k, v])  # (2, B, Hkv, Lr, D): origin `rank`
+    per = 2 * B * Hkv * D
+    done: list = []  # the previous step's results: the next exchange waits for them
     for s in range(n):
         o = (rank - s) % n
         if s > 0:
             prev = (rank - s + 1) % n
-            sends = [held] if rp.kv_hop(s, prev) else []
-            recvs = [((2, B, Hkv, lay.local_length(o), D), k.dtype)] if rp.kv_hop(s, o) else []
-            got = yield sends, recvs
-            held = got[0] if got else None
+            slot = Slot(held if rp.kv_hop(s, prev) else None,
+                        ((2, B, Hkv, lay.local_length(o), D), k.dtype) if rp.kv_hop(s, o) else None,
+                        k.dtype, rp.largest(s, rp.kv_hop, per))
+            (held,) = yield [slot], done
         if not rp.need[o, rank]:
             continue
         for p, pk, bp in rp.pairs(rank, o):
@@ -130,7 +138,7 @@ def forward_steps(rp: RingPlan, rank: int, q: mx.array, k: mx.array, v: mx.array
             oc, lc = blockwise_forward(qp, kp, vp, scale, bp, seg if bp.uses_segments else None, dtype=F32)
             lc = lc.reshape(B, H, -1)
             parts[p] = (oc, lc) if parts[p] is None else merge_partials(*parts[p], oc, lc)
-        mx.eval(parts)  # this step's block is used up: never two remote blocks alive
+        done = [x for pt in parts if pt is not None for x in pt]  # this block is used up before the next comes
     o_all = mx.concatenate([pt[0] for pt in parts], axis=2) if len(parts) > 1 else parts[0][0]
     lse = mx.concatenate([pt[1] for pt in parts], axis=2) if len(parts) > 1 else parts[0][1]
     return o_all, lse
@@ -146,16 +154,18 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
     dq: list = [None] * len(lay.pieces(rank))
     own = None  # dK/dV of this rank's keys, (2, B, Hkv, Lr, D)
     held, acc = mx.stack([k, v]), None
+    per = 2 * B * Hkv * D
+    done: list = [do]
     for s in range(n + 1):
         org = (rank - s) % n
         if s > 0:
             prev = (rank - s + 1) % n
-            sends = ([held] if rp.kv_hop(s, prev) else []) + ([acc] if rp.acc_hop(s, prev) else [])
             shape = (2, B, Hkv, lay.local_length(org), D)
-            want_kv, want_acc = rp.kv_hop(s, org), rp.acc_hop(s, org)
-            got = yield sends, ([(shape, k.dtype)] if want_kv else []) + ([(shape, F32)] if want_acc else [])
-            held = got[0] if want_kv else None
-            acc = got[-1] if want_acc else None
+            kv = Slot(held if rp.kv_hop(s, prev) else None, (shape, k.dtype) if rp.kv_hop(s, org) else None,
+                      k.dtype, rp.largest(s, rp.kv_hop, per))
+            ac = Slot(acc if rp.acc_hop(s, prev) else None, (shape, F32) if rp.acc_hop(s, org) else None,
+                      F32, rp.largest(s, rp.acc_hop, per))
+            held, acc = yield [kv, ac], done
         if s == n:  # home: what the other ranks added to this rank's dK/dV
             if acc is not None:
                 own = acc if own is None else own + acc
@@ -179,7 +189,7 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
             own = contrib
         else:
             acc = contrib if acc is None else acc + contrib
-        mx.eval(dq, own, acc)
+        done = [x for x in (*dq, own, acc) if x is not None]
     dq_all = [x if x is not None else mx.zeros((B, H, b - a, D), F32)
               for x, (a, b) in zip(dq, lay.pieces(rank), strict=True)]
     dq_all = mx.concatenate(dq_all, axis=2) if len(dq_all) > 1 else dq_all[0]
@@ -214,8 +224,7 @@ def _differentiable(call: RingCall, transport):
     @attn.vjp
     def attn_vjp(primals, cotangents, outputs):
         q, k, v = primals
-        o, lse = outputs
-        dq, dk, dv = drive(call.backward(q, k, v, o, lse, cotangents[0]), transport)
+        dq, dk, dv = drive(call.backward(q, k, v, *outputs, cotangents[0]), transport)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     return attn

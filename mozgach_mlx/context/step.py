@@ -39,10 +39,10 @@ class LocalTransport:
     bytes_sent = 0
     messages = 0
 
-    def exchange(self, sends, recvs):
-        if sends or recvs:
+    def exchange(self, slots, after):
+        if any(s.largest for s in slots):
             raise RuntimeError("a ring of one rank has nothing to exchange")
-        return []
+        return [None] * len(slots)
 
 
 def transport_for(group):
