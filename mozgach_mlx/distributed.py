@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -144,19 +145,47 @@ def broadcast_tree(tree: Any, group) -> Any:
     return out
 
 
+class GroupLost(MozgachError):
+    """A collective failed or returned data that is not what the ranks sent: a rank left
+    the group (died, was killed) or the ranks ran different code."""
+
+
+_calls = [0]  # all_gather_bytes calls of this process: the same count on every rank
+
+
 def all_gather_bytes(data: bytes, group) -> list[bytes]:
-    """Every rank's ``data`` (any lengths), in rank order."""
+    """Every rank's ``data`` (any lengths), in rank order. Each part travels with its
+    rank, this call's sequence number and its sha256, checked on arrival: with a peer
+    gone, MLX's ring collectives were seen to raise, to hang, and to return zeros, and
+    the last must not pass for data (:class:`GroupLost`)."""
     if group is None:
         return [data]
-    lengths = mx.distributed.all_gather(mx.array([len(data)], dtype=mx.int64), group=group)
-    lengths = [int(n) for n in np.array(lengths)]
-    longest = max(lengths)
-    if longest == 0:
-        return [b""] * len(lengths)
-    buf = np.zeros(longest, np.uint8)
-    buf[: len(data)] = np.frombuffer(data, np.uint8)
-    gathered = np.array(mx.distributed.all_gather(mx.array(buf), group=group)).reshape(len(lengths), longest)
-    return [gathered[r, :n].tobytes() for r, n in enumerate(lengths)]
+    _calls[0] += 1
+    me, head = rank(group), _HEAD.size
+    framed = _HEAD.pack(_MAGIC, _calls[0], me) + hashlib.sha256(data).digest() + data
+    try:
+        lengths = mx.distributed.all_gather(mx.array([len(framed)], dtype=mx.int64), group=group)
+        lengths = [int(n) for n in np.array(lengths)]
+        longest = max(lengths)
+        buf = np.zeros(longest, np.uint8)
+        buf[: len(framed)] = np.frombuffer(framed, np.uint8)
+        gathered = np.array(mx.distributed.all_gather(mx.array(buf), group=group)).reshape(len(lengths), longest)
+    except RuntimeError as e:
+        raise GroupLost(f"rank {me}: a collective failed ({' '.join(str(e).split())}): a rank left the group") from None
+    out = []
+    for r, n in enumerate(lengths):
+        part = gathered[r, :n].tobytes() if n >= head + 32 else b""
+        body = part[head + 32:]
+        if len(part) < head + 32 or _HEAD.unpack(part[:head]) != (_MAGIC, _calls[0], r) or \
+                hashlib.sha256(body).digest() != part[head:head + 32]:
+            raise GroupLost(f"rank {me}: the data gathered from rank {r} is not what it sent: a rank left the group "
+                            "(or the ranks run different code)")
+        out.append(body)
+    return out
+
+
+_MAGIC = 0x6D7A6731  # "mzg1"
+_HEAD = struct.Struct("<IQi")
 
 
 def all_gather_json(obj: Any, group) -> list[Any]:

@@ -318,11 +318,12 @@ def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, b
     offers = {} if fleet.main else {name: dataclasses.asdict(rec) for name, rec in fleet.manifest.adapters.items()}
     try:
         _merge(fleet, offers, at_start=False)
-    except RuntimeError as e:  # a peer left the group (the launcher did not stop this rank)
-        raise MozgachError(f"rank {me}: the end-of-run merge failed, a rank left the group "
-                           f"({' '.join(str(e).split())}); the finished adapters are recorded in "
-                           f"{out_dir}/manifest.json and {PART_PREFIX}*.json: rerun the same command (any "
-                           "number of ranks) to merge them and train the rest") from None
+    except (RuntimeError, dist.GroupLost) as e:  # a peer left the group (no launcher stopped this rank)
+        what = str(e) if isinstance(e, dist.GroupLost) else \
+            f"rank {me}: a collective failed ({' '.join(str(e).split())}): a rank left the group"
+        raise dist.GroupLost(f"{what}; the end-of-run merge did not happen: the finished adapters are recorded in "
+                             f"{out_dir}/manifest.json and {PART_PREFIX}*.json; rerun the same command (any number "
+                             "of ranks) to merge them and train the rest") from None
 
 
 def _offers_from_parts(out_dir: Path, base: dict, config: dict, group) -> dict[str, dict]:

@@ -387,6 +387,30 @@ def test_send_to_main_relays_bytes_to_rank_0_only_over_neighbours():
     assert got[1] == got[2] == got[3] == []
 
 
+OUT_OF_STEP = """import mlx.core as mx
+from mozgach_mlx import distributed as dist
+g = mx.distributed.init(strict=True, backend="ring")
+assert dist.all_gather_json(g.rank(), g) == [0, 1]
+if g.rank() == 1:
+    dist._calls[0] += 1  # as if rank 1 had made one more collective: its parts are not this call's
+try:
+    dist.all_gather_json({"x": 1}, g)
+except dist.GroupLost as e:
+    print(e)
+"""
+
+
+def test_gathered_data_that_is_not_what_a_rank_sent_is_refused():
+    res = subprocess.run([*OURS, "-n", "2", "--", sys.executable, "-c", OUT_OF_STEP], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(res.stdout.splitlines()) == [
+        "rank 0: the data gathered from rank 1 is not what it sent: a rank left the group (or the ranks run "
+        "different code)",
+        "rank 1: the data gathered from rank 0 is not what it sent: a rank left the group (or the ranks run "
+        "different code)"]
+
+
 def _until(cond, timeout: float = 30):
     deadline = time.time() + timeout
     while not cond():
