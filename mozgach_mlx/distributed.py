@@ -11,8 +11,8 @@ Two ways to use a group of W processes (``--distributed``):
               the same optimizer step, so the optimizer states stay identical. The loss
               sequence is the single process's with the same global batch (within fp32
               summation order). Only rank 0 writes files and logs.
-``adapters``  each rank trains whole adapters, the domains assigned to it by token count
-              (:func:`balance`), with no collective while it trains: rank 0 records its
+``adapters``  each rank trains whole adapters, the domains assigned to it by the tokens
+              each adapter will go through (:func:`balance`), with no collective while it trains: rank 0 records its
               own in ``manifest.json``, every other rank its own in
               ``manifest.rank{r}.json``; at the end (and at the start of a resumed run)
               rank 0 merges the parts, and only the adapter files it does not hold
@@ -332,7 +332,7 @@ def sum_step(grads: Any, loss_sum: float, tokens: int, group) -> tuple[Any, floa
 
 
 def balance(sizes: dict[int, int], n_ranks: int) -> list[list[int]]:
-    """Assign items (id -> token count) to ``n_ranks`` ranks: largest first, each to the
+    """Assign items (id -> cost, e.g. tokens) to ``n_ranks`` ranks: largest first, each to the
     least loaded rank (ties: lower rank; LPT, within 4/3 of the best makespan). Each
     rank's list is in assignment order (largest first), the same on every rank."""
     loads = [0] * n_ranks

@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -298,16 +299,16 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
 
 def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int, base: dict,
                       config: dict) -> None:
-    """Each rank trains its share of ``todo`` (balanced by training tokens) with no
+    """Each rank trains its share of ``todo`` (balanced by :func:`_work`) with no
     collective until all are done: rank 0 records in the manifest, rank r > 0 in its part;
     then rank 0 merges the parts (:func:`_merge`)."""
     group, out_dir = fleet.group, fleet.out_dir
     me, world = dist.rank(group), dist.size(group)
-    sizes = {d.id: _train_tokens(d, tok, cfg) for i, d in enumerate(todo) if i % world == me}
+    sizes = {d.id: _work(d, tok, cfg) for i, d in enumerate(todo) if i % world == me}
     counts = {int(k): v for part in dist.all_gather_json(sizes, group) for k, v in part.items()}
     plan = dist.balance(counts, world)
     by_id = {d.id: d for d in todo}
-    fleet.emit("assign", {"ranks": plan, "tokens": counts})
+    fleet.emit("assign", {"ranks": plan, "work_tokens": counts})
     if not fleet.main:
         fleet.manifest = Manifest(base=base, config=config, path=part_path(out_dir, me))
         fleet.manifest.save()
@@ -407,15 +408,28 @@ def _finished(manifest: Manifest, out_dir: Path, name: str) -> bool:
     return rec is not None and rec.status == "done" and _verified(out_dir / name, rec)
 
 
-def _train_tokens(dom, tok, cfg: TrainConfig) -> int:
-    """Training tokens of a domain (what the ranks are balanced by); 0 if its data is
-    broken (its training then fails and is recorded)."""
+def _work(dom, tok, cfg: TrainConfig) -> int:
+    """The tokens a domain's adapter will go through (what the ranks are balanced by):
+    its training steps x micro-batches x sequences x the mean training sequence length
+    (with ``max_steps`` every adapter takes the same steps, so the total of its data is
+    not the measure), plus its validation tokens once per evaluation (base loss, every
+    ``eval_every`` steps, final); 0 if its data is broken (its training then fails at once
+    and is recorded)."""
     try:
         splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
                                       overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
     except MozgachError:
         return 0
-    return int(sum(len(s[0]) for s in splits["train"]))
+    train, valid = splits["train"], splits.get("valid") or []
+    if not train:
+        return 0
+    mean = sum(len(s[0]) for s in train) / len(train)
+    steps = cfg.max_steps or cfg.epochs * math.ceil(math.ceil(len(train) / cfg.batch_size) / cfg.grad_accumulation)
+    evaluated = sum(len(s[0]) for s in valid)
+    if cfg.eval_batches is not None and valid:
+        evaluated = min(evaluated, cfg.eval_batches * cfg.batch_size * evaluated / len(valid))
+    evals = 2 + (steps // cfg.eval_every if cfg.eval_every else 0)
+    return int(steps * cfg.grad_accumulation * min(cfg.batch_size, len(train)) * mean + evals * evaluated)
 
 
 def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
