@@ -218,13 +218,13 @@ class RingCall:
 def _differentiable(call: RingCall, transport):
     @mx.custom_function
     def attn(q, k, v):
-        o, lse = drive(call.forward(q, k, v), transport)
+        o, lse = transport.settle(list(drive(call.forward(q, k, v), transport)))
         return o.astype(q.dtype), lse
 
     @attn.vjp
     def attn_vjp(primals, cotangents, outputs):
         q, k, v = primals
-        dq, dk, dv = drive(call.backward(q, k, v, *outputs, cotangents[0]), transport)
+        dq, dk, dv = transport.settle(list(drive(call.backward(q, k, v, *outputs, cotangents[0]), transport)))
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     return attn

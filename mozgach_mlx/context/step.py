@@ -44,6 +44,9 @@ class LocalTransport:
             raise RuntimeError("a ring of one rank has nothing to exchange")
         return [None] * len(slots)
 
+    def settle(self, outputs):
+        return outputs
+
 
 def transport_for(group):
     return LocalTransport() if group is None else RingTransport(group)

@@ -45,9 +45,22 @@ class RingTransport:
         self.bytes_sent = 0  # what this rank's messages hold (padding excluded)
         self.bytes_gathered = 0  # what the all_gathers moved in (N - 1 padded messages each)
         self.messages = 0
+        self.last: mx.array | None = None  # the latest all_gather: the next one waits for it
+
+    def settle(self, outputs: list[mx.array]) -> list[mx.array]:
+        """``outputs`` made to wait for every exchange so far (a gathered block this rank
+        does not use would otherwise drop out of the graph, and its peers would wait).
+
+        The chain is never cut: the first exchange of the next call (the other S² half,
+        the next layer, the backward) waits for this one, so every rank runs its
+        collectives in the order the Python program created them. Cut per call, the two
+        S² halves' rings were independent and two ranks swapped their blocks (measured:
+        a 15% gradient error, no hang)."""
+        return outputs if self.last is None else mx.depends(outputs, [self.last])
 
     def exchange(self, slots: list[Slot], after: list[mx.array]) -> list[mx.array | None]:
         out: list[mx.array | None] = []
+        after = list(after) + ([self.last] if self.last is not None else [])
         for slot in slots:
             if slot.largest == 0:
                 out.append(None)
@@ -58,7 +71,7 @@ class RingTransport:
             if after:
                 msg = mx.depends(msg, after)
             got = mx.distributed.all_gather(msg[None], group=self.group)  # (N, largest)
-            after = [got]
+            after, self.last = [got], got
             if slot.send is not None:
                 self.bytes_sent += slot.send.nbytes
                 self.messages += 1

@@ -1,0 +1,93 @@
+# ruff: noqa: I001  (import order matters: mozgach_mlx must load the fast BLAS before mlx.core)
+"""Context parallelism: peak memory per rank, step time and bytes sent, 1 process vs N ranks.
+
+    python benchmarks/bench_context_parallel.py [--lengths 16384 32768] [--ranks 2]
+
+Runs one training step (value and LoRA gradients, per-block checkpointing, fp32, the
+2-layer d=64 model of tests/conftest.small_config with 4-bit weights off) of one
+sequence at each length: first in this process (the reference), then with ``mlx.launch
+-n N --backend ring`` (this script's ``--rank-step`` mode in every rank). Prints a
+table and writes benchmarks/results_context_parallel.json (model dims, L, N, strategy,
+peaks in bytes, bytes sent per rank, step seconds with the load average).
+"""
+
+import mozgach_mlx as mz  # noqa: F401
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from cp_worker import cp_case, cp_step_sums  # noqa: E402
+from conftest import small_config  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results_context_parallel.json"
+
+
+def one_step(name: str, group) -> dict:
+    model, cfg, batch = cp_case(name)
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    if group is None:
+        from cp_worker import reference_step
+
+        reference_step(model, cfg, batch)
+        sent = 0
+    else:
+        _, _, _, tr = cp_step_sums(model, cfg, batch, group)
+        sent = tr.bytes_sent
+    return {"peak_bytes": mx.get_peak_memory(), "step_s": time.perf_counter() - t0, "bytes_sent": sent}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rank-step", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.rank_step:
+        group = mx.distributed.init(strict=True)
+        res = one_step(a.rank_step, group)
+        Path(os.environ["CP_BENCH_OUT"]).joinpath(f"rank{group.rank()}.json").write_text(json.dumps(res))
+        return
+    rows = []
+    for L in a.lengths:
+        name = f"causal-{L}-ckpt"
+        load = os.getloadavg()[0]
+        ref = one_step(name, None)
+        tmp = Path(f"/tmp/cp_bench_{os.getpid()}_{L}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch = Path(sys.executable).parent / "mlx.launch"
+        env = {**os.environ, "CP_BENCH_OUT": str(tmp), "PYTHONPATH": str(ROOT)}
+        subprocess.run([str(launch), "-n", str(a.ranks), "--backend", "ring", "-p", str(port), sys.executable,
+                        __file__, "--rank-step", name], check=True, env=env, timeout=3000)
+        ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(a.ranks)]
+        rows.append({"L": L, "N": a.ranks, "case": name, "strategy": "checkpointing (none), fp32, zigzag",
+                     "model": small_config(max_position_embeddings=32768), "one_process": ref, "ranks": ranks,
+                     "peak_ratio": max(r["peak_bytes"] for r in ranks) / ref["peak_bytes"],
+                     "load_average_1m": load})
+    print(f"| {'L':>6} | {'1-proc peak MiB':>15} | {'rank peak MiB':>13} | {'ratio':>5} | {'1-proc s':>8} | "
+          f"{'ranks s':>7} | {'sent/rank MiB':>13} | load |")
+    for r in rows:
+        print(f"| {r['L']:>6} | {r['one_process']['peak_bytes'] / 2**20:>15.1f} | "
+              f"{max(x['peak_bytes'] for x in r['ranks']) / 2**20:>13.1f} | {r['peak_ratio']:>5.2f} | "
+              f"{r['one_process']['step_s']:>8.1f} | {max(x['step_s'] for x in r['ranks']):>7.1f} | "
+              f"{max(x['bytes_sent'] for x in r['ranks']) / 2**20:>13.2f} | {r['load_average_1m']:.1f} |")
+    OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows},
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Context parallelism (mozgach_mlx.context): layout, ring attention, the training step.
+
+Ring attention is checked without processes by running every rank's ring in one process
+(:func:`mozgach_mlx.context.simulate`) against the naive reference attention and its
+vjp; the step over 2 real ranks (``mlx.launch -n 2 --backend ring`` on 127.0.0.1,
+tests/cp_worker.py) against the 1-process step of the same batch.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mozgach_mlx.attention import reference_attention
+from mozgach_mlx.attention.blockwise import s2_heads
+from mozgach_mlx.context import Layout, simulate
+from mozgach_mlx.context.ring import ring_calls
+from mozgach_mlx.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "cp_worker.py"
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+sys.path.insert(0, str(WORKER.parent))
+from cp_worker import cp_case, reference_step  # noqa: E402
+
+needs_launch = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to python")
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_layouts_cover_the_sequence_once_and_balance_zigzag():
+    for L, n, split in [(64, 2, "zigzag"), (67, 3, "zigzag"), (67, 2, "contiguous"), (5, 5, "contiguous")]:
+        lay = Layout(L, n, split)
+        pos = np.concatenate([lay.positions(r) for r in range(n)])
+        assert sorted(pos.tolist()) == list(range(L))
+        assert max(lay.local_length(r) for r in range(n)) - min(lay.local_length(r) for r in range(n)) <= 2
+        x = mx.arange(L)[None]
+        assert lay.unshard([lay.shard(x, r) for r in range(n)]).tolist() == x.tolist()
+    assert Layout(8, 2).pieces(0) == ((0, 2), (6, 8)) and Layout(8, 2).pieces(1) == ((2, 4), (4, 6))
+
+
+def test_a_sequence_shorter_than_the_chunks_is_refused():
+    with pytest.raises(ConfigError, match="sequence of 3 tokens is shorter than the 4 chunks"):
+        Layout(3, 2, "zigzag")
+    with pytest.raises(ConfigError, match="context_split='diagonal'"):
+        Layout(30, 2, "diagonal")
+
+
+# ----------------------------------------------------------------------------- ring in one process
+
+
+def _ring(L, N, split, *, seg=False, s2=None, window=None, H=4, Hkv=2, D=16, block=(16, 32)):
+    mx.random.seed(1)
+    q, k, v, do = (mx.random.normal((1, h, L, D)) for h in (H, Hkv, Hkv, H))
+    segids = None
+    if seg:
+        cuts = np.sort(np.random.default_rng(0).choice(np.arange(1, L), 4, replace=False))
+        segids = mx.array(np.searchsorted(cuts, np.arange(L), side="right")[None].astype(np.int32))
+    (o_ref,), g_ref = mx.vjp(lambda q, k, v: reference_attention(q, k, v, window=window, segment_ids=segids,
+                                                                 s2_group=s2), [q, k, v], [do])
+    lay = Layout(L, N, split)
+    calls = [ring_calls(lay, r, H, D, window=window, segment_ids=segids, s2_group=s2, block_size=block)
+             for r in range(N)]
+    halves = [(q, k, v, do)] if len(calls[0]) == 1 else [(*h, d) for h, d in
+                                                         zip(s2_heads(q, k, v), (do[:, :H // 2], do[:, H // 2:]),
+                                                             strict=True)]
+    outs, grads = [], []
+    for i, (qh, kh, vh, doh) in enumerate(halves):
+        loc = [[lay.shard(x, r, axis=2) for x in (qh, kh, vh, doh)] for r in range(N)]
+        fwd = simulate([calls[r][i].forward(*loc[r][:3]) for r in range(N)])
+        bwd = simulate([calls[r][i].backward(*loc[r][:3], *fwd[r], loc[r][3]) for r in range(N)])
+        outs.append(lay.unshard([f[0] for f in fwd], axis=2))
+        grads.append([lay.unshard([b[j] for b in bwd], axis=2) for j in range(3)])
+    o = mx.concatenate(outs, axis=1)
+    g = [mx.concatenate([gr[j] for gr in grads], axis=1) for j in range(3)]
+    return o, g, o_ref, g_ref
+
+
+@pytest.mark.parametrize("L,N,split", [(64, 2, "zigzag"), (67, 2, "contiguous"), (67, 3, "zigzag"),
+                                       (101, 3, "contiguous")])
+@pytest.mark.parametrize("mask", ["causal", "document", "s2", "window", "all"])
+def test_ring_attention_equals_the_reference_forward_and_backward(L, N, split, mask):
+    kw = {"causal": {}, "document": {"seg": True}, "s2": {"s2": 16}, "window": {"window": 10},
+          "all": {"seg": True, "s2": 20, "window": 30}}[mask]
+    o, g, o_ref, g_ref = _ring(L, N, split, **kw)
+    for a, b in [(o, o_ref), *zip(g, g_ref, strict=True)]:
+        assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
+
+
+def test_masked_blocks_are_not_sent():
+    from mozgach_mlx.attention.masks import MaskSpec
+    from mozgach_mlx.context.ring import RingPlan
+
+    rp = RingPlan(Layout(1024, 2, "contiguous"), MaskSpec(True), (64, 128), None, True)
+    assert rp.need.tolist() == [[True, True], [False, True]]  # rank 0 never sees rank 1's keys
+    assert rp.kv_hop(1, 0) and not rp.kv_hop(1, 1)  # so rank 1's K/V never travel
+    seg = np.array([[0] * 512 + [1] * 512])  # documents that end at the rank boundary: nothing travels
+    rp = RingPlan(Layout(1024, 2, "contiguous"), MaskSpec(True), (64, 128), seg, True)
+    assert rp.need.tolist() == [[True, False], [False, True]] and not rp.kv_hop(1, 0)
+
+
+# ----------------------------------------------------------------------------- 2 ranks
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _launch(*args: str, timeout: int = 600):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(_port()), sys.executable, str(WORKER), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def _check_against_one_process(out: Path, cases: list[str]) -> None:
+    for name in cases:
+        got = mx.load(str(out / f"{name}.safetensors"))
+        model, cfg, batch = cp_case(name)
+        (s, n), g = reference_step(model, cfg, batch)
+        assert abs(float(got["loss_sum"]) - float(s)) <= 1e-5 * abs(float(s)), name
+        assert float(got["tokens"]) == float(n), name
+        flat = dict(tree_flatten(g))
+        assert {k[len("grad."):] for k in got if k.startswith("grad.")} == set(flat), name
+        for k, ref in flat.items():
+            err = float(mx.abs(got[f"grad.{k}"] - ref).max())
+            assert err <= 1e-5 * float(mx.abs(ref).max()), (name, k, err)
+
+
+def _run_cases(tmp_path: Path, cases: list[str], timeout: int) -> None:
+    with _launch("grads", str(tmp_path), *cases) as proc:
+        out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    _check_against_one_process(tmp_path, cases)
+
+
+CASES_4K = ["causal-4096", "document-4099-contiguous", "s2-4096-ckpt", "all-4099", "causal-4096-q4-ckpt"]
+CASES_16K = ["causal-16384-ckpt", "document-16387", "s2-16384-contiguous-ckpt"]
+
+
+@needs_launch
+def test_two_ranks_equal_one_process_at_4k(tmp_path):
+    """Loss, token count and every LoRA gradient of a 2-rank context-parallel step equal
+    the 1-process step: causal (zig-zag), documents (contiguous, 4099 tokens: odd, not a
+    multiple of the block), S² with checkpointing, documents + S² + sliding window, and
+    the 4-bit base with checkpointing."""
+    _run_cases(tmp_path, CASES_4K, 300)
+
+
+@needs_launch
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_at_16k(tmp_path):
+    _run_cases(tmp_path, CASES_16K, 1200)
