@@ -7,6 +7,7 @@ manifest, base and data) is in :mod:`mozgach_mlx.rundir`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ def run_fleet(run: RunConfig, tcfg: TrainConfig) -> int:
     started by ``mlx.launch``; rank 0 holds the directory and alone prints the summary."""
     if tcfg.memory_gb is not None:  # pre-flight from config.json alone: before any data or weights
         check_memory(memory_plan(run.model, tcfg, quantize=run.quant_bits()))
+    if run.distributed == "context":  # every adapter context-parallel over the ranks (mozgach_mlx.context)
+        tcfg = dataclasses.replace(tcfg, context_parallel=True)
     group = dist.init(run.distributed)
     with dist.hold(run.out, group):
         return _run_fleet(run, tcfg, group)

@@ -51,7 +51,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .errors import ConfigError, MozgachError
 from .rundir import locked
 
-MODES = ("none", "data", "adapters")
+MODES = ("none", "data", "adapters", "context")  # context: mozgach_mlx.context
 BUCKET_BYTES = 64 << 20  # one all_sum per this many bytes of gradients (few calls, bounded copies)
 
 LAUNCH_HINT = ("e.g. `mozgach launch -n 2 -- mozgach train --distributed {mode} ...` on one machine, "

@@ -79,8 +79,8 @@ class RunConfig:
         if self.data is None and self.model == BUILTIN_MODEL:
             self.data = DEFAULT_CORPUS  # recorded as such: the manifest names the corpus it ran on
         parse_quantize(self.quantize)
-        if self.distributed not in ("none", "data", "adapters"):
-            raise ConfigError(f"--distributed {self.distributed!r} is not one of none, data, adapters")
+        if self.distributed not in ("none", "data", "adapters", "context"):
+            raise ConfigError(f"--distributed {self.distributed!r} is not one of none, data, adapters, context")
 
     def preset(self) -> tuple[dict, dict]:
         """(train, lora) overrides of the built-in runs' short schedules: the default
