@@ -48,6 +48,15 @@ def one_step(name: str, group) -> dict:
     return {"peak_bytes": mx.get_peak_memory(), "step_s": time.perf_counter() - t0, "bytes_sent": sent}
 
 
+def plan_kwargs(name: str) -> dict:
+    """What ``mz.plan`` needs to describe the step of case ``name`` (tests/test_plan_context.py
+    checks the plan against the measured peaks with these)."""
+    _, cfg, (x, *_) = cp_case(name)
+    return {"batch_size": x.shape[0], "quantize": None, "lora_rank": cfg.lora.r,
+            "lora_targets": list(cfg.lora.targets), "loss_chunk": cfg.loss_chunk, "compute_bytes": 4,
+            "mlp_chunk": None, "strategy": {"checkpoint_every": 1}, "context_split": cfg.context_split}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
@@ -75,7 +84,8 @@ def main() -> None:
                         __file__, "--rank-step", name], check=True, env=env, timeout=3000)
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(a.ranks)]
         rows.append({"L": L, "N": a.ranks, "case": name, "strategy": "checkpointing (none), fp32, zigzag",
-                     "model": small_config(max_position_embeddings=32768), "one_process": ref, "ranks": ranks,
+                     "model": small_config(max_position_embeddings=32768), "plan": plan_kwargs(name),
+                     "one_process": ref, "ranks": ranks,
                      "peak_ratio": max(r["peak_bytes"] for r in ranks) / ref["peak_bytes"],
                      "load_average_1m": load})
     print(f"| {'L':>6} | {'1-proc peak MiB':>15} | {'rank peak MiB':>13} | {'ratio':>5} | {'1-proc s':>8} | "
