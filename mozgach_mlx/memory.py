@@ -307,13 +307,20 @@ class _Block:
         return self.attn.q_proj(n), self.attn.k_proj(n), self.attn.v_proj(n)
 
     def core(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """Attention over the whole sequence: (B, L, .) pre-RoPE -> (B, L, q_dim)."""
+        """Attention over the whole sequence: (B, L, .) pre-RoPE -> (B, L, q_dim). Under
+        context parallelism (``Attention.context_parallel`` installed, :mod:`.context`)
+        q, k, v are this rank's slice and the shard runs RoPE at global positions and
+        ring attention over the group (its K/V streamed in tile-sized units)."""
         a, (B, L, _) = self.attn, q.shape
-        q = a.rope(q.reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3))  # (B, H, L, D)
-        k = a.rope(k.reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3))  # (B, Hkv, L, D)
+        q = q.reshape(B, L, a.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = k.reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, D)
         v = v.reshape(B, L, a.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        o = attn.flash_attention(q, k, v, scale=a.scale, causal=True, window=a.window,
-                                 segment_ids=self.kw.get("segment_ids"), s2_group=self.kw.get("s2_group"))
+        shard = getattr(a, "context_parallel", None)
+        if shard is not None:
+            o = shard.attention(q, k, v, rope=a.rope, scale=a.scale, window=a.window)
+        else:
+            o = attn.flash_attention(a.rope(q), a.rope(k), v, scale=a.scale, causal=True, window=a.window,
+                                     segment_ids=self.kw.get("segment_ids"), s2_group=self.kw.get("s2_group"))
         return o.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
     def rest(self, params: dict, x: mx.array, o: mx.array) -> mx.array:

@@ -362,10 +362,6 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
     mplan = memory_plan(model, cfg)
     check_memory(mplan)  # before any data is read
     strategy = memory.MemoryStrategy(**mplan.strategy)
-    if cfg.context_parallel:
-        from .context.step import check_strategy
-
-        strategy = check_strategy(strategy, cfg.memory_strategy)
     if not strategy.runs_model_step and loss_fn is not default_loss:
         raise ConfigError(f"memory strategy {strategy.describe()} runs the default loss only; pass "
                           "memory_strategy='none' with a custom loss_fn")

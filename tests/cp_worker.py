@@ -37,8 +37,9 @@ LORA = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "k_proj", "
 
 def cp_case(name: str):
     """(model, cfg, batch (x, y, mask, segment_ids or None)) of a named case, the same in
-    every process: ``<mask>-<length>[-<split>][-q4][-ckpt]`` with mask causal | document |
-    s2 | window | all (documents + S² + window)."""
+    every process: ``<mask>-<length>[-<split>][-q4][-ckpt][-tile]`` with mask causal | document |
+    s2 | window | all (documents + S² + window); ``tile``: tiled block recompute with tiles
+    of 512 positions (:func:`case_strategy`)."""
     parts = name.split("-")
     kind, length = parts[0], int(parts[1])
     split = "contiguous" if "contiguous" in parts else "zigzag"
@@ -53,7 +54,8 @@ def cp_case(name: str):
     model.train()
     model.s2_group = 0.25 if kind in ("s2", "all") else None
     model.grad_checkpoint = "ckpt" in parts
-    cfg = mz.TrainConfig(context_parallel=True, context_split=split, progress=False, lora=LORA, loss_chunk=512)
+    cfg = mz.TrainConfig(context_parallel=True, context_split=split, progress=False, lora=LORA, loss_chunk=512,
+                         **({"memory_strategy": "tile", "tile_chunk": 512} if "tile" in parts else {}))
     tokens = rng.integers(0, 259, (1, length + 1))
     x, y = mx.array(tokens[:, :-1].astype(np.int32)), mx.array(tokens[:, 1:].astype(np.int32))
     mask = mx.array((rng.random((1, length)) > 0.1).astype(np.float32))
@@ -71,6 +73,13 @@ def _random_tree(model, rng):
     return tree_unflatten([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))) for k, v in flat])
 
 
+def case_strategy(cfg) -> memory.MemoryStrategy:
+    """The memory strategy of a case's context-parallel step: tiles of ``cfg.tile_chunk``
+    for ``-tile`` cases, else per-block checkpointing (the model's own step)."""
+    return memory.MemoryStrategy(tile_chunk=cfg.tile_chunk) if cfg.memory_strategy == "tile" else \
+        memory.MemoryStrategy()
+
+
 def reference_step(model, cfg, batch):
     """The 1-process step of the same batch: ((loss_sum, n), grads)."""
     x, y, m, seg = batch
@@ -84,7 +93,7 @@ def reference_step(model, cfg, batch):
 def cp_step_sums(model, cfg, batch, group):
     """The context-parallel step summed over the group: (loss_sum, n, grads)."""
     x, y, m, seg = batch
-    fn = cp_step.grad_fn(model, trainer.default_loss, cfg, memory.MemoryStrategy(), group)
+    fn = cp_step.grad_fn(model, trainer.default_loss, cfg, case_strategy(cfg), group)
     (s, n), g = fn(x, y, m, segment_ids=seg)
     mx.eval(s, n, g)
     g, s, n = dist.sum_step(g, s.item(), int(n.item()), group)

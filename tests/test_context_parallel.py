@@ -6,6 +6,7 @@ vjp; the step over 2 real ranks (``mlx.launch -n 2 --backend ring`` on 127.0.0.1
 tests/cp_worker.py) against the 1-process step of the same batch.
 """
 
+import json
 import os
 import signal
 import socket
@@ -58,7 +59,7 @@ def test_a_sequence_shorter_than_the_chunks_is_refused():
 # ----------------------------------------------------------------------------- ring in one process
 
 
-def _ring(L, N, split, *, seg=False, s2=None, window=None, H=4, Hkv=2, D=16, block=(16, 32)):
+def _ring(L, N, split, *, seg=False, s2=None, window=None, H=4, Hkv=2, D=16, block=(16, 32), kv_chunk=None):
     mx.random.seed(1)
     q, k, v, do = (mx.random.normal((1, h, L, D)) for h in (H, Hkv, Hkv, H))
     segids = None
@@ -68,7 +69,8 @@ def _ring(L, N, split, *, seg=False, s2=None, window=None, H=4, Hkv=2, D=16, blo
     (o_ref,), g_ref = mx.vjp(lambda q, k, v: reference_attention(q, k, v, window=window, segment_ids=segids,
                                                                  s2_group=s2), [q, k, v], [do])
     lay = Layout(L, N, split)
-    calls = [ring_calls(lay, r, H, D, window=window, segment_ids=segids, s2_group=s2, block_size=block)
+    calls = [ring_calls(lay, r, H, D, window=window, segment_ids=segids, s2_group=s2, block_size=block,
+                        kv_chunk=kv_chunk)
              for r in range(N)]
     halves = [(q, k, v, do)] if len(calls[0]) == 1 else [(*h, d) for h, d in
                                                          zip(s2_heads(q, k, v), (do[:, :H // 2], do[:, H // 2:]),
@@ -94,6 +96,32 @@ def test_ring_attention_equals_the_reference_forward_and_backward(L, N, split, m
     o, g, o_ref, g_ref = _ring(L, N, split, **kw)
     for a, b in [(o, o_ref), *zip(g, g_ref, strict=True)]:
         assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
+
+
+@pytest.mark.parametrize("L,N,split,chunk", [(67, 2, "zigzag", 7), (101, 3, "contiguous", 16),
+                                             (67, 3, "zigzag", 1), (64, 2, "contiguous", 100)])
+@pytest.mark.parametrize("mask", ["causal", "document", "all"])
+def test_ring_streamed_in_chunks_equals_the_reference(L, N, split, chunk, mask):
+    """K/V and dK/dV travelling in units of ``chunk`` keys (the tiled step's ring): uneven
+    units, pieces not multiples of the chunk, a chunk of 1 and one larger than a slice."""
+    kw = {"causal": {}, "document": {"seg": True}, "all": {"seg": True, "s2": 20, "window": 30}}[mask]
+    o, g, o_ref, g_ref = _ring(L, N, split, kv_chunk=chunk, **kw)
+    for a, b in [(o, o_ref), *zip(g, g_ref, strict=True)]:
+        assert float(mx.abs(a - b).max()) <= 1e-5 * float(mx.abs(b).max())
+
+
+def test_streamed_units_skip_what_the_mask_hides():
+    from mozgach_mlx.attention.masks import MaskSpec
+    from mozgach_mlx.context.ring import RingPlan
+
+    # contiguous causal over 2 ranks, units of 128: rank 1's units never travel, rank 0's all do
+    rp = RingPlan(Layout(1024, 2, "contiguous"), MaskSpec(True), (64, 128), None, True, chunk=128)
+    assert rp.n_units == 4 and [rp.kv_hop(1, 0, j) for j in range(4)] == [True] * 4
+    assert not any(rp.kv_hop(1, 1, j) for j in range(4))
+    # a window of 100: only the last unit of rank 0 is seen by rank 1's queries
+    rp = RingPlan(Layout(1024, 2, "contiguous"), MaskSpec(True, 100), (64, 128), None, True, chunk=128)
+    assert [rp.kv_hop(1, 0, j) for j in range(4)] == [False, False, False, True]
+    assert [rp.acc_hop(2, 0, j) for j in range(4)] == [False, False, False, True]
 
 
 def test_masked_blocks_are_not_sent():
@@ -171,3 +199,46 @@ def test_two_ranks_equal_one_process_at_4k(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_at_16k(tmp_path):
     _run_cases(tmp_path, CASES_16K, 1200)
+
+
+# ----------------------------------------------------------------------------- with tiled recompute
+
+CASES_TILE = ["causal-4096-tile", "document-4099-contiguous-tile", "s2-4099-tile", "all-2051-tile",
+              "causal-2048-q4-tile"]
+
+
+@pytest.mark.parametrize("name", ["causal-1027-tile", "all-1029-contiguous-tile", "s2-1024-q4-tile"])
+def test_tiled_context_step_of_one_rank_equals_the_model_step(name):
+    """The tiled step with the context shard installed, world size 1 (LocalTransport): the
+    zig-zag split still gives the rank two pieces, so RoPE runs per piece at global
+    positions, the ring's units are tile-sized, and tiled phase C differentiates the ring
+    -- the same loss and LoRA gradients as the model's own 1-process step."""
+    from cp_worker import cp_step_sums
+
+    model, cfg, batch = cp_case(name)
+    (s_ref, n_ref), g_ref = reference_step(model, cfg, batch)
+    model, cfg, batch = cp_case(name)
+    s, n, g, _ = cp_step_sums(model, cfg, batch, None)
+    assert abs(s - float(s_ref)) <= 1e-5 * abs(float(s_ref)) and n == int(n_ref)
+    flat, ref = dict(tree_flatten(g)), dict(tree_flatten(g_ref))
+    assert set(flat) == set(ref)
+    for k, r in ref.items():
+        assert float(mx.abs(flat[k] - r).max()) <= 1e-5 * float(mx.abs(r).max()), k
+
+
+@needs_launch
+def test_two_ranks_with_tiled_recompute_equal_one_process(tmp_path):
+    """Context parallelism composed with tiled block recompute (tiles of 512, the ring's K/V
+    streamed in units of 512 keys): loss, token count and every LoRA gradient of the 2-rank
+    step equal the 1-process (untiled) step -- causal zig-zag, documents (contiguous, odd
+    4099), S² (odd 4099), documents + S² + window, and the 4-bit base."""
+    _run_cases(tmp_path, CASES_TILE, 300)
+    sent = [json.loads((tmp_path / f"causal-4096-tile.rank{r}.json").read_text()) for r in (0, 1)]
+    # zig-zag over 2 ranks: rank 0 holds [0, 1024) + [3072, 4096), rank 1 [1024, 3072); in
+    # units of 512 keys each holds 4. Per layer, 3 ring forwards (tiled forward, recompute,
+    # phase C's vjp) and one backward. Rank 1's queries see only rank 0's first 2 units, so
+    # rank 0 sends 2 K/V units per pass (the whole-slice ring sends all 4) and the 4
+    # accumulators of rank 1's units home; rank 1 sends its 4 units and 2 accumulators.
+    unit = 2 * 2 * 512 * 16 * 4  # (K, V) x 2 kv heads x 512 keys x head_dim 16, fp32 (= an fp32 dK/dV unit)
+    assert [x["messages"] for x in sent] == [2 * (3 * 2 + 2 + 4), 2 * (3 * 4 + 4 + 2)]
+    assert [x["bytes_sent"] for x in sent] == [x["messages"] * unit for x in sent]

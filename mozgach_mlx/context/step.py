@@ -10,10 +10,37 @@ block is per token and runs on the slice as it is.
 
 :func:`grad_fn` is the trainer's step: it shards inputs, targets and loss mask by the
 layout, installs the shard, and runs the model's value-and-grad (the plain step or
-per-block checkpointing, or a non-tiled strategy of :mod:`mozgach_mlx.memory`) on the
-slice. The chunked loss of a slice is the sum over its tokens, so the ranks' loss sums,
+per-block checkpointing, or any strategy of :mod:`mozgach_mlx.memory`) on the slice. The
+chunked loss of a slice is the sum over its tokens, so the ranks' loss sums,
 token counts and LoRA gradients summed over the group (the trainer's
 ``distributed.sum_step``) are the whole sequence's, normalised by the global token count.
+
+Tiled block recompute under context parallelism (``memory_strategy`` tile, tile+offload,
+or auto's tiled candidates): memory.py's phases run on the rank's slice unchanged --
+A, B and D per tile of ``tile_chunk`` local positions, and the attention phase
+(``memory._Block.core``, with C its vjp) on the slice's whole q, k, v, which the
+installed shard turns into RoPE at global positions and ring attention. The ring then
+streams K/V in *units* of ``tile_chunk`` keys (``RingPlan(chunk=)``): unit j of every
+rank goes all the way round (forward: N - 1 hops; backward: with its fp32 dK/dV
+accumulator, home after N) before unit j + 1 starts, so what is in flight per rank is a
+few units, O(N x c), instead of a whole remote slice with its accumulator, O(L / N).
+Llama-3.1-8B at 512K tokens over 2 ranks in bf16: the remote slice's K/V are 1 GiB per
+layer and their fp32 dK/dV 2 GiB, in flight twice (6 GiB of a 36 GiB budget); units of
+4096 keys make that ~0.1 GiB (plan_context.ring_bytes).
+
+Why the ring and not "all_gather K/V once per layer, then local query tiles against all
+keys": each rank would hold the whole sequence's K/V (2 GiB per layer at 512K in bf16)
+and, in the backward, fp32 dK/dV for every key (4 GiB), O(L) per rank instead of
+O(L / N); and the dK/dV would have to go home by an all_sum of the whole sequence's
+(MLX 0.32.4's ring backend has no reduce_scatter): twice the ring's bytes. With two
+ranks one all_gather moves exactly the ring's one hop, so the ring costs no bytes; the
+units cost more messages (L / (N c) per hop instead of one), each of c keys x 2 kv_dim,
+megabytes, where a link's latency (microseconds) is nothing next to the unit's compute.
+Every exchange stays in the one chained lazy graph of :mod:`.transport`, so ranks run
+their collectives in the same order: the tiled forward evaluates one block at a time
+(its ring with it), the backward recomputes (a second ring forward) and differentiates
+(phase C: the custom vjp's ring forward again, then the ring backward) one block at a
+time, in the same block order on every rank.
 """
 
 from __future__ import annotations
@@ -57,9 +84,11 @@ class ContextShard:
     group, the transport. ``attention`` is what every attention layer calls."""
 
     def __init__(self, layout: Layout, rank: int, transport, *, segment_ids: mx.array | None = None,
-                 s2_group: int | None = None, block_size: tuple[int, int] | None = None) -> None:
+                 s2_group: int | None = None, block_size: tuple[int, int] | None = None,
+                 kv_chunk: int | None = None) -> None:
         self.layout, self.rank, self.transport = layout, rank, transport
         self.segment_ids, self.s2_group, self.block_size = segment_ids, s2_group, block_size
+        self.kv_chunk = kv_chunk  # K/V travel in units of this many keys (the tiled step: its tile_chunk)
 
     def rope(self, rope: nn.Module, x: mx.array) -> mx.array:
         """``x`` (B, H, Lr, D) rotated at this rank's global positions."""
@@ -73,7 +102,7 @@ class ContextShard:
     def attention(self, q, k, v, *, rope: nn.Module, scale: float, window: int | None) -> mx.array:
         return ring_attention(self.rope(rope, q), self.rope(rope, k), v, self.layout, self.rank, self.transport,
                               scale=scale, causal=True, window=window, segment_ids=self.segment_ids,
-                              s2_group=self.s2_group, block_size=self.block_size)
+                              s2_group=self.s2_group, block_size=self.block_size, kv_chunk=self.kv_chunk)
 
 
 @contextlib.contextmanager
@@ -89,18 +118,6 @@ def installed(model, shard: ContextShard | None) -> Iterator[None]:
     finally:
         for a in layers:
             a.context_parallel = None
-
-
-def check_strategy(strategy: memory.MemoryStrategy, requested: str) -> memory.MemoryStrategy:
-    """The memory strategy a context-parallel step runs: tiled recompute calls attention on
-    whole-sequence q, k, v and does not compose yet (auto falls back to per-block
-    checkpointing; an explicit tile is refused)."""
-    if not strategy.tile_chunk:
-        return strategy
-    if requested == "auto":
-        return memory.MemoryStrategy()
-    raise ConfigError(f"memory_strategy={requested!r} (tiled block recompute) does not compose with context_parallel "
-                      "yet; use memory_strategy none (per-block checkpointing), plain or offload")
 
 
 def shard_batch(layout: Layout, rank: int, *arrays: mx.array) -> list[mx.array]:
@@ -121,7 +138,8 @@ def grad_fn(model, loss_fn: Callable, cfg, strategy: memory.MemoryStrategy, grou
     def step(x: mx.array, y: mx.array, m: mx.array, segment_ids: mx.array | None = None):
         layout = Layout(x.shape[1], n, cfg.context_split)
         s2 = attn.s2_group_tokens(model.s2_group, x.shape[1]) if model.training else None
-        shard = ContextShard(layout, rank, transport, segment_ids=segment_ids, s2_group=s2, block_size=block_size)
+        shard = ContextShard(layout, rank, transport, segment_ids=segment_ids, s2_group=s2, block_size=block_size,
+                             kv_chunk=strategy.tile_chunk)
         with installed(model, shard):
             return vg(*shard_batch(layout, rank, x, y, m))
 
