@@ -1,14 +1,17 @@
 # ruff: noqa: I001  (import order matters: mozgach_mlx must load the fast BLAS before mlx.core)
 """Context parallelism: peak memory per rank, step time and bytes sent, 1 process vs N ranks.
 
-    python benchmarks/bench_context_parallel.py [--lengths 16384 32768] [--ranks 2]
+    python benchmarks/bench_context_parallel.py [--lengths 16384 32768] [--ranks 2] [--strategy none|tile]
 
-Runs one training step (value and LoRA gradients, per-block checkpointing, fp32, the
-2-layer d=64 model of tests/conftest.small_config with 4-bit weights off) of one
-sequence at each length: first in this process (the reference), then with ``mlx.launch
--n N --backend ring`` (this script's ``--rank-step`` mode in every rank). Prints a
-table and writes benchmarks/results_context_parallel.json (model dims, L, N, strategy,
-peaks in bytes, bytes sent per rank, step seconds with the load average).
+Runs one training step (value and LoRA gradients, fp32, the 2-layer d=64 model of
+tests/conftest.small_config with 4-bit weights off) of one sequence at each length:
+first in this process (the reference), then with ``mlx.launch -n N --backend ring``
+(this script's ``--rank-step`` mode in every rank). ``--strategy none``: per-block
+checkpointing (cases ``causal-L-ckpt``); ``tile``: tiled block recompute with tiles of
+512 positions in both (``causal-L-tile``; the ranks' ring streams K/V in units of 512
+keys). Prints a table and writes benchmarks/results_context_parallel.json (model dims,
+L, N, strategy, the ``mz.plan`` arguments of the step, peaks in bytes, bytes sent per
+rank, step seconds with the load average); rows of other cases already there are kept.
 """
 
 import mozgach_mlx as mz  # noqa: F401
@@ -25,7 +28,7 @@ import mlx.core as mx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from cp_worker import cp_case, cp_step_sums  # noqa: E402
+from cp_worker import case_strategy, cp_case, cp_step_sums  # noqa: E402
 from conftest import small_config  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results_context_parallel.json"
@@ -37,7 +40,13 @@ def one_step(name: str, group) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    if group is None:
+    if group is None and case_strategy(cfg).tile_chunk:  # the tiled step of one process
+        from mozgach_mlx import memory
+
+        x, y, m, seg = batch
+        mx.eval(memory.value_and_grad(model, case_strategy(cfg), loss_chunk=cfg.loss_chunk)(x, y, m, seg))
+        sent = 0
+    elif group is None:
         from cp_worker import reference_step
 
         reference_step(model, cfg, batch)
@@ -54,13 +63,15 @@ def plan_kwargs(name: str) -> dict:
     _, cfg, (x, *_) = cp_case(name)
     return {"batch_size": x.shape[0], "quantize": None, "lora_rank": cfg.lora.r,
             "lora_targets": list(cfg.lora.targets), "loss_chunk": cfg.loss_chunk, "compute_bytes": 4,
-            "mlp_chunk": None, "strategy": {"checkpoint_every": 1}, "context_split": cfg.context_split}
+            "mlp_chunk": None, "context_split": cfg.context_split,
+            "strategy": {k: v for k, v in case_strategy(cfg).to_dict().items() if v or k == "checkpoint_every"}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--strategy", choices=("none", "tile"), default="none")
     ap.add_argument("--rank-step", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rank_step:
@@ -70,7 +81,7 @@ def main() -> None:
         return
     rows = []
     for L in a.lengths:
-        name = f"causal-{L}-ckpt"
+        name = f"causal-{L}-{'tile' if a.strategy == 'tile' else 'ckpt'}"
         load = os.getloadavg()[0]
         ref = one_step(name, None)
         tmp = Path(f"/tmp/cp_bench_{os.getpid()}_{L}")
@@ -83,7 +94,8 @@ def main() -> None:
         subprocess.run([str(launch), "-n", str(a.ranks), "--backend", "ring", "-p", str(port), sys.executable,
                         __file__, "--rank-step", name], check=True, env=env, timeout=3000)
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(a.ranks)]
-        rows.append({"L": L, "N": a.ranks, "case": name, "strategy": "checkpointing (none), fp32, zigzag",
+        kind = "tiled recompute (tile 512)" if a.strategy == "tile" else "checkpointing (none)"
+        rows.append({"L": L, "N": a.ranks, "case": name, "strategy": kind + ", fp32, zigzag",
                      "model": small_config(max_position_embeddings=32768), "plan": plan_kwargs(name),
                      "one_process": ref, "ranks": ranks,
                      "peak_ratio": max(r["peak_bytes"] for r in ranks) / ref["peak_bytes"],
@@ -95,8 +107,12 @@ def main() -> None:
               f"{max(x['peak_bytes'] for x in r['ranks']) / 2**20:>13.1f} | {r['peak_ratio']:>5.2f} | "
               f"{r['one_process']['step_s']:>8.1f} | {max(x['step_s'] for x in r['ranks']):>7.1f} | "
               f"{max(x['bytes_sent'] for x in r['ranks']) / 2**20:>13.2f} | {r['load_average_1m']:.1f} |")
-    OUT.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows},
-                              indent=1))
+    doc = json.loads(OUT.read_text()) if OUT.exists() else {"rows": []}
+    old = [{"date": doc.get("date"), "command": doc.get("command"), **r} for r in doc["rows"]]
+    cases = {r["case"] for r in rows}
+    rows = [r for r in old if r["case"] not in cases] + [{**r, "date": time.strftime("%Y-%m-%d"),
+                                                          "command": " ".join(sys.argv)} for r in rows]
+    OUT.write_text(json.dumps({"rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ zig-zag split: chunks i and 2N - 1 - i of 2N, which balances a causal mask). Per
                        kv_dim for K and for V), and in the backward their dK/dV
                        accumulators, which travel with them:
                        RING_BLOCKS x B x r x 2 kv_dim x (kv_bytes + dkv_bytes)
+                       With tiled recompute (tile_chunk c) the ring streams units of
+                       u = min(c, r) keys instead of whole slices (context/step.py): the
+                       unit computed and the all_gather's N messages of one unit,
+                       (N + 1) x B x u x 2 kv_dim x (kv_bytes + dkv_bytes)
 
 The ring term is live only while attention runs, so it joins the block phase of the peak
 (``plan.peak_of``). At N = 1 there is no ring and r = L: the 1-process plan exactly.
@@ -63,10 +67,14 @@ def local_tokens(context: int, ranks: int) -> int:
     return -(-context // ranks)
 
 
-def ring_bytes(batch: int, tokens: int, kv_dim: int, kv_bytes: int, dkv_bytes: int, ranks: int) -> int:
-    """In-flight K/V blocks and their dK/dV accumulators of one layer (module docstring)."""
+def ring_bytes(batch: int, tokens: int, kv_dim: int, kv_bytes: int, dkv_bytes: int, ranks: int,
+               chunk: int | None = None) -> int:
+    """In-flight K/V blocks and their dK/dV accumulators of one layer (module docstring);
+    ``chunk``: the tiled step's units of ``min(chunk, tokens)`` keys."""
     if ranks <= 1:
         return 0
+    if chunk:
+        return (ranks + 1) * batch * min(chunk, tokens) * 2 * kv_dim * (kv_bytes + dkv_bytes)
     return RING_BLOCKS * batch * tokens * 2 * kv_dim * (kv_bytes + dkv_bytes)
 
 
@@ -149,17 +157,20 @@ def _secs(x: float) -> str:
 
 def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_layers: int, batch: int,
              context: int, kv_dim: int, kv_bytes: int, dkv_bytes: int, forwards: float, lora_params: int,
-             compute_seconds: float, attention_pass_seconds: float, single_seconds: float) -> ContextParallel:
+             compute_seconds: float, attention_pass_seconds: float, single_seconds: float,
+             chunk: int | None = None) -> ContextParallel:
     """The step over ``ranks`` ranks. ``compute_seconds``: one rank's compute;
     ``attention_pass_seconds``: one rank's attention forward over all layers (its pairs,
-    4 D FLOPs each: the backward is 10/4 of it)."""
+    4 D FLOPs each: the backward is 10/4 of it); ``chunk``: the tiled step's ring units
+    (a hop is ceil(r / chunk) messages, each paying the link's latency)."""
     lk = get_link(link, link_gbps)
     r = local_tokens(context, ranks)
     sent = sent_bytes(n_layers=n_layers, batch=batch, tokens=r, kv_dim=kv_dim, kv_bytes=kv_bytes,
                       dkv_bytes=dkv_bytes, ranks=ranks, forwards=forwards, lora_params=lora_params)
     bw = lk.gbps * 1e9 / 8
     block = batch * r * 2 * kv_dim
-    t_kv, t_dkv = block * kv_bytes / bw + lk.latency, block * dkv_bytes / bw + lk.latency
+    units = -(-r // chunk) if chunk else 1
+    t_kv, t_dkv = block * kv_bytes / bw + units * lk.latency, block * dkv_bytes / bw + units * lk.latency
     fwd_block = attention_pass_seconds / n_layers / ranks  # one hop's compute in a forward
     hops, serial = ranks - 1, 2 if ranks % 2 == 0 else 3  # message times per hop (module docstring)
     if ranks > 1:
@@ -170,23 +181,22 @@ def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_l
         overlapped = on_link = 0.0
     grad = allreduce_seconds(lora_params * 4, ranks, lk.gbps, lk.latency)
     return ContextParallel(ranks=ranks, link=link, gbps=lk.gbps, latency=lk.latency, layout=layout,
-                           tokens_per_rank=r, ring_bytes=ring_bytes(batch, r, kv_dim, kv_bytes, dkv_bytes, ranks),
+                           tokens_per_rank=r,
+                           ring_bytes=ring_bytes(batch, r, kv_dim, kv_bytes, dkv_bytes, ranks, chunk),
                            sent=sent, compute_seconds=compute_seconds, link_seconds=on_link,
                            overlapped_seconds=overlapped,
                            allreduce_seconds=grad, single_seconds=single_seconds, link_source=lk.source)
 
 
 def check(ranks: int, context_parallel: bool, strategy=None) -> None:
-    """One-line errors for the ranks of a plan (and a strategy context parallelism cannot run)."""
+    """One-line errors for the ranks of a plan (every memory strategy composes with
+    context parallelism; ``context_parallel`` and ``strategy`` are kept for callers)."""
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ConfigError(f"--ranks {ranks}: the number of processes must be a whole number >= 1 "
                           "(e.g. --ranks 2)")
-    if context_parallel and ranks > 1 and strategy is not None and strategy.tile_chunk:
-        raise ConfigError("tiled block recompute does not compose with context parallelism yet "
-                          "(mozgach_mlx/context/step.py); use --strategy none, plain, offload or auto")
 
 
 def usable(candidates: list, ranks: int) -> list:
-    """The memory strategies a context-parallel step over ``ranks`` ranks can run: all but
-    tiled recompute, which ``context.step.check_strategy`` refuses (auto falls back)."""
-    return candidates if (ranks or 1) <= 1 else [c for c in candidates if not c.tile_chunk]
+    """The memory strategies a context-parallel step over ``ranks`` ranks can run: all of
+    them (tiled recompute included: the ring streams tile-sized units, context/step.py)."""
+    return list(candidates)

@@ -45,6 +45,31 @@ def test_per_rank_terms_are_the_one_process_terms_at_the_local_slice_plus_the_ri
         assert p.total_bytes == local.total_bytes + ring  # the ring joins the block phase, which is the peak
 
 
+def test_tiled_recompute_under_context_parallelism_streams_tile_sized_units():
+    """Tiles compose with context parallelism: the per-rank terms are the tiled 1-process
+    terms at ceil(L / N) tokens, and the ring holds (N + 1) units of tile_chunk keys with
+    their fp32 dK/dV, not whole slices; each hop pays the latency once per unit."""
+    L, c = 524_288, 4096
+    for ranks in (2, 4):
+        p = mz.plan("llama-3.1-8b", L, backend="metal", strategy="tile+offload", ranks=ranks, context_parallel=True,
+                    link="thunderbolt5")
+        local = mz.plan("llama-3.1-8b", L // ranks, backend="metal", strategy=p.strategy)
+        ring = p.components.pop("ring")
+        assert p.strategy["tile_chunk"] == c and p.components == local.components
+        assert ring == (ranks + 1) * c * 2 * (8 * 128) * (2 + 4)
+        whole = mz.plan("llama-3.1-8b", L, backend="metal", strategy="offload", ranks=ranks, context_parallel=True)
+        assert whole.components["ring"] == 2 * (L // ranks) * 2 * (8 * 128) * (2 + 4) > 10 * ring
+        cp = p.context_parallel
+        # the same bytes as whole slices
+        assert cp.sent["kv"] == 32 * (3 + 1) * (ranks - 1) * (L // ranks) * 2 * 1024 * 2
+    # the must-show line of issue 25: Llama-3.1-8B at 512K or more on two 48 GB Macs (Metal's default 36 GiB)
+    two = solve_context("llama-3.1-8b", device="m4-pro", memory_gb=48, ranks=2, context_parallel=True,
+                        link="thunderbolt5")
+    assert two.context >= 524_288 and two.fits and two.strategy.get("tile_chunk")
+    one = solve_context("llama-3.1-8b", device="m4-pro", memory_gb=48)
+    assert two.context > 1.9 * one.context
+
+
 def _ring_traffic(ranks: int, layers: int, forwards: int, block: int, kv_bytes: int, dkv_bytes: int) -> list[int]:
     """Bytes each rank sends, message by message, in a step of ring attention: each forward
     passes every K/V block round the ring; the backward passes them again together with the
@@ -111,7 +136,7 @@ def test_step_time_is_compute_plus_what_the_link_adds():
 
 def test_solve_context_is_monotone_in_ranks_and_memory_and_fits_exactly():
     by_ranks = []
-    for n in (2, 3, 4):  # (one process may run tiled recompute, which context parallelism cannot yet)
+    for n in (2, 3, 4):
         p = solve_context("llama-3.1-8b", device="m4-pro", ranks=n, context_parallel=n > 1, link="thunderbolt5")
         assert p.fits
         over = mz.plan("llama-3.1-8b", p.context + 1024, device="m4-pro", ranks=n, context_parallel=n > 1,
@@ -178,8 +203,6 @@ def test_the_model_counts():
         == [1.0, 2.0, 3.0, 2.5]
     assert pc.attention_share(4, "zigzag", True) == 0.25 and pc.attention_share(4, "contiguous", True) == 7 / 16
     assert pc.attention_share(4, "contiguous", False) == 0.25 and pc.ring_bytes(1, 100, 8, 2, 4, 1) == 0
-    with pytest.raises(mz.errors.ConfigError, match="tiled block recompute does not compose"):
-        mz.plan(SMALL, 1000, ranks=2, context_parallel=True, strategy="tile")
-    assert not any(c.tile_chunk for c in pc.usable(mz.memory.auto_candidates(1000), 2))
+    assert pc.usable(mz.memory.auto_candidates(1000), 2) == mz.memory.auto_candidates(1000)
     with pytest.raises(mz.errors.ConfigError, match="context_split=.stripes."):
         mz.plan(SMALL, 1000, ranks=2, context_parallel=True, context_split="stripes")

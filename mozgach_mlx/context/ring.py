@@ -66,6 +66,7 @@ class RingPlan:
         self.layout, self.spec, self.block = layout, spec, block
         self.segments, self.known, self.chunk = segments, known, chunk
         self._plans: dict[tuple, BlockPlan | None] = {}
+        self._masks: dict = {}  # shared by all the pairs' block plans (BlockPlan.mask / bias)
         self._units: dict[int, list] = {}
 
     def units(self, o: int) -> list[list[tuple[int, int, int]]]:
@@ -104,6 +105,9 @@ class RingPlan:
             (qa, qb), (_, ka, kb) = self.layout.pieces(d)[p], self.units(o)[j][i]
             bp = BlockPlan(self.spec, qb - qa, *self.block, self.segments, self.known, q_start=qa, k_start=ka,
                            k_length=kb - ka)
+            # one cache of the causal / window masks for every pair (they depend on block offsets
+            # only): per plan, each of the L / (N c) units kept its own copies (measured +80% peak)
+            bp._masks = self._masks
             self._plans[key] = bp if (bp.kind != SKIP).any() else None
         return self._plans[key]
 
@@ -180,6 +184,8 @@ def forward_steps(rp: RingPlan, rank: int, q: mx.array, k: mx.array, v: mx.array
         if rp.unit(rank, j) is not None:
             la, lb = rp.unit_span(rank, j)
             held = mx.stack([k[:, :, la:lb], v[:, :, la:lb]])  # (2, B, Hkv, unit, D): origin `rank`
+            if done:  # computed after the previous unit (else a lazy graph may run every unit's blocks at once)
+                (held,) = mx.depends([held], done)
         for s in range(n):
             o = (rank - s) % n
             if s > 0:
@@ -220,6 +226,8 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
         if rp.unit(rank, j) is not None:
             la, lb = rp.unit_span(rank, j)
             held = mx.stack([k[:, :, la:lb], v[:, :, la:lb]])
+            if done:
+                (held,) = mx.depends([held], done)
         for s in range(n + 1):
             org = (rank - s) % n
             if s > 0:
