@@ -110,13 +110,22 @@ def open_manifest(out_dir: Path, base: dict, config: dict) -> Manifest:
         if m.base.get("fingerprint") != base["fingerprint"]:
             raise ConfigError(f"{path}: this output dir was trained over a different base model "
                               f"({m.base.get('source')}); use another --out")
-        if m.config_fingerprint != fingerprint(config):
+        if m.config_fingerprint != fingerprint(config) and resume_key(m.config) != resume_key(config):
             raise ConfigError(f"{path}: this output dir was trained with a different config; use the "
                               "same options to resume, or another --out")
+        m.config, m.config_fingerprint = config, fingerprint(config)  # the config of the run now going on
     else:
         m = Manifest(base=base, config=config, path=path)
     m.save()
     return m
+
+
+def resume_key(config: dict) -> str:
+    """The fingerprint of a manifest's config without how the steps are spread over ranks
+    (``context_parallel``, ``context_split``; like :meth:`TrainConfig.fingerprint`): a run
+    resumes on another number of ranks."""
+    train = {k: v for k, v in config.get("train", {}).items() if k not in ("context_parallel", "context_split")}
+    return fingerprint({**config, "train": train})
 
 
 def _file_hashes(adapter_dir: Path) -> dict[str, str]:
@@ -268,8 +277,9 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     if mode == "adapters":
         _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config)
     else:
+        ran = {} if group is None else {"distributed": mode, "ranks": dist.size(group)}  # in logs/fleet.jsonl
         for dom in todo:
-            fleet.start(dom)
+            fleet.start(dom, **ran)
             fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline, group))
     fleet.result.manifest = manifest.to_dict() if main else {}
     return fleet.result
@@ -282,6 +292,8 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
     adir = out_dir / name
     try:
         res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl", group)
+    except dist.GroupLost:  # the group is gone: no other adapter can train in it either
+        raise
     except MozgachError as e:
         return "failed", {"error": f"{type(e).__name__}: {e}"}
     finally:
@@ -338,7 +350,7 @@ def _offers_from_parts(out_dir: Path, base: dict, config: dict, group) -> dict[s
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise ConfigError(f"{path}: unreadable manifest part ({e}); move it away (its adapters are "
                                   "then retrained)") from None
-            if part.base.get("fingerprint") != base["fingerprint"] or part.config_fingerprint != fingerprint(config):
+            if part.base.get("fingerprint") != base["fingerprint"] or resume_key(part.config) != resume_key(config):
                 raise ConfigError(f"{path}: this manifest part is from a run with a different base or config; "
                                   "move it away or use another --out")
             for name, rec in part.adapters.items():

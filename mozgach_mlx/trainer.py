@@ -75,6 +75,7 @@ class TrainResult:
     resumed_from: int = 0
     base_valid_loss: float | None = None  # the fresh adapter's (= the base's), with base_loss=True
     memory_strategy: dict = field(default_factory=dict)  # the MemoryStrategy the steps ran with
+    ranks: int = 1  # the processes this run's steps ran on (a resumed run's earlier steps: its log's "ranks")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -449,9 +450,15 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     t0 = time.perf_counter()
     bar = _progress(cfg, total_steps, prog.step) if main else None
     batches = _Batches(train, cfg, prog)
+    saved = state["step"] if state is not None else 0  # the last committed checkpoint's step
     try:
         while prog.step < total_steps:
-            acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group)
+            try:
+                acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group)
+            except RuntimeError as e:
+                if group is None:
+                    raise
+                raise _group_lost(e, group, prog.step + 1, saved, out_dir) from None
             loss_value = _check_step(loss_sum, step_tokens, prog.step, out_dir)
             gnorm = _update(model, opt, acc, step_tokens, cfg, lr_at(prog.step, cfg, total_steps))
             prog.step += 1
@@ -461,6 +468,8 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
             rec = {"step": prog.step, "loss": loss_value, "lr": lr_at(prog.step - 1, cfg, total_steps),
                    "grad_norm": gnorm, "tokens": prog.tokens, "epoch": prog.epoch,
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
+            if group is not None:  # what ran: a resumed run's log can mix rank counts
+                rec["ranks"] = dist.size(group)
             if cfg.eval_every and valid and prog.step % cfg.eval_every == 0 and prog.step < total_steps:
                 rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)
             if log is not None:
@@ -469,9 +478,11 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(prog.tokens - _tok0(state)) / elapsed:.0f}",
                                 peak=f"{mx.get_peak_memory() / 1e9:.2f}GB")
-            if main and cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
-                checkpoints.save_checkpoint(out_dir, model, opt, {
-                    **dataclasses.asdict(prog), "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
+            if cfg.save_every and prog.step % cfg.save_every == 0 and prog.step < total_steps:
+                if main:  # rank 0 writes it for the group
+                    checkpoints.save_checkpoint(out_dir, model, opt, {
+                        **dataclasses.asdict(prog), "fingerprint": cfg.fingerprint(), "total_steps": total_steps})
+                saved = prog.step
             if callback is not None:
                 callback(rec)
     finally:
@@ -487,7 +498,20 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
         train_loss=float(np.mean(losses[-max(1, steps_per_epoch):])) if losses else float("nan"),
         valid_loss=valid_loss, valid_ppl=math.exp(valid_loss) if valid_loss is not None else None,
         seconds=time.perf_counter() - t0, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
-        resumed_from=state["step"] if state is not None else 0)
+        resumed_from=state["step"] if state is not None else 0, ranks=dist.size(group))
+
+
+def _group_lost(e: RuntimeError, group, step: int, saved: int, out_dir: Path) -> dist.GroupLost:
+    """The one-line error of a rank whose step's collective failed (MLX's ring raises
+    "connection to a peer was lost" when another rank died): which rank, which step, and
+    where the rerun resumes."""
+    where = f"the checkpoint of step {saved} in {checkpoints.checkpoint_dir(out_dir)}" if saved else \
+        "the start (no checkpoint was committed yet)"
+    me, n = dist.rank(group), dist.size(group)
+    who = f"rank {1 - me}" if n == 2 else f"another of the {n} ranks"
+    return dist.GroupLost(f"rank {me}: a collective of step {step} failed ({' '.join(str(e).split())}): {who} left "
+                          f"the group (died or was killed); rerun the same command to resume from {where}, on any "
+                          "number of ranks")
 
 
 OFFLOAD_DIR = ".offload"

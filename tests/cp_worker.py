@@ -3,12 +3,13 @@
 ``mlx.launch -n 2 --backend ring``), and the cases they share with the 1-process reference.
 
     python tests/cp_worker.py grads OUT CASE [CASE ...]
-    python tests/cp_worker.py train OUT [--kill-rank R --kill-after N]
+    python tests/cp_worker.py train OUT [--kill-rank R --kill-after N] [--single] [--length L]
 
 ``grads``: for each case (:func:`cp_case`), one context-parallel step (loss sum, token
 count and LoRA gradients summed over the group); rank 0 writes ``OUT/CASE.safetensors``.
-``train``: :func:`train_case` trained with ``TrainConfig.context_parallel`` into OUT;
-``--kill-rank R --kill-after N``: rank R SIGKILLs itself in its N-th step's forward.
+``train``: :func:`train_case` trained with ``TrainConfig.context_parallel`` into OUT (with
+``--single``: one process, no group, not context-parallel); ``--kill-rank R --kill-after
+N``: rank R SIGKILLs itself in its N-th loss call (tests/test_context_faults.py).
 """
 
 import mozgach_mlx as mz  # noqa: F401
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +32,7 @@ from conftest import randomize, small_config  # noqa: E402
 
 from mozgach_mlx import distributed as dist, lora, memory, quant, trainer  # noqa: E402
 from mozgach_mlx.context import step as cp_step  # noqa: E402
+from mozgach_mlx.errors import MozgachError  # noqa: E402
 from mozgach_mlx.models import Model, ModelArgs  # noqa: E402
 
 LORA = lora.LoRAConfig(r=4, alpha=8, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -113,36 +116,56 @@ def run_grads(out: Path, cases: list[str], group) -> None:
             {"bytes_sent": tr.bytes_sent, "messages": tr.messages, "peak": mx.get_peak_memory()}))
 
 
-def train_case(tmp: Path):
-    """(model, tok, splits, cfg) of the fault test: a context-parallel run on 4-bit base
-    with checkpointing, 6 steps, a checkpoint every 2."""
+TRAIN_STEPS, TRAIN_SAVE_EVERY = 6, 2
+
+
+def train_case(steps: int = TRAIN_STEPS, length: int = 512):
+    """(model, tok, splits, cfg) of the fault tests: the tiny model on a 4-bit base with
+    per-block checkpointing, context-parallel, one sequence of ``length`` .. ``length`` + 75
+    tokens per step (odd lengths: not a multiple of the ranks or the block), ``steps``
+    steps, a checkpoint every 2. The same in every process; ``context_parallel=False`` of
+    it is the 1-process reference (the fingerprint ignores the flag)."""
     model, tok = mz.load("tiny")
     quant.quantize_model(model, bits=4, group_size=64)
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(0, 259, 257).tolist() for _ in range(8)]
-    splits = {"train": [(s[:-1], s[1:], [1] * 256) for s in seqs], "valid": [(seqs[0][:-1], seqs[0][1:], [1] * 256)]}
-    cfg = mz.TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=6, grad_accumulation=1, batch_size=1,
-                         max_seq_length=256, eval_every=0, save_every=2, grad_checkpoint=True, progress=False,
-                         memory_strategy="none", context_parallel=True, lora=LORA)
+
+    def seq(n):
+        mask = np.ones(n, bool)
+        mask[0] = False
+        mask[rng.random(n) < 0.1] = False  # some targets masked out, as prompts are
+        return rng.integers(0, 259, n).astype(np.int32), mask
+
+    train = [seq(length + 1 + int(rng.integers(0, 76))) for _ in range(8)]
+    splits = {"train": train, "valid": [seq(length + 1)]}
+    cfg = mz.TrainConfig(learning_rate=3e-3, warmup_steps=1, max_steps=steps, grad_accumulation=1, batch_size=1,
+                         max_seq_length=length + 128, eval_every=0, eval_batches=1, save_every=TRAIN_SAVE_EVERY,
+                         grad_checkpoint=True, progress=False, memory_strategy="none", context_parallel=True,
+                         lora=LORA)
     return model, tok, splits, cfg
 
 
-def run_train(out: Path, group, kill_rank: int | None, kill_after: int | None) -> None:
-    model, tok, splits, cfg = train_case(out.parent)
+def run_train(out: Path, group, kill_rank: int | None, kill_after: int | None, length: int) -> None:
+    """Train :func:`train_case` into ``out``; every rank writes ``out/../result{rank}.json``.
+    ``kill_rank``: that rank SIGKILLs itself in the forward of its ``kill_after``-th loss
+    call (a step's graph is being built; the other ranks are already inside the step's
+    collectives, waiting for this rank's K/V blocks)."""
+    model, tok, splits, cfg = train_case(length=length)
+    if group is None:
+        cfg = dataclasses.replace(cfg, context_parallel=False)
+    loss_fn = trainer.default_loss
     if kill_rank is not None and dist.rank(group) == kill_rank:
         calls = {"n": 0}
-        orig = trainer.default_loss
 
-        def loss(*a, **k):
+        def loss_fn(*a, **k):
             calls["n"] += 1
             if calls["n"] == kill_after:
+                (out.parent / f"killed{kill_rank}.txt").write_text(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGKILL)
-            return orig(*a, **k)
+            return trainer.default_loss(*a, **k)
 
-        res = trainer.train_adapter(model, tok, splits, cfg, out, loss_fn=loss, group=group)
-    else:
-        res = trainer.train_adapter(model, tok, splits, cfg, out, group=group)
-    (out.parent / f"result{dist.rank(group)}.json").write_text(json.dumps(dataclasses.asdict(res)))
+    res = trainer.train_adapter(model, tok, splits, cfg, out, loss_fn=loss_fn, group=group)
+    (out.parent / f"result{dist.rank(group)}.json").write_text(json.dumps(
+        {**dataclasses.asdict(res), "ranks": dist.size(group), "context_parallel": cfg.context_parallel}))
 
 
 def main() -> None:
@@ -153,14 +176,19 @@ def main() -> None:
     ap.add_argument("--kill-rank", type=int)
     ap.add_argument("--kill-after", type=int)
     ap.add_argument("--single", action="store_true", help="one process, no group (the rerun on 1 rank)")
+    ap.add_argument("--length", type=int, default=512, help="train: the shortest sequence's length")
     a = ap.parse_args()
     group = None if a.single else dist.init("data")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.what == "grads":
         run_grads(out, a.cases, group)
-    else:
-        run_train(out, group, a.kill_rank, a.kill_after)
+        return
+    try:
+        run_train(out, group, a.kill_rank, a.kill_after, a.length)
+    except MozgachError as e:  # one line, as `mozgach train` prints it
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
