@@ -272,13 +272,13 @@ def test_mlx_launch_stops_the_survivor_but_exits_0(tmp_path, reference_two):
 
 # ----------------------------------------------------------------------------- the CLI
 
-CLI = ["--model", "tiny", "--n-domains", "1", "--max-steps", "8", "--save-every", "2", "--batch-size", "1",
+CLI = ["--model", "tiny", "--max-steps", "8", "--save-every", "2", "--batch-size", "1",
        "--max-seq-length", "512", "--warmup-steps", "1", "--quiet"]  # ~450 packed tokens a step
 NAME = "mozgach108_001"
 
 
-def _train_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mozgach_mlx.train", *args, *CLI]
+def _train_cli(*args: str, domains: int = 1) -> list[str]:
+    return [sys.executable, "-m", "mozgach_mlx.train", *args, "--n-domains", str(domains), *CLI]
 
 
 def _rank_pid(pgid: int, rank: int) -> int | None:
@@ -357,3 +357,25 @@ def test_cli_context_run_killed_mid_training_resumes_on_another_rank_count(tmp_p
     lr = want["config"]["train"]["learning_rate"]
     _assert_close(mx.load(str(cut / NAME / mz.lora.MLX_WEIGHTS)),
                   mx.load(str(tmp_path / "ref" / NAME / mz.lora.MLX_WEIGHTS)), ADAM_NOISE * lr)
+
+
+@pytest.mark.slow
+def test_cli_hand_started_survivor_stops_the_fleet_with_one_line(tmp_path):
+    """``mozgach train --distributed context`` on 2 ranks started by hand, 2 adapters, rank 1
+    SIGKILLed in the first: rank 0 ends with its one line (exit 2), leaves the first adapter
+    "running" (its checkpoint kept) and does not go on to the second in a dead group (it
+    did before: and hung in the second's first collective, until this test's timeout)."""
+    out = tmp_path / "out"
+    state = out / NAME / "checkpoint" / "state.json"
+    args = _train_cli("--distributed", "context", "--out", str(out), domains=2)
+    with _launch(*args, launcher="hand") as procs:
+        _wait_for(state.exists, procs, "the first checkpoint")
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, errs, ended = _wait(procs)
+    assert ended - killed < ENDS_WITHIN_S and procs[0].returncode == 2, errs[0][-3000:]
+    lines = [x for x in errs[0].strip().splitlines() if not x.startswith("[ring] ")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: a collective of step ") and \
+        "rank 1 left the group" in lines[0] and "resume from the checkpoint of step " in lines[0], lines
+    manifest = json.loads((out / "manifest.json").read_text())["adapters"]
+    assert list(manifest) == [NAME] and manifest[NAME]["status"] == "running"
