@@ -12,6 +12,8 @@ checkpointing (cases ``causal-L-ckpt``); ``tile``: tiled block recompute with ti
 keys). Prints a table and writes benchmarks/results_context_parallel.json (model dims,
 L, N, strategy, the ``mz.plan`` arguments of the step, peaks in bytes, bytes sent per
 rank, step seconds with the load average); rows of other cases already there are kept.
+Tiled rows also measure the tiled step in one process at a rank's length, ceil(L / N)
+(``one_process_local``).
 """
 
 import mozgach_mlx as mz  # noqa: F401
@@ -94,10 +96,15 @@ def main() -> None:
         subprocess.run([str(launch), "-n", str(a.ranks), "--backend", "ring", "-p", str(port), sys.executable,
                         __file__, "--rank-step", name], check=True, env=env, timeout=3000)
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(a.ranks)]
+        # the same step in one process at a rank's length: what "per rank = the 1-process terms
+        # at ceil(L / N) tokens + the ring" predicts, measured
+        local = -(-L // a.ranks)
+        extra = {"one_process_local": {"L": local, **one_step(name.replace(str(L), str(local), 1), None)}} \
+            if a.strategy == "tile" else {}
         kind = "tiled recompute (tile 512)" if a.strategy == "tile" else "checkpointing (none)"
         rows.append({"L": L, "N": a.ranks, "case": name, "strategy": kind + ", fp32, zigzag",
                      "model": small_config(max_position_embeddings=32768), "plan": plan_kwargs(name),
-                     "one_process": ref, "ranks": ranks,
+                     "one_process": ref, "ranks": ranks, **extra,
                      "peak_ratio": max(r["peak_bytes"] for r in ranks) / ref["peak_bytes"],
                      "load_average_1m": load})
     print(f"| {'L':>6} | {'1-proc peak MiB':>15} | {'rank peak MiB':>13} | {'ratio':>5} | {'1-proc s':>8} | "

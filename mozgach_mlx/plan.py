@@ -445,7 +445,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     def comps(st: MemoryStrategy, n: int, lora: int = lora_n) -> dict[str, int]:  # per rank, n tokens in all
         r = pc.local_tokens(n, cp)
         c = _components(s, r, B, act, weights, lora, mlp_chunk, loss_chunk, st, dequant)
-        return {**c, "ring": pc.ring_bytes(B, r, kv_dim, act, 4, cp, st.tile_chunk)} if cp > 1 else c
+        ring = pc.ring_bytes(B, r, kv_dim, act, 4, cp, st.tile_chunk, s.heads * s.head_dim)
+        return {**c, "ring": ring} if cp > 1 else c
 
     def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
         return peak_of(comps(st, n, lora))
@@ -465,7 +466,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
                       context=L, kv_dim=kv_dim, kv_bytes=act, dkv_bytes=4, forwards=pc.attention_forwards(chosen),
                       lora_params=lora_n, compute_seconds=seconds, single_seconds=cost(chosen, L, pairs)[1],
                       attention_pass_seconds=4.0 * s.n_layers * B * s.head_dim * pairs * share / (g * 1e9),
-                      chunk=chosen.tile_chunk) \
+                      chunk=chosen.tile_chunk, q_dim=s.heads * s.head_dim) \
         if context_parallel else None
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
     scale = scale_out(flops / (g * 1e9), lora_n, ranks, link, link_gbps=link_gbps) if ranks > 1 and not cpx else None

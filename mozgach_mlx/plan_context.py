@@ -18,6 +18,13 @@ zig-zag split: chunks i and 2N - 1 - i of 2N, which balances a causal mask). Per
                        u = min(c, r) keys instead of whole slices (context/step.py): the
                        unit computed and the all_gather's N messages of one unit,
                        (N + 1) x B x u x 2 kv_dim x (kv_bytes + dkv_bytes)
+                       plus the ring's fp32 attention state of the rank's queries that the
+                       1-process tiled step keeps in the compute dtype or not at all: its
+                       dQ accumulators and their running sums over the units (and in the
+                       forward the partial outputs merged unit by unit),
+                       RING_Q_WIDTHS x B x r x q_dim x 4 (measured on the CPU in fp32: a rank
+                       of the tiled step at 8K tokens holds 1.85 of these widths more than
+                       the 1-process tiled step at 8K; benchmarks/RESULTS.md)
 
 The ring term is live only while attention runs, so it joins the block phase of the peak
 (``plan.peak_of``). At N = 1 there is no ring and r = L: the 1-process plan exactly.
@@ -59,6 +66,7 @@ from .errors import ConfigError
 from .plan_scale import allreduce_seconds, get_link
 
 RING_BLOCKS = 2  # K/V blocks in flight per layer: the one computed, the one arriving
+RING_Q_WIDTHS = 2.0  # the tiled ring's fp32 (B, r, q_dim) query-side state (module docstring)
 LAYOUTS = ("zigzag", "contiguous")
 
 
@@ -68,13 +76,15 @@ def local_tokens(context: int, ranks: int) -> int:
 
 
 def ring_bytes(batch: int, tokens: int, kv_dim: int, kv_bytes: int, dkv_bytes: int, ranks: int,
-               chunk: int | None = None) -> int:
+               chunk: int | None = None, q_dim: int = 0) -> int:
     """In-flight K/V blocks and their dK/dV accumulators of one layer (module docstring);
-    ``chunk``: the tiled step's units of ``min(chunk, tokens)`` keys."""
+    ``chunk``: the tiled step's units of ``min(chunk, tokens)`` keys, plus its fp32
+    query-side state (``q_dim``: the query heads' width)."""
     if ranks <= 1:
         return 0
     if chunk:
-        return (ranks + 1) * batch * min(chunk, tokens) * 2 * kv_dim * (kv_bytes + dkv_bytes)
+        return (ranks + 1) * batch * min(chunk, tokens) * 2 * kv_dim * (kv_bytes + dkv_bytes) \
+            + int(RING_Q_WIDTHS * batch * tokens * q_dim * 4)
     return RING_BLOCKS * batch * tokens * 2 * kv_dim * (kv_bytes + dkv_bytes)
 
 
@@ -158,11 +168,12 @@ def _secs(x: float) -> str:
 def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_layers: int, batch: int,
              context: int, kv_dim: int, kv_bytes: int, dkv_bytes: int, forwards: float, lora_params: int,
              compute_seconds: float, attention_pass_seconds: float, single_seconds: float,
-             chunk: int | None = None) -> ContextParallel:
+             chunk: int | None = None, q_dim: int = 0) -> ContextParallel:
     """The step over ``ranks`` ranks. ``compute_seconds``: one rank's compute;
     ``attention_pass_seconds``: one rank's attention forward over all layers (its pairs,
     4 D FLOPs each: the backward is 10/4 of it); ``chunk``: the tiled step's ring units
-    (a hop is ceil(r / chunk) messages, each paying the link's latency)."""
+    (a hop is ceil(r / chunk) messages, each paying the link's latency; ``q_dim``: the
+    query heads' width, for the ring term)."""
     lk = get_link(link, link_gbps)
     r = local_tokens(context, ranks)
     sent = sent_bytes(n_layers=n_layers, batch=batch, tokens=r, kv_dim=kv_dim, kv_bytes=kv_bytes,
@@ -182,7 +193,7 @@ def estimate(*, ranks: int, link: str, link_gbps: float | None, layout: str, n_l
     grad = allreduce_seconds(lora_params * 4, ranks, lk.gbps, lk.latency)
     return ContextParallel(ranks=ranks, link=link, gbps=lk.gbps, latency=lk.latency, layout=layout,
                            tokens_per_rank=r,
-                           ring_bytes=ring_bytes(batch, r, kv_dim, kv_bytes, dkv_bytes, ranks, chunk),
+                           ring_bytes=ring_bytes(batch, r, kv_dim, kv_bytes, dkv_bytes, ranks, chunk, q_dim),
                            sent=sent, compute_seconds=compute_seconds, link_seconds=on_link,
                            overlapped_seconds=overlapped,
                            allreduce_seconds=grad, single_seconds=single_seconds, link_source=lk.source)
