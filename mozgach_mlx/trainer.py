@@ -456,7 +456,7 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
             try:
                 acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group)
             except RuntimeError as e:
-                if group is None:
+                if group is None or not str(e).startswith(COLLECTIVE_ERRORS):
                     raise
                 raise _group_lost(e, group, prog.step + 1, saved, out_dir) from None
             loss_value = _check_step(loss_sum, step_tokens, prog.step, out_dir)
@@ -499,6 +499,10 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
         valid_loss=valid_loss, valid_ppl=math.exp(valid_loss) if valid_loss is not None else None,
         seconds=time.perf_counter() - t0, peak_memory_gb=mx.get_peak_memory() / 1e9, losses=losses,
         resumed_from=state["step"] if state is not None else 0, ranks=dist.size(group))
+
+
+# how MLX's distributed backends begin their errors ("[ring] connection to a peer was lost")
+COLLECTIVE_ERRORS = ("[ring]", "[jaccl]", "[mpi]", "[nccl]")
 
 
 def _group_lost(e: RuntimeError, group, step: int, saved: int, out_dir: Path) -> dist.GroupLost:
