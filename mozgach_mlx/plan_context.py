@@ -18,13 +18,11 @@ zig-zag split: chunks i and 2N - 1 - i of 2N, which balances a causal mask). Per
                        u = min(c, r) keys instead of whole slices (context/step.py): the
                        unit computed and the all_gather's N messages of one unit,
                        (N + 1) x B x u x 2 kv_dim x (kv_bytes + dkv_bytes)
-                       plus the ring's fp32 attention state of the rank's queries that the
-                       1-process tiled step keeps in the compute dtype or not at all: its
-                       dQ accumulators and their running sums over the units (and in the
-                       forward the partial outputs merged unit by unit),
-                       RING_Q_WIDTHS x B x r x q_dim x 4 (measured on the CPU in fp32: a rank
-                       of the tiled step at 8K tokens holds 1.85 of these widths more than
-                       the 1-process tiled step at 8K; benchmarks/RESULTS.md)
+                       plus the ring's fp32 dQ of the rank's queries, summed over the units
+                       block by block, which the 1-process tiled step keeps in the compute
+                       dtype: RING_Q_WIDTHS x B x r x q_dim x 4 (measured on the CPU in fp32:
+                       a rank of the tiled step at 8K tokens holds 0.9 of these widths more
+                       than the 1-process tiled step at 8K; benchmarks/RESULTS.md)
 
 The ring term is live only while attention runs, so it joins the block phase of the peak
 (``plan.peak_of``). At N = 1 there is no ring and r = L: the 1-process plan exactly.
@@ -66,7 +64,7 @@ from .errors import ConfigError
 from .plan_scale import allreduce_seconds, get_link
 
 RING_BLOCKS = 2  # K/V blocks in flight per layer: the one computed, the one arriving
-RING_Q_WIDTHS = 2.0  # the tiled ring's fp32 (B, r, q_dim) query-side state (module docstring)
+RING_Q_WIDTHS = 1.0  # the tiled ring's fp32 (B, r, q_dim) dQ (module docstring)
 LAYOUTS = ("zigzag", "contiguous")
 
 

@@ -166,11 +166,15 @@ def _bwd_query_block(qs, doi, delta, lse_i, kf, vf, i, plan, rep, seg, dka, dva,
     return dqi, dep
 
 
-def blockwise_backward(q, k, v, o, lse, do, scale: float, plan: BlockPlan, seg: mx.array | None, dtypes=None):
+def blockwise_backward(q, k, v, o, lse, do, scale: float, plan: BlockPlan, seg: mx.array | None, dtypes=None,
+                       dq_blocks: bool = False):
     """(dq, dk, dv) of :func:`blockwise_forward` for the output cotangent ``do``, in
     ``dtypes`` (default those of q, k, v). ``o`` and ``lse`` are the attention's output
     and base-2 logsumexp over *all* its keys: with the keys split into pieces, each
-    piece's call gives its exact share of dq and its own dk, dv (FlashAttention-2)."""
+    piece's call gives its exact share of dq and its own dk, dv (FlashAttention-2).
+    ``dq_blocks``: dq as a list over the plan's query blocks, each (B, Hkv, rep, n, D) or
+    None where the block sees no key (a caller summing many key pieces then adds only
+    what each piece touches, block by block, instead of whole zero-padded dq arrays)."""
     B, H, L, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
@@ -197,6 +201,9 @@ def blockwise_backward(q, k, v, o, lse, do, scale: float, plan: BlockPlan, seg: 
             lse_i = lse[:, :, :, a:b].reshape(B, Hkv, R, 1)
             dqi, dep = _bwd_query_block(qs, doi.reshape(B, Hkv, R, D), delta.reshape(B, Hkv, R, 1), lse_i,
                                         kf, vf, bi, plan, rep, seg, dk_acc[lane], dv_acc[lane], deps[lane])
+            if dqi is None and dq_blocks:
+                dq_parts.append(None)
+                continue
             dqi = mx.zeros((B, Hkv, R, D), mx.float32) if dqi is None else dqi  # no key visible (a piece)
             dq_parts.append((dqi * scale).reshape(B, Hkv, rep, n, D).astype(dtypes[0] if dtypes else q.dtype))
         deps[lane] = [dq_parts[-1]] + [a for a in dep if a is not dqi]
@@ -208,10 +215,12 @@ def blockwise_backward(q, k, v, o, lse, do, scale: float, plan: BlockPlan, seg: 
             dks = dvs = [mx.zeros((B, Hkv, kb - ka, D), mx.float32)]
         dk_parts.append(sum(dks[1:], dks[0]))
         dv_parts.append(sum(dvs[1:], dvs[0]))
-    dq = mx.concatenate(dq_parts, axis=3) if len(dq_parts) > 1 else dq_parts[0]
     dk = mx.concatenate(dk_parts, axis=2) if len(dk_parts) > 1 else dk_parts[0]
     dv = mx.concatenate(dv_parts, axis=2) if len(dv_parts) > 1 else dv_parts[0]
     dt = dtypes or (q.dtype, k.dtype, v.dtype)
+    if dq_blocks:
+        return dq_parts, dk.astype(dt[1]), dv.astype(dt[2])
+    dq = mx.concatenate(dq_parts, axis=3) if len(dq_parts) > 1 else dq_parts[0]
     return dq.reshape(B, H, L, D), dk.astype(dt[1]), dv.astype(dt[2])
 
 

@@ -164,6 +164,16 @@ def _piece(x: mx.array, layout: Layout, rank: int, p: int, axis: int) -> mx.arra
     return x[tuple(idx)]
 
 
+def _join_blocks(blocks: list | None, B: int, H: int, Hkv: int, n: int, D: int, block_q: int) -> mx.array:
+    """(B, H, n, D) float32 from per-query-block dQ parts ((B, Hkv, rep, m, D) or None: zeros)."""
+    if blocks is None:
+        return mx.zeros((B, H, n, D), F32)
+    parts = [x if x is not None else mx.zeros((B, Hkv, H // Hkv, min(block_q, n - i * block_q), D), F32)
+             for i, x in enumerate(blocks)]
+    out = mx.concatenate(parts, axis=3) if len(parts) > 1 else parts[0]
+    return out.reshape(B, H, n, D)
+
+
 def _sub(unit: list[tuple[int, int, int]], i: int) -> tuple[int, int]:
     """[start, end) of sub-range i within its unit's arrays."""
     off = sum(b - a for _, a, b in unit[:i])
@@ -217,6 +227,9 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     rep = H // Hkv
+    # dQ of each query piece, block by block (the block plan's query spans, the same for
+    # every key unit): each unit adds only to the blocks that see it, so no piece-sized
+    # zero-padded dQ is ever summed (one fp32 width of the queries, not three)
     dq: list = [None] * len(lay.pieces(rank))
     own: list = [None] * len(rp.units(rank))  # dK/dV of this rank's units, (2, B, Hkv, unit, D)
     per = 2 * B * Hkv * D
@@ -254,8 +267,11 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
                 op, dop = _piece(o, lay, rank, p, 2), _piece(do, lay, rank, p, 2)
                 lp = _piece(lse, lay, rank, p, 2).reshape(B, Hkv, rep, -1)
                 dqc, dkc, dvc = blockwise_backward(qp, held[0][:, :, a:b], held[1][:, :, a:b], op, lp, dop, scale,
-                                                   bp, seg if bp.uses_segments else None, dtypes=(F32, F32, F32))
-                dq[p] = dqc if dq[p] is None else dq[p] + dqc
+                                                   bp, seg if bp.uses_segments else None, dtypes=(F32, F32, F32),
+                                                   dq_blocks=True)
+                if dq[p] is None:
+                    dq[p] = [None] * len(dqc)
+                dq[p] = [x if c is None else c if x is None else x + c for x, c in zip(dq[p], dqc, strict=True)]
                 g = mx.stack([dkc, dvc])
                 grads[i] = g if i not in grads else grads[i] + g
             contrib = [grads[i] if i in grads else mx.zeros((2, B, Hkv, b - a, D), F32)
@@ -265,9 +281,8 @@ def backward_steps(rp: RingPlan, rank: int, q, k, v, o, lse, do, scale: float, s
                 own[j] = contrib
             else:
                 acc = contrib if acc is None else acc + contrib
-            done = [x for x in (*dq, *own, acc) if x is not None]
-    dq_all = [x if x is not None else mx.zeros((B, H, b - a, D), F32)
-              for x, (a, b) in zip(dq, lay.pieces(rank), strict=True)]
+            done = [x for x in (*(b for blocks in dq if blocks for b in blocks), *own, acc) if x is not None]
+    dq_all = [_join_blocks(x, B, H, Hkv, b - a, D, rp.block[0]) for x, (a, b) in zip(dq, lay.pieces(rank), strict=True)]
     dq_all = mx.concatenate(dq_all, axis=2) if len(dq_all) > 1 else dq_all[0]
     own = [x if x is not None else mx.zeros((2, B, Hkv, rp.unit_length(rank, j), D), F32)
            for j, x in enumerate(own)]
