@@ -10,7 +10,9 @@ K/V round again with their dK/dV accumulators -- exact to fp32 rounding. Masks
 sequence; blocks a mask hides are neither computed nor sent. :mod:`.step` is the
 training step the trainer runs with ``TrainConfig.context_parallel`` (``mozgach train
 --distributed context``): RoPE at global positions, the chunked loss on the slice, the
-LoRA gradients, loss sums and token counts summed over the group.
+LoRA gradients, loss sums and token counts summed over the group. Every memory strategy
+composes with it: under tiled block recompute the attention phase of memory.py runs the
+ring on the slice, and the ring streams K/V in units of one tile's keys (:mod:`.step`).
 
 Why a ring of send/recv and not all_gather or Ulysses (all-to-all over heads): MLX
 0.32.4 has no all_to_all and its ring backend has no sum_scatter, so Ulysses and an
