@@ -41,6 +41,16 @@ their collectives in the same order: the tiled forward evaluates one block at a 
 (its ring with it), the backward recomputes (a second ring forward) and differentiates
 (phase C: the custom vjp's ring forward again, then the ring backward) one block at a
 time, in the same block order on every rank.
+
+Units also sharpen what a mask saves: a unit no later rank's queries see is not sent (a
+zig-zag causal split over two ranks: rank 1's queries never see the last half of rank
+0's keys, so half of rank 0's units stay home; tests/test_context_parallel.py counts the
+messages). What a rank keeps beyond the 1-process tiled step at its length is the ring's
+fp32 dQ of its queries, summed over the units block by block (measured: 0.9 of one
+(L / N, q_dim) fp32 width at 8K; plan_context.RING_Q_WIDTHS). Each own unit's compute
+waits for the previous unit's results and the pairs of a call share one mask cache: a
+lazy graph otherwise ran every unit at once and kept a mask per unit (measured 1.7x the
+peak; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
