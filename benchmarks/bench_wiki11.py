@@ -168,27 +168,48 @@ def snapshots(args) -> dict:
     router send to the own adapter?"""
     base = "smollm2"
     run, snap = RUNS / base, RUNS / f"{base}_snap"
-    manifest = json.loads((run / "manifest.json").read_text())
-    names = sorted(n for n, r in manifest["adapters"].items() if r["status"] == "done")
-    final = max(manifest["adapters"][n]["steps"] for n in names)
-    topic = {n: manifest["adapters"][n]["domain"] for n in names}
-    steps = [s for s in args.snapshot_steps if s == final or (snap / str(s)).is_dir()]
-    dirs = {(s, n): (run / n if s == final else snap / str(s) / n) for s in steps for n in names}
-    for (s, _), d in dirs.items():
-        if s != final:
-            Snapshots.configure(run, d)
-    doms = {d.name: d for d in data.discover_domains(corpus_dir(run))}
+    manifest = json.loads((run / "manifest.json").read_text())["adapters"]
+    final = WIKI_RUN_TRAIN["max_steps"]
+    doms = sorted(data.discover_domains(corpus_dir(run)), key=lambda d: d.id)
+    names = [mz.fleet.adapter_dir_name(d.id) for d in doms]
+    topic = {n: d.name for n, d in zip(names, doms, strict=True)}
+    done = [n for n in names if manifest.get(n, {}).get("status") == "done"]
+    steps = list(args.snapshot_steps)
     model, tok = mz.load(BASES[base])
-    samples = {n: topic_samples(tok, doms[topic[n]], ROUTE_SAMPLES) for n in names}
+    samples = {n: topic_samples(tok, d, ROUTE_SAMPLES) for n, d in zip(names, doms, strict=True)}
     seqs = [x for n in names for x in samples[n]]
     owner = np.array([j for j, n in enumerate(names) for _ in samples[n]])
-    cols = [None, *dirs]
+    # per-column losses are kept in a cache, so that the adapters can be scored while the
+    # fleet still trains the others (the same samples, whatever is finished)
+    cache_path = snap / "losses.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cache.get("samples") != len(seqs):
+        cache = {"samples": len(seqs), "columns": {}, "seconds": 0.0}
+    want = {f"s{s}_{n}": (run / n if s == final else snap / str(s) / n) for s in steps for n in done}
+    todo = {k: d for k, d in want.items() if k not in cache["columns"]}
+    for k, d in todo.items():
+        if not k.startswith(f"s{final}_"):
+            Snapshots.configure(run, d)
     t0 = time.perf_counter()
-    with AdapterBank(model, tok, list(dirs.values()), names=[f"s{s}_{n}" for s, n in dirs]) as bank:
-        pairs = [(i, None if c is None else f"s{c[0]}_{c[1]}") for i in range(len(seqs)) for c in cols]
-        sums, counts = bank.pair_losses(seqs, pairs)
-    seconds = time.perf_counter() - t0
-    loss = (sums / counts).reshape(len(seqs), len(cols))  # nats/token per sample and column
+    cols = [*(["base"] if "base" not in cache["columns"] else []), *todo]
+    if cols:
+        with AdapterBank(model, tok, list(todo.values()), names=list(todo)) as bank:
+            pairs = [(i, None if c == "base" else c) for i in range(len(seqs)) for c in cols]
+            sums, counts = bank.pair_losses(seqs, pairs)
+        per_col = (sums / counts).reshape(len(seqs), len(cols))
+        for j, c in enumerate(cols):
+            cache["columns"][c] = per_col[:, j].tolist()
+        cache["seconds"] += time.perf_counter() - t0
+        snap.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache))
+    print(f"scored {len(cols)} new columns in {time.perf_counter() - t0:.0f} s; {len(done)}/{len(names)} adapters "
+          "finished", flush=True)
+    if len(done) < len(names):
+        return {}
+    seconds = cache["seconds"]
+    key = {"base": 0, **{k: i + 1 for i, k in enumerate(want)}}
+    loss = np.stack([np.array(cache["columns"][k]) for k in key], 1)  # nats/token per sample and column
+    cols = [None, *((s, n) for s in steps for n in names)]
     res: dict = {"steps": steps, "samples": len(seqs), "sample_tokens": SAMPLE_TOKENS, "seconds": seconds,
                  "schedule": SCHEDULE, "by_step": {}}
     print("| steps | own lowest (topic mean) | routed by loss | mean gain vs base | own - best other (median) |")
