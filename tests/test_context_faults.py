@@ -155,8 +155,8 @@ def reference_two(tmp_path_factory, reference) -> dict:
 
 # Context parallelism's loss and gradients equal one process's within 1e-5 relative
 # (test_context_parallel.py), but not bit for bit, and AdamW divides each gradient element by
-# its running RMS: where that is tiny, fp32 summation-order noise moves the update by a good
-# part of the learning rate. Measured here after 6 steps, 2 ranks vs 1 process: 9.1e-5 at most
+# its running RMS: where that is tiny, fp32 summation-order noise moves the update by a few
+# percent of the learning rate. Measured here after 6 steps, 2 ranks vs 1 process: 9.1e-5 at most
 # (0.03 x lr; 1e-3 of the tensor's largest weight), the same with or without a kill. So
 # runs on different rank counts are compared within 0.05 x lr (as test_distributed.py's
 # data-parallel test), the losses within 1e-5; runs on the same rank counts to 1e-6.
