@@ -360,16 +360,18 @@ def serve_cmd(out, model, adapters, api_key, **opts: Any) -> None:
 @click.option("-n", "--ranks", type=int, required=True, help="how many ranks (processes) to start on this machine")
 @click.option("--port", type=int, default=None, help="rank r listens on PORT + r (default: free ports)")
 @click.option("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL when ranks are stopped")
-@click.option("--verbose", is_flag=True, default=False, help="MLX_RING_VERBOSE=1 in the ranks")
+@click.option("--verbose", is_flag=True, default=None, help="MLX_RING_VERBOSE=1 in the ranks")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def launch_cmd(ranks: int, port: int | None, grace: float | None, verbose: bool, command: tuple[str, ...]) -> None:
+def launch_cmd(ranks: int, port: int | None, grace: float | None, verbose: bool | None,
+               command: tuple[str, ...]) -> None:
     """Start N local ranks of COMMAND (ring over 127.0.0.1) with an idle launcher; a failed rank stops them all.
 
     Example: mozgach launch -n 2 -- mozgach train --distributed adapters --out run1
     """
     from .launch import GRACE_S, launch
 
-    sys.exit(launch(ranks, list(command), port=port, grace=GRACE_S if grace is None else grace, verbose=verbose))
+    sys.exit(launch(ranks, list(command), port=port, grace=GRACE_S if grace is None else grace,
+                    verbose=bool(verbose)))
 
 
 if __name__ == "__main__":
