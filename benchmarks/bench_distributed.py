@@ -93,7 +93,7 @@ def _hashes(out: Path) -> dict[str, str]:
             for f in sorted(d.iterdir()) if f.suffix in (".safetensors", ".json") and f.name != "result.json"}
 
 
-def fleet(n_domains: int, tmp: Path, own_sessions: bool = False) -> None:
+def fleet(n_domains: int, tmp: Path, own_sessions: bool = False, only: list[str] | None = None) -> None:
     common = ["-m", "mozgach_mlx.train", "--domains", f"1-{n_domains}", "--quiet"]
     # Linux's autogroup scheduler shares the CPU per session: with --own-sessions the
     # 1-process run and each rank get a session (setsid) of their own
@@ -108,6 +108,7 @@ def fleet(n_domains: int, tmp: Path, own_sessions: bool = False) -> None:
             i = cmd.index(sys.executable, 1 if make is _ours else 0)
             cmd[i:i] = ["setsid"]
         runs.append((label, name, cmd, one_thread))
+    runs = [r for r in runs if only is None or r[1] in only or r[1] == "one"]  # "one" is the reference
     res = {}
     for _, name, cmd, env in runs:
         res[name] = _timed([*cmd, "--out", str(tmp / name)], env)
@@ -179,6 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["data", "fleet", "launcher", "all"], default="all")
     ap.add_argument("--n-domains", type=int, default=8)
+    ap.add_argument("--runs", default=None, help="fleet runs to time, e.g. one,ours (default: one,one1,mlx,ours)")
     ap.add_argument("--own-sessions", action="store_true",
                     help="run the 1-process run and each rank in a session of its own (setsid; see fleet())")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -194,7 +196,7 @@ def main() -> None:
         if args.part in ("data", "all"):
             data(tmp)
         if args.part in ("fleet", "all"):
-            fleet(args.n_domains, tmp, args.own_sessions)
+            fleet(args.n_domains, tmp, args.own_sessions, None if args.runs is None else args.runs.split(","))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
