@@ -389,37 +389,16 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
          tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True,
          context_parallel: bool = False, link_gbps: float | None = None, context_split: str = "zigzag") -> Plan:
-    """Estimate peak memory and step time of LoRA training at ``context`` tokens.
+    """Peak memory and step time of LoRA training at ``context`` tokens (defaults: the trainer's).
 
-    Defaults are the trainer's and the run's (:class:`TrainConfig`, :class:`LoRAConfig`,
-    :class:`RunConfig`), so a plan describes the step ``mozgach train`` would run.
-
-    Args:
-        model_or_config: a loaded model (its actual stored bytes are used), a config dict,
-            a preset id (``llama-3.1-8b``, ... see :mod:`mozgach_mlx.models.presets`),
-            ``"tiny"`` or a model path/repo (only ``config.json`` is read).
-        context: tokens per sequence; quantize: base bits (4, 8) or None (a loaded model's are measured).
-        compute_bytes: bytes per activation (default: 4 on the CPU, 2 on a GPU).
-        mlp_chunk: the trainer's MLP chunk (None = whole sequence).
-        loss_chunk: the loss chunk (None = the trainer's automatic choice).
-        memory_gb: the budget in GiB (e.g. 48); with ``device``, the machine's RAM instead,
-            and the budget is the device's accelerator limit (Metal: ~75% of it).
-        gflops: sustained throughput; default the device's, else per backend (DEFAULT_GFLOPS).
-        attention: the mask of the training step, which decides the attention FLOPs:
-            ``{"document_length": n}`` (packed documents of n tokens, the trainer's
-            ``attention_mask="document"``), ``{"window": w}`` (sliding window),
-            ``{"s2_group": g}`` (S²-Attn, tokens or a fraction of the context), or a
-            combination; default plain causal attention.
-        strategy: a :class:`~mozgach_mlx.memory.MemoryStrategy` (or a dict of its fields),
-            ``"plain"``, ``"none"`` (per-block checkpointing) or ``"auto"`` (:func:`_auto`).
-        plain: whether ``auto`` may pick the plain step (False: grad_checkpoint=True).
-        device: a profile (``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``) or a Device.
-        context_parallel: one sequence over ``ranks`` ranks (ring attention; memory and time per
-            rank, bytes sent: :mod:`mozgach_mlx.plan_context`; ranks=1 is the 1-process plan);
-            link_gbps: the link's rate instead of its profile's; context_split: zigzag or contiguous (the trainer's).
-        tile_chunk: the tile chunk of ``auto`` / ``"tile"``; ranks, link: also plan ``ranks``
-            processes over ``link`` (:mod:`mozgach_mlx.plan_scale`).
-    """
+    ``model_or_config``: a model, config dict, preset id, ``"tiny"`` or path; ``compute_bytes``:
+    4 on the CPU, 2 on a GPU; ``memory_gb``: budget (with ``device``: its RAM, the budget its
+    accelerator limit); ``attention``: ``{"document_length": n}``, ``{"window": w}``,
+    ``{"s2_group": g}`` or a mix (default causal); ``strategy``: MemoryStrategy, dict, ``"plain"``,
+    ``"none"`` or ``"auto"`` (``plain``: may auto pick it); ``device``: ``m4``, ``m4-pro``,
+    ``m4-max``, ``m3-max``, ``h100``, ``this``; ``ranks``/``link``/``link_gbps``: N processes
+    (:mod:`plan_scale`), with ``context_parallel`` one sequence over them split ``context_split``
+    (zigzag | contiguous), per rank (:mod:`mozgach_mlx.plan_context`)."""
     _check_args(context, batch_size, quantize)
     chosen = parse_strategy(strategy, context, tile_chunk)
     dv = device if isinstance(device, dev_mod.Device) or device is None else dev_mod.device(device, memory_gb)
@@ -437,16 +416,15 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     pairs, attention_note = _attention_pairs(attention, L, s.heads)
 
     dequant = s.linear_params * 4 if backend == "cpu" and quantize else 0
-
     pc.check(ranks, context_parallel, chosen)
-    cp, kv_dim = ranks if context_parallel else 1, (s.qkv_width - s.heads * s.head_dim) // 2  # K (= V) width
+    q_dim = s.heads * s.head_dim
+    cp, kv_dim = ranks if context_parallel else 1, (s.qkv_width - q_dim) // 2  # K (= V) width
     share = pc.attention_share(cp, context_split, not attention)  # the busiest rank's share of the pairs
 
     def comps(st: MemoryStrategy, n: int, lora: int = lora_n) -> dict[str, int]:  # per rank, n tokens in all
         r = pc.local_tokens(n, cp)
         c = _components(s, r, B, act, weights, lora, mlp_chunk, loss_chunk, st, dequant)
-        ring = pc.ring_bytes(B, r, kv_dim, act, 4, cp, st.tile_chunk, s.heads * s.head_dim)
-        return {**c, "ring": ring} if cp > 1 else c
+        return c if cp == 1 else {**c, "ring": pc.ring_bytes(B, r, kv_dim, act, 4, cp, st.tile_chunk, q_dim)}
 
     def total_at(st: MemoryStrategy, n: int, lora: int = lora_n) -> int:
         return peak_of(comps(st, n, lora))
@@ -466,8 +444,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
                       context=L, kv_dim=kv_dim, kv_bytes=act, dkv_bytes=4, forwards=pc.attention_forwards(chosen),
                       lora_params=lora_n, compute_seconds=seconds, single_seconds=cost(chosen, L, pairs)[1],
                       attention_pass_seconds=4.0 * s.n_layers * B * s.head_dim * pairs * share / (g * 1e9),
-                      chunk=chosen.tile_chunk, q_dim=s.heads * s.head_dim) \
-        if context_parallel else None
+                      chunk=chosen.tile_chunk, q_dim=q_dim) if context_parallel else None
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
     scale = scale_out(flops / (g * 1e9), lora_n, ranks, link, link_gbps=link_gbps) if ranks > 1 and not cpx else None
     notes = _notes(cfg, L, attention_note, budget is not None and max_ctx is None, dv, g, gflops, backend, seconds) \
