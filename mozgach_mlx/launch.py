@@ -52,6 +52,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import settings
 from .errors import ConfigError
 
 HOST = "127.0.0.1"
@@ -81,9 +82,9 @@ def ring_hostfile(ports: Sequence[int], host: str = HOST) -> str:
 
 def rank_env(rank: int, hostfile: str | os.PathLike, n: int, base: dict | None = None,
              verbose: bool = False) -> dict[str, str]:
-    """The environment of rank ``rank`` of ``n``: ``base`` (default ``os.environ``) plus
+    """The environment of rank ``rank`` of ``n``: ``base`` (default: this process's) plus
     ``MLX_RANK``, ``MLX_HOSTFILE``, and ``MOZGACH_BLAS_THREADS`` = cores // n unless set."""
-    env = dict(os.environ if base is None else base)
+    env = settings.environment() if base is None else dict(base)
     if n > 1:  # one rank: no group (world size 1), like mlx.launch
         env["MLX_RANK"] = str(rank)
         env["MLX_HOSTFILE"] = str(hostfile)

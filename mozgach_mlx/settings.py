@@ -130,6 +130,11 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def environment() -> dict[str, str]:
+    """A copy of this process's whole environment (what ``mozgach launch`` passes to its ranks)."""
+    return dict(os.environ)
+
+
 def api_key() -> str | None:
     """``MOZGACH_API_KEY``: the key ``mozgach serve`` requires (None when unset or blank)."""
     return _get("MOZGACH_API_KEY") or None
