@@ -63,10 +63,20 @@ PILOT_STEPS = (4, 8, 12, 16)
 PILOT_LR = 1e-3  # constant after warmup; the fleet's SCHEDULE was chosen from what it showed
 PILOT_SAMPLES = 4
 SNAPSHOT_STEPS = (8, 16, 24)  # the fleet's adapters kept at these steps (and its final one) for ``snapshots``
+# ``--long``: the longer schedule measured against the preset (RESULTS.md "A longer schedule"): 32
+# steps at 3e-4, constant after 2 warmup steps, so that the snapshots at 8/16/24 steps are exactly
+# shorter runs; its run dirs and results carry the suffix ``_long``
+LONG_TRAIN = {"learning-rate": "0.0003", "warmup-steps": "2", "lr-schedule": "constant", "max-steps": "32",
+              "save-every": "8"}
+SUFFIX = ""
+
+
+def run_dir(base: str) -> Path:
+    return RUNS / f"{base}{SUFFIX}"
 
 
 def save_json(name: str, obj: dict) -> Path:
-    path = HERE / f"results_wiki11{name}.json"
+    path = HERE / f"results_wiki11{name}{SUFFIX}.json"
     path.write_text(json.dumps(obj, indent=1) + "\n")
     print(f"wrote {path.relative_to(HERE.parent)}", flush=True)
     return path
@@ -167,9 +177,9 @@ def snapshots(args) -> dict:
     topic, is the own adapter lowest on the mean, and how many single samples does the loss
     router send to the own adapter?"""
     base = "smollm2"
-    run, snap = RUNS / base, RUNS / f"{base}_snap"
+    run, snap = run_dir(base), RUNS / f"{base}{SUFFIX}_snap"
     manifest = json.loads((run / "manifest.json").read_text())["adapters"]
-    final = WIKI_RUN_TRAIN["max_steps"]
+    final = int(SCHEDULE["max-steps"])
     doms = sorted(data.discover_domains(corpus_dir(run)), key=lambda d: d.id)
     names = [mz.fleet.adapter_dir_name(d.id) for d in doms]
     topic = {n: d.name for n, d in zip(names, doms, strict=True)}
@@ -244,7 +254,7 @@ def machine() -> dict:
 
 
 def train_command(base: str) -> list[str]:
-    cmd = ["mozgach", "train", "--model", BASES[base], "--data", "wiki11", "--out", str(RUNS / base), "--quiet"]
+    cmd = ["mozgach", "train", "--model", BASES[base], "--data", "wiki11", "--out", str(run_dir(base)), "--quiet"]
     for k, v in SCHEDULE.items():
         cmd += [f"--{k}"] + ([] if v is None else [v])
     return cmd
@@ -259,7 +269,7 @@ class Snapshots:
     def __init__(self, base: str) -> None:
         import threading
 
-        self.run, self.out = RUNS / base, RUNS / f"{base}_snap"
+        self.run, self.out = run_dir(base), RUNS / f"{base}{SUFFIX}_snap"
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -312,7 +322,7 @@ def fleet(args) -> dict:
                      "after": machine()}
         print(f"{base}: {res[base]['seconds']:.0f} s, {res[base]['cpu_seconds']:.0f} CPU-s "
               f"({res[base]['command']})", flush=True)
-        manifest = json.loads((RUNS / base / "manifest.json").read_text())
+        manifest = json.loads((run_dir(base) / "manifest.json").read_text())
         res[base]["adapters"] = {n: {k: r[k] for k in ("domain", "train_loss", "valid_loss", "base_valid_loss",
                                                         "steps", "tokens", "seconds")}
                                  for n, r in manifest["adapters"].items()}
@@ -408,7 +418,7 @@ def eval_stage(args) -> dict:
     res = {}
     exe = str(Path(sys.executable).parent / "mozgach")
     for base in args.bases:
-        run = RUNS / base
+        run = run_dir(base)
         before = machine()
         t0 = time.perf_counter()
         rep = evaluate_run(run, route_samples=ROUTE_SAMPLES, sample_tokens=SAMPLE_TOKENS,
@@ -514,7 +524,7 @@ def mix(args) -> dict:
 
     res = {}
     for base in args.bases:
-        run = RUNS / base
+        run = run_dir(base)
         manifest = json.loads((run / "manifest.json").read_text())
         by_name = {n: r["domain"] for n, r in sorted(manifest["adapters"].items()) if r["status"] == "done"}
         names = list(by_name)
@@ -563,9 +573,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=[*STAGES, "all"])
     ap.add_argument("--bases", nargs="+", default=list(BASES), choices=list(BASES))
-    ap.add_argument("--snapshot-steps", type=int, nargs="+", default=[*SNAPSHOT_STEPS, WIKI_RUN_TRAIN["max_steps"]])
+    ap.add_argument("--snapshot-steps", type=int, nargs="+", default=None, help="default: 8 16 24 and the final step")
+    ap.add_argument("--long", action="store_true", help="the longer schedule (LONG_TRAIN); run dirs, results *_long")
     ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
     args = ap.parse_args()
+    if args.long:
+        global SUFFIX
+        SUFFIX = "_long"
+        SCHEDULE.update(LONG_TRAIN)
+    if args.snapshot_steps is None:
+        args.snapshot_steps = [*SNAPSHOT_STEPS, int(SCHEDULE["max-steps"])]
     for name, fn in STAGES.items():
         if args.stage in (name, "all"):
             fn(args)

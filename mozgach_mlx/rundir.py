@@ -144,13 +144,12 @@ SYNTHETIC_RUN_TRAIN = {
 }
 SYNTHETIC_RUN_LORA: dict[str, Any] = {"dropout": 0.0}
 # `--data wiki11` (11 Wikipedia topics), chosen over smollm2-135m by benchmarks/bench_wiki11.py:
-# at lr 1e-3 its adapters were worse than the base after 8 steps; 8 steps at 5e-4 (cosine) gave
-# the own adapter the lowest loss on 10/11 topics but routed only 52% of samples by loss, the
-# adapters too close; 32 steps at 3e-4, constant (so the fleet's snapshots at 8/16/24 steps are
-# exactly shorter runs: bench_wiki11.py fleet + snapshots), see RESULTS.md "wiki11 over SmolLM2".
+# at lr 1e-3 its adapters were worse than the base after 8 steps; 8 steps at 5e-4 give the own
+# adapter the lowest loss on 10/11 topics (26 min for the 11 on the loaded 2-core machine). 16 or
+# 32 steps at 3e-4 (constant) were worse on that (6/11, 8/11) and on loss routing (`--long`).
 WIKI_RUN_TRAIN = {
-    "learning_rate": 3e-4, "warmup_steps": 2, "lr_schedule": "constant", "max_steps": 32, "grad_accumulation": 1,
-    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "eval_batches": 1, "save_every": 8,
+    "learning_rate": 5e-4, "warmup_steps": 1, "max_steps": 8, "grad_accumulation": 1,
+    "batch_size": 4, "max_seq_length": 256, "eval_every": 0, "eval_batches": 1, "save_every": 4,
 }
 WIKI_RUN_LORA: dict[str, Any] = {"dropout": 0.0, "targets": ("all-linear",)}
 
