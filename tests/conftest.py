@@ -1,6 +1,13 @@
 # ruff: noqa: I001  (mozgach_mlx first: no longer required for the fast BLAS, see blasbind.py; kept as is)
 """Shared fixtures, the small seeded model builders the test files use
-(``from conftest import small_config, randomize``), :func:`fp32_tol` and :func:`measured_peak`."""
+(``from conftest import small_config, randomize``), :func:`fp32_tol`, :func:`measured_peak`,
+and for multi-process tests :func:`launched` and :func:`group_pids`."""
+
+import contextlib
+import os
+import signal
+import subprocess
+from pathlib import Path
 
 import mozgach_mlx  # noqa: F401
 import mlx.core as mx
@@ -9,6 +16,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository (multi-process tests run from it)
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23 = 2u, u the unit roundoff
 
 
@@ -77,3 +85,34 @@ def random_model(cfg: dict, seed: int = 0, **kw):
     from mozgach_mlx.models import Model, ModelArgs
 
     return randomize(Model(ModelArgs.from_dict(cfg)), seed, **kw)
+
+
+@contextlib.contextmanager
+def launched(cmd: list[str], env: dict | None = None):
+    """``cmd`` started in a process group of its own from the repository root, this
+    checkout on PYTHONPATH (plus ``env``), stdout/stderr piped; on exit every process of
+    the group is killed (no rank is left behind by a failing test)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids

@@ -33,6 +33,7 @@ TIMEOUT = 240  # any one process or launch; the runs here take seconds
 ENDS_WITHIN_S = 30  # from the kill to the last process of the job gone
 
 sys.path.insert(0, str(WORKER.parent))
+from conftest import group_pids  # noqa: E402
 from cp_worker import TRAIN_SAVE_EVERY, TRAIN_STEPS, train_case  # noqa: E402
 
 needs_launch = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to python")
@@ -93,19 +94,7 @@ def _wait(procs) -> tuple[list[str], list[str], float]:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    # zombies count as gone
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return bool(group_pids(pgid))  # zombies count as gone
 
 
 def _worker(out: Path, *args: str) -> list[str]:

@@ -7,10 +7,7 @@ tests/cp_worker.py) against the 1-process step of the same batch.
 """
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "cp_worker.py"
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 sys.path.insert(0, str(WORKER.parent))
+from conftest import launched  # noqa: E402
 from cp_worker import cp_case, reference_step  # noqa: E402
 
 needs_launch = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to python")
@@ -147,18 +145,9 @@ def _port() -> int:
 
 @contextmanager
 def _launch(*args: str, timeout: int = 600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(_port()), sys.executable, str(WORKER), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    try:
+    with launched([str(LAUNCH), "-n", "2", "--backend", "ring", "-p", str(_port()), sys.executable, str(WORKER),
+                   *args]) as proc:
         yield proc
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
 
 
 def _check_against_one_process(out: Path, cases: list[str]) -> None:

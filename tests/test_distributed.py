@@ -36,6 +36,7 @@ SMALL = ["--model", "tiny", "--max-steps", "6", "--save-every", "2", "--batch-si
          "--warmup-steps", "1", "--quiet"]
 
 sys.path.insert(0, str(WORKER.parent))
+from conftest import group_pids, launched  # noqa: E402
 from dist_worker import data_parallel_case  # noqa: E402
 
 needs_launch = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed next to python")
@@ -122,46 +123,25 @@ def _launch(*args: str, n: int = 2, launcher: str = "mlx", env: dict | None = No
     """``mlx.launch -n N --backend ring`` (or ``mozgach launch -n N`` with ``launcher=
     "ours"``) of ``python ARGS`` in its own process group; every process of the group is
     killed on exit (none is left behind)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     if launcher == "ours":
         cmd = [*OURS, "-n", str(n), "--", sys.executable, *args]
     else:
         cmd = [str(LAUNCH), "-n", str(n), "--backend", "ring", "-p", str(_free_ports(n)), sys.executable, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    try:
+    with launched(cmd, env) as proc:
         yield proc
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.communicate()
 
 
 def _finish(proc: subprocess.Popen) -> tuple[str, str]:
     out, err = proc.communicate(timeout=TIMEOUT)
     deadline = time.time() + 10
-    while _group_pids(proc.pid) and time.time() < deadline:  # the ranks exit with the launcher
+    while group_pids(proc.pid) and time.time() < deadline:  # the ranks exit with the launcher
         time.sleep(0.1)
-    assert not _group_pids(proc.pid), "processes left behind"
+    assert not group_pids(proc.pid), "processes left behind"
     return out, err
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def _rank_pid(pgid: int, rank: int) -> int | None:
-    for pid in _group_pids(pgid):
+    for pid in group_pids(pgid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -445,7 +425,7 @@ def test_launch_idles_while_ranks_run_and_a_failed_rank_stops_the_rest_with_its_
     assert proc.returncode == 3
     assert sorted(out.splitlines()) == ["rank 0 up", "rank 1 up"]  # forwarded, unprefixed
     assert err.splitlines() == ["error: the disk is full", "rank 1 failed: the disk is full"]
-    assert not _group_pids(proc.pid)  # rank 0 did not outlive the launcher (SIGKILL after the grace)
+    assert not group_pids(proc.pid)  # rank 0 did not outlive the launcher (SIGKILL after the grace)
 
 
 def test_launch_refuses_bad_input_in_one_line():
