@@ -576,11 +576,16 @@ def main() -> None:
     ap.add_argument("--snapshot-steps", type=int, nargs="+", default=None, help="default: 8 16 24 and the final step")
     ap.add_argument("--long", action="store_true", help="the longer schedule (LONG_TRAIN); run dirs, results *_long")
     ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
+    ap.add_argument("--contrast", type=float, default=None, help="contrastive adapters: TrainConfig.contrast "
+                    "(mozgach_mlx.contrast); run dirs, results *_contrast")
     args = ap.parse_args()
+    global SUFFIX
     if args.long:
-        global SUFFIX
         SUFFIX = "_long"
         SCHEDULE.update(LONG_TRAIN)
+    if args.contrast:
+        SUFFIX += "_contrast"
+        SCHEDULE["contrast"] = str(args.contrast)
     if args.snapshot_steps is None:
         args.snapshot_steps = [*SNAPSHOT_STEPS, int(SCHEDULE["max-steps"])]
     for name, fn in STAGES.items():

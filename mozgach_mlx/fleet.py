@@ -30,12 +30,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
+from . import contrast, lora
 from . import data as data_mod
 from . import distributed as dist
-from . import lora
 from .errors import ConfigError, MozgachError
 from .io import atomic_write_bytes, sha256_file
 from .rundir import (
@@ -274,24 +275,26 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
             todo.append(dom.id)
     todo = set(dist.broadcast_json(todo, group))
     todo = [d for d in domains if d.id in todo]
+    others = _other_domains(domains, tok, cfg) if cfg.contrast > 0 else None
     if mode == "adapters":
-        _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config)
+        _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config, others)
     else:
         ran = {} if group is None else {"distributed": mode, "ranks": dist.size(group)}  # in logs/fleet.jsonl
         for dom in todo:
             fleet.start(dom, **ran)
-            fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline, group))
+            fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline, group, others))
     fleet.result.manifest = manifest.to_dict() if main else {}
     return fleet.result
 
 
-def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=None) -> tuple[str, dict]:
+def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=None,
+         others: Callable | None = None) -> tuple[str, dict]:
     """Train one domain's adapter (data-parallel over ``group`` if given): ``("done" |
     "failed", fields of its manifest record)``."""
     name = adapter_dir_name(dom.id)
     adir = out_dir / name
     try:
-        res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl", group)
+        res = _train_domain(model, tok, dom, cfg, adir, out_dir / "logs" / f"{name}.jsonl", group, others)
     except dist.GroupLost:  # the group is gone: no other adapter can train in it either
         raise
     except MozgachError as e:
@@ -310,7 +313,7 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
 
 
 def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int, base: dict,
-                      config: dict) -> None:
+                      config: dict, others: Callable | None = None) -> None:
     """Each rank trains its share of ``todo`` (balanced by :func:`_work`) with no
     collective until all are done: rank 0 records in the manifest, rank r > 0 in its part;
     then rank 0 merges the parts (:func:`_merge`)."""
@@ -327,7 +330,7 @@ def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, b
     for dom_id in plan[me]:
         dom = by_id[dom_id]
         fleet.start(dom, rank=me)
-        fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline))  # one process: files hashed
+        fleet.finish(dom, *_fit(model, tok, dom, cfg, out_dir, baseline, others=others))  # one process: files hashed
     offers = {} if fleet.main else {name: dataclasses.asdict(rec) for name, rec in fleet.manifest.adapters.items()}
     try:
         _merge(fleet, offers, at_start=False)
@@ -428,8 +431,7 @@ def _work(dom, tok, cfg: TrainConfig) -> int:
     ``eval_every`` steps, final); 0 if its data is broken (its training then fails at once
     and is recorded)."""
     try:
-        splits = data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
-                                      overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+        splits = _load(dom, tok, cfg)
     except MozgachError:
         return 0
     train, valid = splits["train"], splits.get("valid") or []
@@ -451,15 +453,33 @@ def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
     return {"train": cfg.to_dict(), **(run_config or {})}
 
 
-def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path, group=None) -> TrainResult:
+def _load(dom, tok, cfg: TrainConfig) -> dict:
+    return data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
+                                overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
+
+
+def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path, group=None,
+                  others: Callable | None = None) -> TrainResult:
     """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first
-    (data-parallel over ``group``: every rank loads the domain, a broken one fails on all)."""
-    splits = dist.together(group, lambda: data_mod.load_domain(
-        dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack, overlap=cfg.window_overlap,
-        skip_bad_lines=cfg.skip_bad_lines))
+    (data-parallel over ``group``: every rank loads the domain, a broken one fails on all);
+    ``others(dom)``: the other domains' training sequences (``cfg.contrast``)."""
+    splits = dist.together(group, lambda: _load(dom, tok, cfg))
     dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
     return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True,
-                         group=group)
+                         group=group, negatives=others(dom) if others is not None else None)
+
+
+def _other_domains(domains: list, tok, cfg: TrainConfig) -> Callable[[Any], list]:
+    """``dom -> [train sequences of every other domain of the fleet]`` (contrastive
+    training), each domain tokenized once per fleet and only when first needed."""
+    cache: dict[int, list] = {}
+
+    def train_of(d) -> list:
+        if d.id not in cache:
+            cache[d.id] = _load(d, tok, cfg)["train"] or []
+        return cache[d.id]
+
+    return lambda dom: contrast.other_pools(domains, dom, train_of)
 
 
 def _now() -> str:

@@ -48,7 +48,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoints, lora, memory
+from . import checkpoints, contrast, lora, memory
 from . import data as data_mod
 from . import distributed as dist
 from . import loss as loss_mod
@@ -114,6 +114,9 @@ def default_loss(model, inputs: mx.array, targets: mx.array, mask: mx.array, cfg
                                   segment_ids=segment_ids)
 
 
+_eval_loss = partial(default_loss, with_grad=False)  # the default loss of evaluations
+
+
 def memory_plan(model, cfg: TrainConfig, *, quantize: int | None = None):
     """The planner's :class:`~mozgach_mlx.plan.Plan` of ``cfg``'s training step on
     ``model`` (a loaded model, or anything :func:`mozgach_mlx.plan` takes): the strategy
@@ -161,7 +164,7 @@ def evaluate(model, seqs, cfg: TrainConfig, max_batches: int | None = None,
     gradient work). With a process ``group`` each rank evaluates every W-th batch and
     the sums are added over the group (every rank gets the same answer)."""
     if loss_fn is None:
-        loss_fn = partial(default_loss, with_grad=False)
+        loss_fn = _eval_loss
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -263,10 +266,14 @@ class _Batches:
         return batch
 
 
-def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig, step: int, group=None):
+def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig, step: int, group=None,
+                negatives: contrast.Negatives | None = None, eval_fn: Callable | None = None):
     """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts
-    (data-parallel: this rank's micro-batches, then the sums over the group)."""
-    acc, step_loss, step_tokens = None, 0.0, 0
+    (data-parallel: this rank's micro-batches, then the sums over the group); with
+    ``negatives`` (``cfg.contrast``) each micro-batch's hinge gradient is added, and the
+    step's hinge total is the fourth item (None without)."""
+    acc, step_loss, step_tokens, hinge = None, 0.0, 0, 0.0
+    seg_kwargs = partial(_segment_kwargs, loss_fn)
     mine = dist.my_micro_batches(cfg.grad_accumulation, None if cfg.context_parallel else group)
     for micro in range(cfg.grad_accumulation):
         x, y, m, seg = batches.next()  # every rank walks the whole stream: same data position
@@ -279,7 +286,18 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
         mx.eval(s, n, acc)
         step_loss += s.item()
         step_tokens += int(n.item())
-    return dist.sum_step(acc, step_loss, step_tokens, group)
+        if negatives is not None:
+            h, gh, _ = negatives.penalty(grad_fn, eval_fn, seg_kwargs, step, micro)
+            hinge += h
+            if gh is not None:
+                acc = tree_map(mx.add, acc, gh)
+                mx.eval(acc)
+    acc, step_loss, step_tokens = dist.sum_step(acc, step_loss, step_tokens, group)
+    if negatives is None:
+        return acc, step_loss, step_tokens, None
+    if group is not None:
+        hinge = dist.sum_scalars([hinge], group)[0]
+    return acc, step_loss, step_tokens, hinge
 
 
 def _update(model, opt: optim.Optimizer, acc, step_tokens: int, cfg: TrainConfig, lr: float) -> float:
@@ -322,8 +340,8 @@ def _resume(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig) -> dic
 
 def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir: str | Path = "adapter",
                   *, loss_fn: Callable = default_loss, callback: Callable[[dict], None] | None = None,
-                  resume: bool = True, save_formats: str = "both",
-                  log_path: str | Path | None = None, base_loss: bool = False, group=None) -> TrainResult:
+                  resume: bool = True, save_formats: str = "both", log_path: str | Path | None = None,
+                  base_loss: bool = False, group=None, negatives: list | None = None) -> TrainResult:
     """Train one LoRA adapter on ``data`` and save it to ``out_dir``.
 
     Args:
@@ -353,6 +371,9 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
             gradients are summed over the group, every rank takes the same step. Only
             rank 0 writes files, logs and calls ``callback``; every rank returns the
             same result.
+        negatives: with ``cfg.contrast > 0``, the other domains' training sequences (a
+            list per domain, tokenized as ``data``'s; a fleet passes them): the adapter is
+            also kept from lowering their loss below the base's (:mod:`mozgach_mlx.contrast`).
 
     Returns:
         TrainResult with the loss history, validation loss/perplexity, tokens and timing.
@@ -379,11 +400,12 @@ def train_adapter(model, tok, data: Any, cfg: TrainConfig | None = None, out_dir
                          s2_group=cfg.s2_attn_group):
         lora.ensure(model, cfg.lora)
         lora.reset(model, seed=cfg.seed)
+        neg = contrast.of_fresh_adapter(model, negatives, cfg)  # None unless cfg.contrast
         eval_fn = None if loss_fn is default_loss else loss_fn
         base_valid = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)[0] if base_loss and valid \
             else None
         result = _train(model, train, valid, cfg, out_dir, loss_fn, eval_fn, callback if main else None, resume,
-                        Path(log_path) if log_path is not None else out_dir / LOG_FILE, group, strategy)
+                        Path(log_path) if log_path is not None else out_dir / LOG_FILE, group, strategy, neg)
         result.base_valid_loss = base_valid
         result.memory_strategy = strategy.to_dict()
         if main:
@@ -429,7 +451,7 @@ def _start(out_dir: Path, model, opt: optim.Optimizer, cfg: TrainConfig, resume:
 
 def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callable, eval_fn: Callable | None,
            callback: Callable[[dict], None] | None, resume: bool, log_path: Path, group=None,
-           strategy: memory.MemoryStrategy | None = None) -> TrainResult:
+           strategy: memory.MemoryStrategy | None = None, negatives: contrast.Negatives | None = None) -> TrainResult:
     """The optimisation loop of :func:`train_adapter` (adapter already fresh), then the
     final validation."""
     n_micro = math.ceil(len(train) / cfg.batch_size)
@@ -454,7 +476,8 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
     try:
         while prog.step < total_steps:
             try:
-                acc, loss_sum, step_tokens = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group)
+                acc, loss_sum, step_tokens, hinge = _accumulate(grad_fn, loss_fn, batches, cfg, prog.step, group,
+                                                                negatives, eval_fn or _eval_loss)
             except RuntimeError as e:
                 if group is None or not str(e).startswith(COLLECTIVE_ERRORS):
                     raise
@@ -470,6 +493,8 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
             if group is not None:  # what ran: a resumed run's log can mix rank counts
                 rec["ranks"] = dist.size(group)
+            if hinge is not None:  # the contrastive term per own token (not in "loss")
+                rec["contrast"] = hinge / step_tokens
             if cfg.eval_every and valid and prog.step % cfg.eval_every == 0 and prog.step < total_steps:
                 rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)
             if log is not None:
