@@ -437,8 +437,10 @@ def test_launch_refuses_bad_input_in_one_line():
 
 
 @needs_launch
-def test_data_parallel_fleet_from_the_cli_matches_one_process(tmp_path):
-    common = ["--n-domains", "2", *SMALL, "--max-steps", "4", "--grad-accumulation", "2", "--lora-dropout", "0.1"]
+@pytest.mark.parametrize("extra", [[], ["--contrast", "1"]], ids=["plain", "contrast"])
+def test_data_parallel_fleet_from_the_cli_matches_one_process(tmp_path, extra):
+    common = ["--n-domains", "2", *SMALL, "--max-steps", "4", "--grad-accumulation", "2", "--lora-dropout", "0.1",
+              *extra]
     ref = _cli("--out", str(tmp_path / "ref"), *common)
     _, ref_err = ref.communicate(timeout=TIMEOUT)
     assert ref.returncode == 0, ref_err[-3000:]
@@ -457,3 +459,10 @@ def test_data_parallel_fleet_from_the_cli_matches_one_process(tmp_path):
         for f, h in rec["files"].items():
             assert sha256_file(out / name / f) == h
     assert [e["event"] for e in _events(out)] == ["start", "done", "start", "done"]  # one writer
+    for name in got:  # contrastive: each rank's micro-batches' hinges, summed over the group
+        logs = [[json.loads(x) for x in (d / "logs" / f"{name}.jsonl").read_text().splitlines()]
+                for d in (tmp_path / "ref", out)]
+        assert [("contrast" in r) for r in logs[1]] == [bool(extra)] * 4
+        if extra:
+            assert [r["contrast"] for r in logs[1]] == pytest.approx([r["contrast"] for r in logs[0]], rel=1e-4,
+                                                                     abs=1e-6)
