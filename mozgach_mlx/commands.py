@@ -70,7 +70,8 @@ def _run_fleet(run: RunConfig, tcfg: TrainConfig, group=None) -> int:
 
     try:
         res = train_fleet(model, tok, selected, tcfg, out, base=base_identity(model, run.model),
-                          run_config=run, on_event=on_event, distributed=run.distributed, group=group)
+                          run_config=run, on_event=on_event, distributed=run.distributed, group=group,
+                          negative_domains=domains)
     finally:
         if bar is not None:
             bar.close()

@@ -45,13 +45,14 @@ domain's; ``contrast`` is the hinge's term per own token.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import data as data_mod
-from .errors import ConfigError
+from .errors import ConfigError, MozgachError
 
 # a constant in the negatives' random key, so that they never share a stream with the
 # epoch order (data.batching.epoch_order seeds with [seed, epoch])
@@ -59,23 +60,32 @@ _STREAM = 0x6E6567
 # a row is "at the base" within this relative difference (fp32 rounding of two code paths:
 # the fresh adapter's training-mode sum vs the base's evaluation sum)
 AT_BASE = 1e-5
+NO_NEGATIVES = ("TrainConfig.contrast > 0 needs other domains' training text: train a fleet of at least 2 domains "
+                "with data (or pass negatives= to train_adapter), or set contrast to 0")
 
 
 class Negatives:
     """The other domains' sequences of one adapter's contrastive training, and its base.
 
-    ``pools``: one list of tokenized sequences per other domain (empty ones are left
-    out). :meth:`capture_base` must be called on the fresh adapter (before a checkpoint is
-    restored); :meth:`penalty` then gives a micro-batch's hinge and its gradient.
+    ``pools``: one entry per other domain: its tokenized sequences, or a function that
+    returns them, called when the domain is first drawn (a fleet of 108 domains loads only
+    those an adapter's short schedule draws); a domain that turns out empty is drawn
+    again. :meth:`capture_base` must be called on the fresh adapter (before a checkpoint
+    is restored); :meth:`penalty` then gives a micro-batch's hinge and its gradient.
     """
 
-    def __init__(self, model, pools: Sequence[Sequence], cfg) -> None:
+    def __init__(self, model, pools: Sequence[Sequence | Callable[[], Sequence]], cfg) -> None:
         self.model, self.cfg = model, cfg
-        self.pools = [list(p) for p in pools if len(p)]
+        self.pools: list = list(pools)
         if cfg.contrast > 0 and not self.pools:
-            raise ConfigError("TrainConfig.contrast > 0 needs other domains' training text: train a fleet of at "
-                              "least 2 domains (or pass negatives= to train_adapter), or set contrast to 0")
+            raise ConfigError(NO_NEGATIVES)
         self.base_weights: list | None = None
+
+    def _pool(self, i: int) -> list:
+        p = self.pools[i]
+        if callable(p):
+            p = self.pools[i] = list(p())
+        return p
 
     def capture_base(self) -> None:
         """Keep the fresh adapter's trainable weights (B = 0: exactly the base)."""
@@ -86,7 +96,9 @@ class Negatives:
         rng = np.random.default_rng([int(self.cfg.seed), _STREAM, int(step), int(micro)])
         out = []
         for _ in range(self.cfg.batch_size):
-            pool = self.pools[int(rng.integers(len(self.pools)))]
+            while not (pool := self._pool(int(rng.integers(len(self.pools))))):
+                if not any(callable(p) or p for p in self.pools):
+                    raise ConfigError(NO_NEGATIVES)
             out.append(pool[int(rng.integers(len(pool)))])
         return out
 
@@ -155,18 +167,14 @@ def of_fresh_adapter(model, negatives: Sequence[Sequence] | None, cfg) -> Negati
     return neg
 
 
-def other_pools(domains: Sequence, me, load: Callable) -> list:
-    """The training sequences of every domain in ``domains`` other than ``me`` (by id), via
-    ``load(domain) -> train sequences``; a domain whose data fails to load is left out (its
-    own adapter fails and is recorded)."""
-    from .errors import MozgachError
-
-    pools = []
-    for dom in domains:
-        if dom.id == me.id:
-            continue
+def other_pools(domains: Sequence, me, load: Callable) -> list[Callable[[], list]]:
+    """One lazy pool per domain of ``domains`` other than ``me`` (by id): ``load(domain) ->
+    train sequences`` when first drawn; a domain whose data fails to load is an empty pool
+    (its own adapter fails and is recorded)."""
+    def pool(dom) -> list:
         try:
-            pools.append(load(dom))
+            return load(dom)
         except MozgachError:
-            continue
-    return pools
+            return []
+
+    return [partial(pool, d) for d in domains if d.id != me.id]

@@ -142,7 +142,7 @@ def _verified(adapter_dir: Path, record: AdapterRecord | None) -> bool:
 def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path, *,
                 base: dict | None = None, run_config: RunConfig | dict | None = None,
                 on_event: Callable[[str, dict], None] | None = None, distributed: str = "none",
-                group=None) -> FleetResult:
+                group=None, negative_domains: list | None = None) -> FleetResult:
     """Train one adapter per domain, sequentially, over one already loaded base.
 
     Args:
@@ -164,6 +164,10 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
             count); see :mod:`mozgach_mlx.distributed`. Every rank calls this with the
             same arguments (config, base and domains are compared at the start).
         group: the ``mx.distributed`` group (default: ``distributed.init(distributed)``).
+        negative_domains: with ``cfg.contrast > 0``, the domains whose training text each
+            adapter is trained against (:mod:`mozgach_mlx.contrast`; its own is left out);
+            default ``domains``. ``mozgach train`` passes every domain of the corpus, so a
+            fleet trained in parts (``--domains 1-10``, then ``11-20``) contrasts alike.
 
     One process per run directory: the fleet holds ``OUT/.lock`` (:func:`rundir.locked`;
     in a distributed job rank 0 holds it for all ranks) while it runs; a second one
@@ -186,7 +190,8 @@ def train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: str | Path
         config = _config(cfg, run_config)
         dist.check_same(group, config=fingerprint(config), base=base["fingerprint"],
                         domains=fingerprint([[d.id, d.name] for d in domains]))
-        return _train_fleet(model, tok, domains, cfg, out_dir, base, config, on_event, mode, group)
+        return _train_fleet(model, tok, domains, cfg, out_dir, base, config, on_event, mode, group,
+                            negative_domains)
 
 
 PART_PREFIX = "manifest.rank"
@@ -246,7 +251,8 @@ class _Fleet:
 
 
 def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, base: dict, config: dict,
-                 on_event: Callable[[str, dict], None] | None, mode: str = "none", group=None) -> FleetResult:
+                 on_event: Callable[[str, dict], None] | None, mode: str = "none", group=None,
+                 negative_domains: list | None = None) -> FleetResult:
     """:func:`train_fleet` with the run directory held."""
     main = dist.is_main(group)
     if main or mode == "adapters":  # adapter-parallel ranks log their own adapters' steps
@@ -275,7 +281,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
             todo.append(dom.id)
     todo = set(dist.broadcast_json(todo, group))
     todo = [d for d in domains if d.id in todo]
-    others = _other_domains(domains, tok, cfg) if cfg.contrast > 0 else None
+    others = _other_domains(negative_domains or domains, tok, cfg) if cfg.contrast > 0 else None
     if mode == "adapters":
         _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config, others)
     else:
@@ -470,8 +476,8 @@ def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path,
 
 
 def _other_domains(domains: list, tok, cfg: TrainConfig) -> Callable[[Any], list]:
-    """``dom -> [train sequences of every other domain of the fleet]`` (contrastive
-    training), each domain tokenized once per fleet and only when first needed."""
+    """``dom -> [a lazy pool of train sequences per other domain of domains]`` (contrastive
+    training), each domain tokenized once per fleet and only when first drawn."""
     cache: dict[int, list] = {}
 
     def train_of(d) -> list:

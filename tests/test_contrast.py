@@ -184,6 +184,33 @@ def test_fleet_with_contrast_keeps_less_of_the_shared_genre_and_widens_the_own_m
     assert other1 - own1 > 1.3 * (other0 - own0), (own0, other0, own1, other1)
 
 
+def test_a_fleet_part_contrasts_against_every_domain_and_loads_only_those_drawn(tmp_path):
+    doms = _corpus(tmp_path / "data")
+    model, tok = mz.load("tiny")
+    cfg = _cfg(contrast=1.0, max_steps=2, save_every=0)
+    alone = train_fleet(model, tok, doms[:1], cfg, tmp_path / "alone", base=base_identity(model, "tiny"))
+    assert alone.failed == ["mozgach108_001"]  # no other domain in the fleet: its one-line reason is recorded
+    assert "other domains' training text" in alone.manifest["adapters"]["mozgach108_001"]["error"]
+    part = train_fleet(model, tok, doms[:1], cfg, tmp_path / "part", base=base_identity(model, "tiny"),
+                       negative_domains=doms)
+    assert part.ok and part.done == ["mozgach108_001"]
+    # lazy pools: a domain is loaded when first drawn, once; an empty one is drawn again
+    loads = []
+
+    def pool(i):
+        loads.append(i)
+        return [] if i == 0 else [(np.array([i, i, i]), np.ones(3, bool))]
+
+    neg = contrast.Negatives(None, [lambda i=i: pool(i) for i in range(3)], _cfg(contrast=1.0, batch_size=8))
+    drawn = {int(r[0][0]) for r in neg.rows(0, 0)}
+    assert drawn == {1, 2} and sorted(loads) == [0, 1, 2]
+    neg.rows(1, 0)
+    assert sorted(loads) == [0, 1, 2]
+    empty = contrast.Negatives(None, [list, list], _cfg(contrast=1.0))
+    with pytest.raises(ConfigError, match="other domains' training text"):
+        empty.rows(0, 0)
+
+
 def test_contrast_errors_are_one_line_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="TrainConfig.contrast"):
         TrainConfig(contrast=-0.5)
