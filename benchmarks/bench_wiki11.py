@@ -485,7 +485,7 @@ def eval_stage(args) -> dict:
 
 def summary(args) -> dict:
     """The side-by-side table of the two bases from their saved results."""
-    res = {b: json.loads((HERE / f"results_wiki11{'' if b == 'smollm2' else '_' + b}.json").read_text())
+    res = {b: json.loads((HERE / f"results_wiki11{'' if b == 'smollm2' else '_' + b}{SUFFIX}.json").read_text())
            for b in BASES}
     rows = {b: {r["domain"]: r for r in res[b]["eval"]["rows"]} for b in res}
     topic = {b: {r["adapter"]: r["domain"] for r in res[b]["eval"]["rows"]} for b in res}
@@ -556,7 +556,7 @@ def mix(args) -> dict:
                   f"{o['top2_is_the_pair']}/{len(seqs)} |")
         print(f"base {out['base']:.4f}; first topic's adapter only {out['first_topic_only']:.4f}; "
               f"the true pair, equal {out['oracle_pair_equal']:.4f}", flush=True)
-    path = HERE / "results_wiki11_mix.json"
+    path = HERE / f"results_wiki11_mix{SUFFIX}.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     save_json("_mix", {**saved, **res})  # one base at a time keeps the other's
     return res
