@@ -27,25 +27,19 @@ information estimation, Bahl et al. 1986, ICASSP, "Maximum mutual information es
 of hidden Markov model parameters for speech recognition"), with the base as the shared
 competitor so that the adapters still train one after another.
 
-``contrast_mode = "anchor"`` replaces the hinge by ``w |S_0(r) - S_a(r)|``: other topics'
-sequences are held *at* the base's loss, pulled back down where the adapter made them
-worse, too. With the hinge alone the rows pushed up overshoot (AdamW's momentum) by an
-amount that differs from adapter to adapter, and that offset, not the topic, then decides
-which adapter is lowest on a third topic's text.
-
 How: the gradient of the hinge is ``-w * grad S_a(r)`` for the rows at or below the base
-and 0 for the others (anchor: ``+w * grad S_a(r)`` for those). "At" matters: the fresh
-adapter *is* the base, and with the subgradient 0 there the first step would be the plain
-one, whose direction (the shared genre) AdamW's momentum then carries on for ~10 steps -- longer than a short fleet's
+and 0 for the others. "At" matters: the fresh adapter *is* the base, and with the
+subgradient 0 there the first step would be the plain one, whose direction (the shared
+genre) AdamW's momentum then carries on for ~10 steps -- longer than a short fleet's
 schedule (measured on the tiny model: with 0 at the kink an adapter trained against its
 own domain's text as negatives still fell from 6.91 to 5.08 nats/token; with 1, 6.55).
 Each other-domain row runs through the step's own gradient function (every memory
 strategy and the compiled step serve it unchanged) and is added to the step's gradient
-with weight ``-w`` when it is at or below the base (anchor: ``+w`` above). The base's losses are
+with weight ``-w`` when it is at or below the base. The base's losses are
 computed per micro-batch with the fresh adapter's weights swapped in (no gradient). Cost
 per micro-batch: the own forward-backward, plus ``batch_size`` rows' forward-backward and
 forward (about 2.3x a plain step at equal lengths). The logged ``loss`` stays the own
-domain's; ``contrast`` is the term (hinge or anchor) per own token.
+domain's; ``contrast`` is the hinge's term per own token.
 """
 
 from __future__ import annotations
