@@ -578,16 +578,14 @@ def main() -> None:
     ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
     ap.add_argument("--contrast", type=float, default=None, help="contrastive adapters: TrainConfig.contrast "
                     "(mozgach_mlx.contrast); run dirs, results *_contrast")
-    ap.add_argument("--contrast-mode", default=None, choices=["hinge", "anchor"], help="TrainConfig.contrast_mode "
-                    "(default hinge); anchor adds _anchor to the suffix")
     args = ap.parse_args()
     global SUFFIX
     if args.long:
         SUFFIX = "_long"
         SCHEDULE.update(LONG_TRAIN)
     if args.contrast:
-        SUFFIX += "_contrast" + ("_anchor" if args.contrast_mode == "anchor" else "")
-        SCHEDULE.update({"contrast": str(args.contrast), **({"contrast-mode": "anchor"} if "anchor" in SUFFIX else {})})
+        SUFFIX += "_contrast"
+        SCHEDULE["contrast"] = str(args.contrast)
     if args.snapshot_steps is None:
         args.snapshot_steps = [*SNAPSHOT_STEPS, int(SCHEDULE["max-steps"])]
     for name, fn in STAGES.items():

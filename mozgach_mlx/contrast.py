@@ -134,30 +134,27 @@ class Negatives:
 
     def penalty(self, grad_fn: Callable, eval_fn: Callable, seg_kwargs: Callable, step: int,
                 micro: int) -> tuple[float, object | None, int]:
-        """``(term, gradient or None, rows at or below the base)`` of micro-batch ``micro``
-        of step ``step``, in summed-token-loss units: ``hinge``: ``w * sum max(0, S_0 - S_a)``,
-        gradient ``-w * grad S_a`` per row at or below the base; ``anchor``: ``w * sum |S_0 -
-        S_a|``, the same below and ``+w * grad S_a`` above (at the base: as below, see the
-        module's docstring)."""
+        """``(hinge, gradient or None, rows at or below the base)`` of micro-batch ``micro``
+        of step ``step``: the hinge is ``w * sum max(0, S_0 - S_a)`` in summed-token-loss
+        units, the gradient ``-w * sum grad S_a`` over the rows at or below the base (the
+        subgradient 1 at the kink: see the module's docstring)."""
         w = float(self.cfg.contrast)
-        anchor = self.cfg.contrast_mode == "anchor"
         batches = self._batches(self.rows(step, micro))
         base = self.base_sums(batches, eval_fn, seg_kwargs)
-        term, acc, below = 0.0, None, 0
+        hinge, acc, active = 0.0, None, 0
         for (x, y, m, seg), s0 in zip(batches, base, strict=True):
             (s, _), g = grad_fn(x, y, m, **seg_kwargs(seg))
             mx.eval(s, g)
             sa = s.item()
-            sign = -1.0 if sa <= s0 + AT_BASE * abs(s0) else 1.0
-            if sign > 0 and not anchor:
+            if sa > s0 + AT_BASE * abs(s0):
                 continue
-            below += sign < 0
-            term += w * abs(s0 - sa)
-            g = tree_map(lambda t, c=sign * w: c * t, g)
+            active += 1
+            hinge += w * (s0 - sa)
+            g = tree_map(lambda t: -w * t, g)
             acc = g if acc is None else tree_map(mx.add, acc, g)
         if acc is not None:
             mx.eval(acc)
-        return term, acc, below
+        return hinge, acc, active
 
 
 def of_fresh_adapter(model, negatives: Sequence[Sequence] | None, cfg) -> Negatives | None:

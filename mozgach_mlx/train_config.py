@@ -85,9 +85,6 @@ class TrainConfig:
         "contrastive adapters (fleets): weight of a hinge that pushes the adapter's loss on other domains' "
         "sequences (batch_size per micro-batch) back up to the base's where it is below (mozgach_mlx.contrast); "
         "0 = off"))
-    contrast_mode: str = field(default="hinge", metadata=_help(
-        "what --contrast holds on other domains' sequences: hinge (the adapter's loss at or above the base's) | "
-        "anchor (at the base's: also pulled back down where it rose above)"))
     compile: bool = field(default=True, metadata=_help(
         "compile the step's value-and-grad (mx.compile; one trace per batch shape) with the built-in loss, "
         "the default memory strategy and one process; the same losses to float rounding"))
@@ -117,7 +114,6 @@ class TrainConfig:
             ("tile_chunk", self.tile_chunk is None or self.tile_chunk >= 1, ">= 1 or None"),
             ("memory_gb", self.memory_gb is None or self.memory_gb > 0, "> 0 or None"),
             ("context_split", self.context_split in ("zigzag", "contiguous"), "zigzag or contiguous"),
-            ("contrast_mode", self.contrast_mode in ("hinge", "anchor"), "hinge or anchor"),
             ("contrast", self.contrast >= 0 and not (self.contrast > 0 and self.context_parallel),
              ">= 0, and 0 under context parallelism (its step sums the loss over ranks after the hinge)"),
         ]
@@ -146,9 +142,8 @@ class TrainConfig:
             d.pop(k, None)
         if not d["group_by_length"]:  # added later: runs recorded before it keep their fingerprint
             d.pop("group_by_length")
-        if not d["contrast"]:  # added later, like group_by_length; the mode matters only with a weight
+        if not d["contrast"]:  # added later, like group_by_length
             d.pop("contrast")
-            d.pop("contrast_mode")
         if d["grad_checkpoint"] is None:  # auto, the default since it replaced True: old runs keep theirs
             d["grad_checkpoint"] = True
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -50,9 +50,8 @@ def _row_sum(model, seq, cfg) -> mx.array:
     return s
 
 
-@pytest.mark.parametrize("mode", ["hinge", "anchor"])
-def test_term_and_gradient_equal_autodiff_of_the_objective_over_an_independent_base(tmp_path, mode):
-    cfg = _cfg(contrast=0.7, contrast_mode=mode, batch_size=6, max_steps=12, learning_rate=1e-2)
+def test_hinge_and_gradient_equal_autodiff_of_the_objective_over_an_independent_base(tmp_path):
+    cfg = _cfg(contrast=0.7, batch_size=6, max_steps=12, learning_rate=1e-2)
     model, tok = mz.load("tiny")
     base_model, _ = mz.load("tiny")  # no adapter at all: the base, computed apart from the swap
     rng = np.random.default_rng(4)
@@ -73,9 +72,8 @@ def test_term_and_gradient_equal_autodiff_of_the_objective_over_an_independent_b
     below = [a < b for a, b in zip(sa, s0, strict=True)]
     assert any(below) and not all(below), (s0, sa)  # both branches of the hinge are exercised
 
-    def objective():  # hinge: w * max(0, S_0 - S_a); anchor: w * |S_0 - S_a|
-        f = mx.abs if mode == "anchor" else (lambda d: mx.maximum(0.0, d))
-        return sum(cfg.contrast * f(b - _row_sum(model, r, cfg)) for r, b in zip(rows, s0, strict=True))
+    def objective():
+        return sum(cfg.contrast * mx.maximum(0.0, b - _row_sum(model, r, cfg)) for r, b in zip(rows, s0, strict=True))
 
     want, want_grad = nn.value_and_grad(model, objective)()
     grad_fn = trainer._grad_fn(model, trainer.default_loss, cfg, memory.MemoryStrategy(), tmp_path / "off")
@@ -90,8 +88,8 @@ def test_term_and_gradient_equal_autodiff_of_the_objective_over_an_independent_b
     # the swap left the trained adapter in place
     for k, v in tree_flatten(model.trainable_parameters()):
         np.testing.assert_array_equal(np.array(v), np.array(dict(trained)[k]))
-    # the fresh adapter is at the base on every row: all are pushed up as if below (the
-    # subgradient at the kink), so the first step's shared direction is cancelled, not followed
+    # the fresh adapter is at the base on every row: all are held there (subgradient 1 at
+    # the kink), so the first step's shared direction is cancelled, not followed
     model.load_weights(neg.base_weights, strict=False)
     hinge, grad, active = neg.penalty(grad_fn, trainer._eval_loss, lambda seg: {}, 5, 1)
     assert active == len(rows) and abs(hinge) < 1e-3
