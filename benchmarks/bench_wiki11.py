@@ -576,8 +576,8 @@ def main() -> None:
     ap.add_argument("--snapshot-steps", type=int, nargs="+", default=None, help="default: 8 16 24 and the final step")
     ap.add_argument("--long", action="store_true", help="the longer schedule (LONG_TRAIN); run dirs, results *_long")
     ap.add_argument("--mix-samples", type=int, default=1, help="two-topic samples per pair of topics")
-    ap.add_argument("--contrast", type=float, default=None, help="contrastive adapters: TrainConfig.contrast "
-                    "(mozgach_mlx.contrast); run dirs, results *_contrast")
+    ap.add_argument("--contrast", type=float, default=None, help="TrainConfig.contrast; suffix _contrast")
+    ap.add_argument("--steps", type=int, default=None, help="--max-steps of the preset's schedule; suffix +N")
     args = ap.parse_args()
     global SUFFIX
     if args.long:
@@ -586,6 +586,9 @@ def main() -> None:
     if args.contrast:
         SUFFIX += "_contrast"
         SCHEDULE["contrast"] = str(args.contrast)
+    if args.steps:  # e.g. --contrast 1 --steps 16: run dirs and results *_contrast16
+        SUFFIX += str(args.steps)
+        SCHEDULE.update({"max-steps": str(args.steps), "save-every": str(max(1, args.steps // 2))})
     if args.snapshot_steps is None:
         args.snapshot_steps = [*SNAPSHOT_STEPS, int(SCHEDULE["max-steps"])]
     for name, fn in STAGES.items():
