@@ -149,7 +149,7 @@ class Negatives:
             if sa > s0 + AT_BASE * abs(s0):
                 continue
             active += 1
-            hinge += w * (s0 - sa)
+            hinge += w * max(0.0, s0 - sa)  # (a row within AT_BASE above the base adds 0)
             g = tree_map(lambda t: -w * t, g)
             acc = g if acc is None else tree_map(mx.add, acc, g)
         if acc is not None:
