@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,26 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# atomic_path's temp names: "." + target name + "." + mkstemp's 8 random characters + ".tmp" + suffix
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that :func:`atomic_path` left under ``directory`` (recursively)
+    when its process was killed between writing and renaming; returns the removed paths.
+
+    Only for the one process that holds the directory (:func:`mozgach_mlx.rundir.locked`):
+    a temp file of a writer still running would be deleted under it. Files of other names
+    are never touched.
+    """
+    removed = []
+    for path in sorted(Path(directory).rglob(".*.tmp*")):
+        if path.is_file() and not path.is_symlink() and _TEMP_NAME.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _umask() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .io import atomic_write_json
+from .io import atomic_write_json, remove_stale_temps
 from .typecheck import check_fields
 
 MANIFEST_FILE = "manifest.json"
@@ -283,7 +283,8 @@ def locked(out: str | Path) -> Iterator[Path]:
     """Hold the run directory ``out`` for this process: an exclusive ``flock`` on
     ``OUT/.lock`` (which holds the holder's pid). The kernel drops the lock when the
     process dies, however it dies, so a stale lock file from a killed run never blocks
-    a resume.
+    a resume. Once held, the temp files a killed holder left mid-save are removed
+    (:func:`io.remove_stale_temps`).
 
     Raises:
         ConfigError: another process holds the directory (naming its pid), or ``out``
@@ -310,6 +311,7 @@ def locked(out: str | Path) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        remove_stale_temps(out)  # a killed holder's half-saved files; no one else writes here now
         yield out
     finally:
         _held.discard(key)

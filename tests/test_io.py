@@ -43,3 +43,24 @@ def test_written_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_killed_writers_temp_file_is_removed_when_the_run_dir_is_next_held(tmp_path):
+    import subprocess
+    import sys
+
+    from mozgach_mlx.rundir import locked
+
+    target = tmp_path / "run" / "mozgach108_001" / "adapter_model.safetensors"
+    # a process killed after writing its temp file and before the rename (os._exit skips the cleanup)
+    code = ("import os, sys; from mozgach_mlx.io import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half'); os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, str(target)]).returncode == 9
+    left = [p.name for p in target.parent.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".adapter_model.safetensors.") and not target.exists()
+    keep = [target.parent / ".notes.tmp", target.parent / "mine.tmp.safetensors", tmp_path / "run" / ".lock2"]
+    for p in keep:
+        p.write_text("user file")
+    with locked(tmp_path / "run"):
+        assert sorted(p.name for p in target.parent.iterdir()) == sorted(p.name for p in keep[:2])
+    assert all(p.read_text() == "user file" for p in keep)
