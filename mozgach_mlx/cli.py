@@ -276,9 +276,11 @@ def generate_cmd(out, model, adapter, prompt, chat, **gen: Any) -> None:
 @click.option("--offload/--no-offload", default=None, help="block inputs in a memory-mapped file on disk")
 @click.option("--checkpoint-every", type=int, default=None, help="store only every k-th block input")
 @click.option("--solve-context", is_flag=True, default=None, help="find the longest context that fits the budget")
+@click.option("--contrast", is_flag=True, default=None, help="the step of a contrastive fleet (train --contrast W)")
 @_debug_option
 def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, backend, ranks, link, link_gbps,
-             context_parallel, device, strategy, tile_chunk, offload, checkpoint_every, solve_context) -> None:
+             context_parallel, device, strategy, tile_chunk, offload, checkpoint_every, solve_context,
+             contrast) -> None:
     """Estimate peak memory and step time of LoRA training at a context length."""
     from .plan import plan
     from .plan import solve_context as solve
@@ -289,7 +291,7 @@ def plan_cmd(model, context, batch_size, quantize, lora_r, memory_gb, gflops, ba
     given = {"context": context, "batch_size": batch_size, "lora_rank": lora_r, "memory_gb": memory_gb,
              "gflops": gflops, "backend": backend, "ranks": ranks, "link": link, "device": device,
              "strategy": strategy, "tile_chunk": tile_chunk, "link_gbps": link_gbps,
-             "context_parallel": context_parallel}
+             "context_parallel": context_parallel, "contrast": contrast}
     kw = {k: v for k, v in given.items() if v is not None}
     if quantize is not None:
         kw["quantize"] = parse_quantize(quantize)

@@ -388,17 +388,18 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
          gflops: float | None = None, backend: str | None = None, attention: dict | None = None,
          strategy: Any = TrainConfig.memory_strategy, device: str | dev_mod.Device | None = None,
          tile_chunk: int | None = None, ranks: int = 1, link: str = "10gbe", plain: bool = True,
-         context_parallel: bool = False, link_gbps: float | None = None, context_split: str = "zigzag") -> Plan:
+         context_parallel: bool = False, link_gbps: float | None = None, context_split: str = "zigzag",
+         contrast: bool = False) -> Plan:
     """Peak memory and step time of LoRA training at ``context`` tokens (defaults: the trainer's).
 
-    ``model_or_config``: a model, config dict, preset id, ``"tiny"`` or path; ``compute_bytes``:
-    4 on the CPU, 2 on a GPU; ``memory_gb``: budget (with ``device``: its RAM, the budget its
-    accelerator limit); ``attention``: ``{"document_length": n}``, ``{"window": w}``,
-    ``{"s2_group": g}`` or a mix (default causal); ``strategy``: MemoryStrategy, dict, ``"plain"``,
-    ``"none"`` or ``"auto"`` (``plain``: may auto pick it); ``device``: ``m4``, ``m4-pro``,
-    ``m4-max``, ``m3-max``, ``h100``, ``this``; ``ranks``/``link``/``link_gbps``: N processes
-    (:mod:`plan_scale`), with ``context_parallel`` one sequence over them split ``context_split``
-    (zigzag | contiguous), per rank (:mod:`mozgach_mlx.plan_context`)."""
+    ``model_or_config``: a model, config dict, preset id, ``"tiny"`` or path; ``compute_bytes``: 4 on the CPU, 2
+    on a GPU; ``memory_gb``: budget (with ``device``: its RAM, the budget its accelerator limit); ``attention``:
+    ``{"document_length": n}``, ``{"window": w}``, ``{"s2_group": g}`` or a mix (default causal); ``strategy``:
+    MemoryStrategy, dict, ``"plain"``, ``"none"`` or ``"auto"`` (``plain``: may auto pick it); ``device``:
+    ``m4``, ``m4-pro``, ``m4-max``, ``m3-max``, ``h100``, ``this``; ``ranks``/``link``/``link_gbps``: N
+    processes (:mod:`plan_scale`), with ``context_parallel`` one sequence over them split ``context_split``
+    (zigzag | contiguous), per rank (:mod:`mozgach_mlx.plan_context`); ``contrast``: with ``TrainConfig.contrast
+    > 0`` (:func:`_contrast_flops`; same memory: rows run one by one)."""
     _check_args(context, batch_size, quantize)
     chosen = parse_strategy(strategy, context, tile_chunk)
     dv = device if isinstance(device, dev_mod.Device) or device is None else dev_mod.device(device, memory_gb)
@@ -430,7 +431,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
         return peak_of(comps(st, n, lora))
 
     def cost(st: MemoryStrategy, n: int = pc.local_tokens(L, cp), p: float = pairs * share) -> tuple[float, float]:
-        flops = _step_flops(s, B, n, p, st)
+        flops = _step_flops(s, B, n, p, st) + (_contrast_flops(s, B, n, p, st) if contrast else 0.0)
         io = (2 * s.n_layers * B * n * s.d * act / (disk * 1e9)) if st.offload else 0.0
         return flops, flops / (g * 1e9) + io
 
@@ -448,7 +449,8 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     max_ctx = budget and _max_context(lambda n: total_at(chosen, n), budget, mlp_chunk, loss_chunk)
     scale = scale_out(flops / (g * 1e9), lora_n, ranks, link, link_gbps=link_gbps) if ranks > 1 and not cpx else None
     notes = _notes(cfg, L, attention_note, budget is not None and max_ctx is None, dv, g, gflops, backend, seconds) \
-        + ([scale.note()] if scale else []) + ([cpx.note()] if cpx and cp > 1 else [])
+        + ([scale.note()] if scale else []) + ([cpx.note()] if cpx and cp > 1 else []) \
+        + ([_contrast_note(B, flops / _step_flops(s, B, L, pairs, chosen))] if contrast else [])
     total = peak_of(comp)
     sugg = [] if budget is None or total <= budget else _suggestions(
         total_at, candidates, chosen, L, budget, mlp_chunk, loss_chunk, lora_rank, s, lora_targets)
@@ -506,6 +508,20 @@ def _notes(cfg: dict, L: int, attention_note: str | None, nothing_fits: bool, dv
         notes.append(f"context {L:,} > max_position_embeddings {max_pos:,}: set rope_scaling "
                      f"(e.g. linear, factor {L / max_pos:.1f})")
     return notes
+
+
+def _contrast_note(B: int, ratio: float) -> str:
+    return f"contrast: {B} other-domain rows per micro-batch, forward-backward and the base's forward ({ratio:.2f}x " \
+        "the plain step's FLOPs)"
+
+
+def _contrast_flops(s: _Shapes, B: int, L: int, pairs: float, st: MemoryStrategy) -> float:
+    """What ``TrainConfig.contrast`` adds to a step (:mod:`mozgach_mlx.contrast`): B
+    other-domain rows, each through the step's forward-backward and the base's forward
+    (2 N flops per token, 4 D per pair). Measured on SmolLM2 at 4 x 256 tokens the rows
+    cost more than this (a step ~3x the plain one, not ~2.3x): they run as batches of 1."""
+    forward = 2.0 * (s.linear_params + s.vocab * s.d) * B * L + 4.0 * s.n_layers * B * s.head_dim * pairs
+    return _step_flops(s, B, L, pairs, st) + forward
 
 
 def _step_flops(s: _Shapes, B: int, L: int, pairs: int, st: MemoryStrategy) -> float:

@@ -131,7 +131,8 @@ def memory_plan(model, cfg: TrainConfig, *, quantize: int | None = None):
     return plan(model, cfg.max_seq_length, batch_size=cfg.batch_size, lora_rank=cfg.lora.r,
                 lora_targets=tuple(t for t in cfg.lora.targets if t.endswith("_proj")), mlp_chunk=cfg.mlp_chunk,
                 loss_chunk=cfg.loss_chunk, memory_gb=cfg.memory_gb, strategy=cfg.memory_strategy,
-                tile_chunk=cfg.tile_chunk, attention=attention or None, plain=cfg.grad_checkpoint is not True, **kw)
+                tile_chunk=cfg.tile_chunk, attention=attention or None, plain=cfg.grad_checkpoint is not True,
+                contrast=cfg.contrast > 0, **kw)
 
 
 def check_memory(p) -> None:
