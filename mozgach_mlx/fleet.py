@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
@@ -281,7 +280,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
             todo.append(dom.id)
     todo = set(dist.broadcast_json(todo, group))
     todo = [d for d in domains if d.id in todo]
-    others = _other_domains(negative_domains or domains, tok, cfg) if cfg.contrast > 0 else None
+    others = _Shared(negative_domains or domains, tok, cfg) if cfg.contrast > 0 else None
     if mode == "adapters":
         _adapter_parallel(model, tok, todo, cfg, fleet, baseline, base, config, others)
     else:
@@ -294,7 +293,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
 
 
 def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=None,
-         others: Callable | None = None) -> tuple[str, dict]:
+         others: _Shared | None = None) -> tuple[str, dict]:
     """Train one domain's adapter (data-parallel over ``group`` if given): ``("done" |
     "failed", fields of its manifest record)``."""
     name = adapter_dir_name(dom.id)
@@ -319,7 +318,7 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
 
 
 def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, baseline: int, base: dict,
-                      config: dict, others: Callable | None = None) -> None:
+                      config: dict, others: _Shared | None = None) -> None:
     """Each rank trains its share of ``todo`` (balanced by :func:`_work`) with no
     collective until all are done: rank 0 records in the manifest, rank r > 0 in its part;
     then rank 0 merges the parts (:func:`_merge`)."""
@@ -465,27 +464,32 @@ def _load(dom, tok, cfg: TrainConfig) -> dict:
 
 
 def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path, group=None,
-                  others: Callable | None = None) -> TrainResult:
+                  others: _Shared | None = None) -> TrainResult:
     """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first
     (data-parallel over ``group``: every rank loads the domain, a broken one fails on all);
-    ``others(dom)``: the other domains' training sequences (``cfg.contrast``)."""
-    splits = dist.together(group, lambda: _load(dom, tok, cfg))
+    ``others``: the fleet's :class:`_Shared` domains (``cfg.contrast``)."""
+    splits = dist.together(group, lambda: others.splits(dom) if others is not None else _load(dom, tok, cfg))
     dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
     return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True,
-                         group=group, negatives=others(dom) if others is not None else None)
+                         group=group, negatives=others.negatives(dom) if others is not None else None)
 
 
-def _other_domains(domains: list, tok, cfg: TrainConfig) -> Callable[[Any], list]:
-    """``dom -> [a lazy pool of train sequences per other domain of domains]`` (contrastive
-    training), each domain tokenized once per fleet and only when first drawn."""
-    cache: dict[int, list] = {}
+class _Shared:
+    """A contrastive fleet's tokenized domains: each loaded once (when first needed), for
+    its own adapter and as the other adapters' negatives."""
 
-    def train_of(d) -> list:
-        if d.id not in cache:
-            cache[d.id] = _load(d, tok, cfg)["train"] or []
-        return cache[d.id]
+    def __init__(self, domains: list, tok, cfg: TrainConfig) -> None:
+        self.domains, self.tok, self.cfg = domains, tok, cfg
+        self.cache: dict[int, dict] = {}
 
-    return lambda dom: contrast.other_pools(domains, dom, train_of)
+    def splits(self, dom) -> dict:
+        if dom.id not in self.cache:  # a broken domain raises each time (its adapter fails)
+            self.cache[dom.id] = _load(dom, self.tok, self.cfg)
+        return self.cache[dom.id]
+
+    def negatives(self, dom) -> list:
+        """One lazy pool of train sequences per domain other than ``dom``."""
+        return contrast.other_pools(self.domains, dom, lambda d: self.splits(d)["train"] or [])
 
 
 def _now() -> str:

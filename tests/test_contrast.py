@@ -184,16 +184,21 @@ def test_fleet_with_contrast_keeps_less_of_the_shared_genre_and_widens_the_own_m
     assert other1 - own1 > 1.3 * (other0 - own0), (own0, other0, own1, other1)
 
 
-def test_a_fleet_part_contrasts_against_every_domain_and_loads_only_those_drawn(tmp_path):
+def test_a_fleet_part_contrasts_against_every_domain_and_loads_only_those_drawn(tmp_path, monkeypatch):
     doms = _corpus(tmp_path / "data")
     model, tok = mz.load("tiny")
     cfg = _cfg(contrast=1.0, max_steps=2, save_every=0)
     alone = train_fleet(model, tok, doms[:1], cfg, tmp_path / "alone", base=base_identity(model, "tiny"))
     assert alone.failed == ["mozgach108_001"]  # no other domain in the fleet: its one-line reason is recorded
     assert "other domains' training text" in alone.manifest["adapters"]["mozgach108_001"]["error"]
-    part = train_fleet(model, tok, doms[:1], cfg, tmp_path / "part", base=base_identity(model, "tiny"),
+    loaded = []
+    real = mz.data.load_domain
+    monkeypatch.setattr(mz.data, "load_domain", lambda dom, *a, **k: loaded.append(dom.name) or real(dom, *a, **k))
+    part = train_fleet(model, tok, doms[:2], cfg, tmp_path / "part", base=base_identity(model, "tiny"),
                        negative_domains=doms)
-    assert part.ok and part.done == ["mozgach108_001"]
+    assert part.ok and part.done == ["mozgach108_001", "mozgach108_002"]
+    # each domain tokenized once, for its own adapter and as negatives
+    assert len(loaded) == len(set(loaded)) and {d.name for d in doms[:2]} <= set(loaded)
     # lazy pools: a domain is loaded when first drawn, once; an empty one is drawn again
     loads = []
 
