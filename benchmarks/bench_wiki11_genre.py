@@ -15,7 +15,7 @@ topic, routed among the trained topics' adapters over base + G).
 
     python benchmarks/bench_wiki11_genre.py --genre-steps 32 --steps 16 --topics 5 --half
 
-Run dir ``$WIKI11_RUNS/genre``; results ``benchmarks/results_wiki11_genre_G{g}_{s}.json``.
+Run dir ``$WIKI11_RUNS/genre``; results ``benchmarks/results_wiki11_genre_G{g}_{s}_t{topics}.json``.
 Needs the corpus that ``bench_wiki11.py fleet`` built (any of its SmolLM2 run dirs).
 """
 
@@ -120,7 +120,7 @@ def main() -> None:
     seconds = train(model, tok, doms, args)
     print("| schedule | routed by loss | own gain vs base + G (nats/token) | other adapters' gain |\n|---|---|---|---|")
     res = {"args": vars(args), "seconds": seconds, "by_step": score(model, tok, doms, args)}
-    path = HERE / f"results_wiki11_genre_G{args.genre_steps}_{args.steps}.json"
+    path = HERE / f"results_wiki11_genre_G{args.genre_steps}_{args.steps}_t{args.topics}.json"
     path.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {path}")
 
