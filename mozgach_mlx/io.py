@@ -43,16 +43,18 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp(\.[^.]*)?$")
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files that :func:`atomic_path` left under ``directory`` (recursively)
-    when its process was killed between writing and renaming; returns the removed paths.
+def remove_stale_temps(directory: str | os.PathLike, depth: int = 3) -> list[Path]:
+    """Delete the temp files that :func:`atomic_path` left in ``directory`` and its folders
+    down to ``depth`` levels (a run dir's adapters' checkpoints are 2 down) when its process
+    was killed between writing and renaming; returns the removed paths.
 
     Only for the one process that holds the directory (:func:`mozgach_mlx.rundir.locked`):
     a temp file of a writer still running would be deleted under it. Files of other names
     are never touched.
     """
     removed = []
-    for path in sorted(Path(directory).rglob(".*.tmp*")):
+    found = (p for level in range(depth + 1) for p in Path(directory).glob("*/" * level + ".*.tmp*"))
+    for path in sorted(found):
         if path.is_file() and not path.is_symlink() and _TEMP_NAME.match(path.name):
             path.unlink(missing_ok=True)
             removed.append(path)

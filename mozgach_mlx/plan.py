@@ -370,11 +370,13 @@ def _current_backend() -> str:
     return backend()
 
 
-def _check_args(context: int, batch_size: int, quantize) -> None:
+def _check_args(context: int, batch_size: int, quantize, contrast_over_ranks: bool = False) -> None:
     if context < 1 or batch_size < 1:
         raise ConfigError(f"plan(): context and batch_size must be >= 1 (got {context}, {batch_size})")
     if quantize not in (None, 4, 8):
         raise ConfigError(f"plan(): quantize={quantize!r}; use 4, 8 or None")
+    if contrast_over_ranks:
+        raise ConfigError("plan(): contrast and context_parallel do not go together (as in TrainConfig); drop one")
 
 
 DEFAULT_DISK_GBS = 2.0  # sequential SSD bandwidth assumed for offload without a device profile
@@ -400,7 +402,7 @@ def plan(model_or_config: Any, context: int = 100_000, *, batch_size: int = Trai
     processes (:mod:`plan_scale`), with ``context_parallel`` one sequence over them split ``context_split``
     (zigzag | contiguous), per rank (:mod:`mozgach_mlx.plan_context`); ``contrast``: with ``TrainConfig.contrast
     > 0`` (:func:`_contrast_flops`; same memory: rows run one by one)."""
-    _check_args(context, batch_size, quantize)
+    _check_args(context, batch_size, quantize, contrast and context_parallel)
     chosen = parse_strategy(strategy, context, tile_chunk)
     dv = device if isinstance(device, dev_mod.Device) or device is None else dev_mod.device(device, memory_gb)
     cfg, stored, lora_n = _config_of(model_or_config)

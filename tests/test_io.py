@@ -64,3 +64,10 @@ def test_a_killed_writers_temp_file_is_removed_when_the_run_dir_is_next_held(tmp
     with locked(tmp_path / "run"):
         assert sorted(p.name for p in target.parent.iterdir()) == sorted(p.name for p in keep[:2])
     assert all(p.read_text() == "user file" for p in keep)
+    ckpt = target.parent / "checkpoint" / ".state.json.k2_9abcd.tmp.json"  # 2 folders down: a checkpoint's
+    deep = tmp_path / "run" / "a" / "b" / "c" / "d" / ".x.json.abcdefgh.tmp.json"  # 4 down: not a run's
+    for p in (ckpt, deep):
+        p.parent.mkdir(parents=True)
+        p.write_text("{}")
+    with locked(tmp_path / "run"):
+        assert not ckpt.exists() and deep.exists()

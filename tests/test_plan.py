@@ -111,3 +111,5 @@ def test_a_contrastive_step_adds_a_forward_backward_and_a_base_forward_per_other
     assert any(n.startswith("contrast: 1 other-domain rows") and "2.3" in n for n in both.notes)
     cfg = mz.TrainConfig(max_seq_length=L, batch_size=1, contrast=1.0, memory_strategy="plain")
     assert trainer.memory_plan(LLAMA_8B, cfg).flops_per_step == pytest.approx(both.flops_per_step)
+    with pytest.raises(ConfigError, match="contrast and context_parallel"):
+        mz.plan(LLAMA_8B, L, contrast=True, ranks=2, context_parallel=True)
