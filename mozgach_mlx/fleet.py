@@ -324,7 +324,7 @@ def _adapter_parallel(model, tok, todo: list, cfg: TrainConfig, fleet: _Fleet, b
     then rank 0 merges the parts (:func:`_merge`)."""
     group, out_dir = fleet.group, fleet.out_dir
     me, world = dist.rank(group), dist.size(group)
-    sizes = {d.id: _work(d, tok, cfg) for i, d in enumerate(todo) if i % world == me}
+    sizes = {d.id: _work(d, tok, cfg, others) for i, d in enumerate(todo) if i % world == me}
     counts = {int(k): v for part in dist.all_gather_json(sizes, group) for k, v in part.items()}
     plan = dist.balance(counts, world)
     by_id = {d.id: d for d in todo}
@@ -428,7 +428,7 @@ def _finished(manifest: Manifest, out_dir: Path, name: str) -> bool:
     return rec is not None and rec.status == "done" and _verified(out_dir / name, rec)
 
 
-def _work(dom, tok, cfg: TrainConfig) -> int:
+def _work(dom, tok, cfg: TrainConfig, others: _Shared | None = None) -> int:
     """The tokens a domain's adapter will go through (what the ranks are balanced by):
     its training steps x micro-batches x sequences x the mean training sequence length
     (with ``max_steps`` every adapter takes the same steps, so the total of its data is
@@ -436,7 +436,7 @@ def _work(dom, tok, cfg: TrainConfig) -> int:
     ``eval_every`` steps, final); 0 if its data is broken (its training then fails at once
     and is recorded)."""
     try:
-        splits = _load(dom, tok, cfg)
+        splits = _splits(dom, tok, cfg, others)
     except MozgachError:
         return 0
     train, valid = splits["train"], splits.get("valid") or []
@@ -458,6 +458,11 @@ def _config(cfg: TrainConfig, run_config: RunConfig | dict | None) -> dict:
     return {"train": cfg.to_dict(), **(run_config or {})}
 
 
+def _splits(dom, tok, cfg: TrainConfig, others: _Shared | None) -> dict:
+    """A domain's tokenized splits: from the contrastive fleet's cache if there is one."""
+    return others.splits(dom) if others is not None else _load(dom, tok, cfg)
+
+
 def _load(dom, tok, cfg: TrainConfig) -> dict:
     return data_mod.load_domain(dom, tok, max_seq_length=cfg.max_seq_length, pack=cfg.pack,
                                 overlap=cfg.window_overlap, skip_bad_lines=cfg.skip_bad_lines)
@@ -468,7 +473,7 @@ def _train_domain(model, tok, dom, cfg: TrainConfig, adir: Path, log_path: Path,
     """One domain's adapter (seed ``cfg.seed + dom.id``), with its base loss measured first
     (data-parallel over ``group``: every rank loads the domain, a broken one fails on all);
     ``others``: the fleet's :class:`_Shared` domains (``cfg.contrast``)."""
-    splits = dist.together(group, lambda: others.splits(dom) if others is not None else _load(dom, tok, cfg))
+    splits = dist.together(group, lambda: _splits(dom, tok, cfg, others))
     dcfg = dataclasses.replace(cfg, seed=cfg.seed + dom.id)
     return train_adapter(model, tok, splits, dcfg, adir, resume=True, log_path=log_path, base_loss=True,
                          group=group, negatives=others.negatives(dom) if others is not None else None)
