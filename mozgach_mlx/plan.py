@@ -263,6 +263,10 @@ class _Shapes:
     def linear_params(self) -> int:
         return self.n_layers * sum(i * o for i, o in self.linears.values())
 
+    @property
+    def frozen_params(self) -> int:  # the block linears and the head (it runs over every position too)
+        return self.linear_params + self.vocab * self.d
+
     def stored_bytes(self, quantize: int | None, group_size: int, act: int) -> int:
         """Base bytes as stored: packed bits + a scale and bias per group, or ``act`` bytes."""
         embed = self.vocab * self.d * (1 if self.tied else 2)
@@ -522,15 +526,14 @@ def _contrast_flops(s: _Shapes, B: int, L: int, pairs: float, st: MemoryStrategy
     other-domain rows, each through the step's forward-backward and the base's forward
     (2 N flops per token, 4 D per pair). Measured on SmolLM2 at 4 x 256 tokens the rows
     cost more than this (a step ~3x the plain one, not ~2.3x): they run as batches of 1."""
-    forward = 2.0 * (s.linear_params + s.vocab * s.d) * B * L + 4.0 * s.n_layers * B * s.head_dim * pairs
+    forward = 2.0 * s.frozen_params * B * L + 4.0 * s.n_layers * B * s.head_dim * pairs
     return _step_flops(s, B, L, pairs, st) + forward
 
 
 def _step_flops(s: _Shapes, B: int, L: int, pairs: int, st: MemoryStrategy) -> float:
     """FLOPs of one step (module docstring), with the strategies' recomputation."""
-    n_frozen = s.linear_params + (s.vocab * s.d)  # the head runs over every position too
     per_pair = 18.0
-    linear = 8.0 * n_frozen
+    linear = 8.0 * s.frozen_params
     if st.tile_chunk:
         per_pair += 4.0
         linear += 2.0 * 2 * s.n_layers * s.d * s.qkv_width
