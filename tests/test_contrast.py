@@ -229,3 +229,36 @@ def test_contrast_errors_are_one_line_config_errors(tmp_path):
     # the commit before contrast (7ab8d21) computed it
     assert TrainConfig().fingerprint() == "9ec434dc2a9d8092"
     assert TrainConfig(contrast=0.5).fingerprint() != "9ec434dc2a9d8092"
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_constant_lr_runs_checkpoint_at_k_steps_is_the_k_step_run(tmp_path, schedule):
+    """What benchmarks/bench_wiki11.py's snapshots rely on: with a constant learning rate
+    after warmup, a contrastive run's checkpoint at step k is exactly the adapter of a run
+    of k steps (data order and negatives depend on seed and step, not on max_steps); with
+    cosine decay it is not (the lr depends on max_steps), which shows the check can fail."""
+    class Stop(Exception):
+        pass
+
+    def run(name, max_steps, stop_at=None):
+        model, tok = mz.load("tiny")
+        d = {"train": _seqs(tok, _texts("a", 10, 0)), "valid": None}
+        negs = [_seqs(tok, _texts("b", 6, 1)), _seqs(tok, _texts("c", 6, 2))]
+
+        def stop(rec):
+            if rec["step"] == stop_at:
+                raise Stop
+
+        cfg = _cfg(contrast=1.0, lr_schedule=schedule, max_steps=max_steps)
+        try:
+            train_adapter(model, tok, d, cfg, tmp_path / name, callback=stop, negatives=negs)
+        except Stop:
+            pass
+
+    run("long", 8, stop_at=4)
+    run("short", 4)
+    kept = mx.load(str(tmp_path / "long" / "checkpoint" / "adapter-0000004.safetensors"))
+    short = mx.load(str(tmp_path / "short" / "adapters.safetensors"))
+    assert kept.keys() == short.keys()
+    same = all(np.array_equal(np.array(kept[k]), np.array(short[k])) for k in short)
+    assert same == (schedule == "constant")
