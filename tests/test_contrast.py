@@ -107,25 +107,29 @@ def test_negatives_are_fixed_by_seed_step_and_micro_batch_and_draw_domains_evenl
     assert abs(np.mean(drawn) - 0.5) < 0.05
 
 
-def test_contrastive_run_resumes_exactly(tmp_path):
-    def run(name, callback=None):
-        model, tok = mz.load("tiny")
-        d = {"train": _seqs(tok, _texts("a", 10, 0)), "valid": _seqs(tok, _texts("a", 2, 9))}
-        negs = [_seqs(tok, _texts("b", 6, 1)), _seqs(tok, _texts("c", 6, 2))]
-        return train_adapter(model, tok, d, _cfg(contrast=1.0), tmp_path / name, callback=callback, negatives=negs)
+class _Stop(Exception):
+    pass
 
-    full = run("full")
 
-    class Stop(Exception):
-        pass
+def _train_a(out: Path, cfg: TrainConfig, stop_at: int | None = None):
+    """Domain "a"'s contrastive adapter over tiny (b and c the negatives); ``stop_at``:
+    raise :class:`_Stop` from the callback after that step (its checkpoint is written)."""
+    model, tok = mz.load("tiny")
+    d = {"train": _seqs(tok, _texts("a", 10, 0)), "valid": _seqs(tok, _texts("a", 2, 9))}
+    negs = [_seqs(tok, _texts("b", 6, 1)), _seqs(tok, _texts("c", 6, 2))]
 
     def stop(rec):
-        if rec["step"] == 4:
-            raise Stop
+        if rec["step"] == stop_at:
+            raise _Stop
 
-    with pytest.raises(Stop):
-        run("cut", stop)
-    resumed = run("cut")
+    return train_adapter(model, tok, d, cfg, out, callback=stop, negatives=negs)
+
+
+def test_contrastive_run_resumes_exactly(tmp_path):
+    full = _train_a(tmp_path / "full", _cfg(contrast=1.0))
+    with pytest.raises(_Stop):
+        _train_a(tmp_path / "cut", _cfg(contrast=1.0), stop_at=4)
+    resumed = _train_a(tmp_path / "cut", _cfg(contrast=1.0))
     assert resumed.resumed_from == 4
     np.testing.assert_allclose(resumed.losses, full.losses, rtol=1e-6)
     a = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
@@ -237,26 +241,9 @@ def test_a_constant_lr_runs_checkpoint_at_k_steps_is_the_k_step_run(tmp_path, sc
     after warmup, a contrastive run's checkpoint at step k is exactly the adapter of a run
     of k steps (data order and negatives depend on seed and step, not on max_steps); with
     cosine decay it is not (the lr depends on max_steps), which shows the check can fail."""
-    class Stop(Exception):
-        pass
-
-    def run(name, max_steps, stop_at=None):
-        model, tok = mz.load("tiny")
-        d = {"train": _seqs(tok, _texts("a", 10, 0)), "valid": None}
-        negs = [_seqs(tok, _texts("b", 6, 1)), _seqs(tok, _texts("c", 6, 2))]
-
-        def stop(rec):
-            if rec["step"] == stop_at:
-                raise Stop
-
-        cfg = _cfg(contrast=1.0, lr_schedule=schedule, max_steps=max_steps)
-        try:
-            train_adapter(model, tok, d, cfg, tmp_path / name, callback=stop, negatives=negs)
-        except Stop:
-            pass
-
-    run("long", 8, stop_at=4)
-    run("short", 4)
+    with pytest.raises(_Stop):
+        _train_a(tmp_path / "long", _cfg(contrast=1.0, lr_schedule=schedule, max_steps=8), stop_at=4)
+    _train_a(tmp_path / "short", _cfg(contrast=1.0, lr_schedule=schedule, max_steps=4))
     kept = mx.load(str(tmp_path / "long" / "checkpoint" / "adapter-0000004.safetensors"))
     short = mx.load(str(tmp_path / "short" / "adapters.safetensors"))
     assert kept.keys() == short.keys()
