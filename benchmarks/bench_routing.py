@@ -40,12 +40,14 @@ def read_jsonl(path: Path) -> list[str]:
 
 
 def windows(tok, texts: list[str], length: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """BOS + consecutive ``length``-token windows of the concatenated texts."""
-    ids = [i for t in texts for i in tok.encode(t, add_bos=False)]
+    """BOS + consecutive ``length``-token windows of the texts joined as training packs
+    them (each text: BOS, its tokens, EOS; the first BOS is the window's), with every
+    token but a BOS a target."""
+    ids = [i for t in texts for i in [tok.bos_token_id, *tok.encode(t, add_bos=False), tok.eos_token_id]][1:]
     out = []
     for s in range(0, len(ids) - length + 1, length):
         seq = np.array([tok.bos_token_id, *ids[s: s + length]], np.int32)
-        out.append((seq, np.arange(len(seq)) > 0))
+        out.append((seq, (np.arange(len(seq)) > 0) & (seq != tok.bos_token_id)))
     return out
 
 

@@ -6,7 +6,7 @@ every adapter.
 
 Held-out samples (:func:`held_out_samples`), as ``benchmarks/bench_routing.py`` makes its
 routing samples: per domain, the records of the held-out splits (``valid`` then ``test``;
-neither is trained on) are tokenized, joined in file order without the BOS/EOS that
+neither is trained on) are tokenized, joined in file order with the EOS (and BOS) that
 separate documents in training, and cut into consecutive windows of ``sample_tokens``
 tokens (default 256); each window after a BOS is one sample. The last, shorter window
 of a domain's text is a sample of the loss table but is not routed, so every routed
@@ -204,7 +204,8 @@ class Report:
         n = len(self.rows)
         lines.append("")
         if self.rows:
-            lines.append(f"held-out data: the {' + '.join(self.held_out)} records of each domain, joined and cut "
+            lines.append(f"held-out data: the {' + '.join(self.held_out)} records of each domain, joined (each ending "
+                         "with its EOS, as in training) and cut "
                          f"into samples of {self.sample_tokens} tokens; losses over "
                          f"{_span(r.samples for r in self.rows)} samples = {_span(r.tokens for r in self.rows)} "
                          "target tokens per domain")
@@ -254,12 +255,19 @@ def held_out_samples(docs, tok, sample_tokens: int) -> tuple[list[Seq], int]:
     """One domain's held-out samples of ``sample_tokens`` tokens (after BOS).
 
     ``docs``: ``(ids, mask, ...)`` per document, as :func:`data.encode_record` makes them
-    (BOS, the record, EOS). Their BOS and closing EOS are dropped, the rest is joined in
-    order and cut into consecutive windows of ``sample_tokens`` tokens, and each sample is
-    BOS (when the tokenizer uses one) + a window, with the window's target mask (a text
-    record: every token; without BOS the first token is context only). Windows with no
-    target are skipped. For text records this is ``benchmarks/bench_routing.py``'s
-    ``windows`` exactly.
+    (BOS, the record, EOS). They are joined in order *as encoded*, so documents stay
+    separated as in a packed training sequence: each ends with its EOS (a target where
+    training made it one) and the next starts with its BOS (context) when the tokenizer
+    uses one. The joined text is cut into consecutive windows of ``sample_tokens`` tokens,
+    and each sample is BOS (when the tokenizer uses one; the first document's own BOS is
+    dropped for it) + a window, with the window's target mask (without BOS the first
+    token is context only). Windows with no target are skipped.
+
+    Joining without the separators (before 2026-12-05) ran documents into each other --
+    a text the adapters never saw: over SmolLM2 on wiki11 (lead sections of ~110 tokens,
+    2-3 per window) one adapter looked 2.3% worse than the base on its own topic's
+    windows and is 3.0% better with them (``benchmarks/RESULTS.md``, "Held-out samples
+    keep the documents' EOS").
 
     Returns ``(samples, n_full)``: the first ``n_full`` samples hold exactly
     ``sample_tokens`` tokens after BOS; when the text does not divide evenly one shorter
@@ -268,19 +276,12 @@ def held_out_samples(docs, tok, sample_tokens: int) -> tuple[list[Seq], int]:
     if sample_tokens < 1:
         raise ConfigError(f"sample_tokens must be >= 1, got {sample_tokens}")
     head = np.asarray(bos_ids(tok), np.int32)
-    eos = tok.eos_token_id
-    ids_parts, mask_parts = [], []
-    for ids, mask, *_ in docs:
-        a, b = 0, len(ids)
-        if len(head) and b >= len(head) and np.array_equal(ids[: len(head)], head):
-            a = len(head)
-        if b > a and eos is not None and ids[b - 1] == eos:
-            b -= 1
-        ids_parts.append(np.asarray(ids[a:b], np.int32))
-        mask_parts.append(np.asarray(mask[a:b], bool))
-    if not ids_parts:
+    parts = [(np.asarray(ids, np.int32), np.asarray(mask, bool)) for ids, mask, *_ in docs if len(ids)]
+    if not parts:
         return [], 0
-    ids, mask = np.concatenate(ids_parts), np.concatenate(mask_parts)
+    ids, mask = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if len(head) and len(ids) >= len(head) and np.array_equal(ids[: len(head)], head):
+        ids, mask = ids[len(head):], mask[len(head):]  # the sample's head stands for it
     no_target = np.zeros(len(head), bool)
     full: list[Seq] = []
     rest: list[Seq] = []

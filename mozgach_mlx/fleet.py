@@ -21,7 +21,9 @@ removed.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -263,8 +265,7 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     lora.ensure(model, cfg.lora)
     check_memory(memory_plan(model, cfg))  # refuse before any domain's data is read
     mx.eval(model.parameters())
-    gc.collect()
-    mx.clear_cache()
+    release_memory()
     baseline = mx.get_active_memory()
     if main:
         manifest.baseline_active_memory_bytes = baseline
@@ -292,6 +293,26 @@ def _train_fleet(model, tok, domains: list, cfg: TrainConfig, out_dir: Path, bas
     return fleet.result
 
 
+def release_memory() -> None:
+    """Give back what the last adapter left: Python's cycles, MLX's buffer cache and, with
+    glibc, the freed pages inside the heap. MLX's CPU allocator is ``malloc``, and glibc's
+    main arena keeps freed buffers mapped when live ones sit between them: a SmolLM2 fleet
+    on Linux held 6.7-6.9 GB of RSS with 2.7 GB in use (5.4 GB of ``[heap]``) until
+    ``malloc_trim(0)`` returns them. Elsewhere (macOS, musl) the trim is skipped."""
+    gc.collect()
+    mx.clear_cache()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's, from the process's own symbols
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=None,
          others: _Shared | None = None) -> tuple[str, dict]:
     """Train one domain's adapter (data-parallel over ``group`` if given): ``("done" |
@@ -305,8 +326,7 @@ def _fit(model, tok, dom, cfg: TrainConfig, out_dir: Path, baseline: int, group=
     except MozgachError as e:
         return "failed", {"error": f"{type(e).__name__}: {e}"}
     finally:
-        gc.collect()
-        mx.clear_cache()
+        release_memory()
     active = mx.get_active_memory()
     return "done", dict(
         finished=_now(), train_loss=res.train_loss, valid_loss=res.valid_loss, base_valid_loss=res.base_valid_loss,

@@ -272,8 +272,8 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
     """Sum of ``grad_accumulation`` micro-batches' gradients, loss sums and token counts
     (data-parallel: this rank's micro-batches, then the sums over the group); with
     ``negatives`` (``cfg.contrast``) each micro-batch's hinge gradient is added, and the
-    step's hinge total is the fourth item (None without)."""
-    acc, step_loss, step_tokens, hinge = None, 0.0, 0, 0.0
+    fourth item is ``(hinge total, rows held, rows drawn)`` of the step (None without)."""
+    acc, step_loss, step_tokens, hinge = None, 0.0, 0, [0.0, 0, 0]
     seg_kwargs = partial(_segment_kwargs, loss_fn)
     mine = dist.my_micro_batches(cfg.grad_accumulation, None if cfg.context_parallel else group)
     for micro in range(cfg.grad_accumulation):
@@ -288,8 +288,8 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
         step_loss += s.item()
         step_tokens += int(n.item())
         if negatives is not None:
-            h, gh, _ = negatives.penalty(grad_fn, eval_fn, seg_kwargs, step, micro)
-            hinge += h
+            h, gh, held = negatives.penalty(grad_fn, eval_fn, seg_kwargs, step, micro)
+            hinge = [hinge[0] + h, hinge[1] + held, hinge[2] + cfg.batch_size]
             if gh is not None:
                 acc = tree_map(mx.add, acc, gh)
                 mx.eval(acc)
@@ -297,8 +297,8 @@ def _accumulate(grad_fn, loss_fn: Callable, batches: _Batches, cfg: TrainConfig,
     if negatives is None:
         return acc, step_loss, step_tokens, None
     if group is not None:
-        hinge = dist.sum_scalars([hinge], group)[0]
-    return acc, step_loss, step_tokens, hinge
+        hinge = dist.sum_scalars(hinge, group)
+    return acc, step_loss, step_tokens, tuple(hinge)
 
 
 def _update(model, opt: optim.Optimizer, acc, step_tokens: int, cfg: TrainConfig, lr: float) -> float:
@@ -494,8 +494,9 @@ def _train(model, train, valid, cfg: TrainConfig, out_dir: Path, loss_fn: Callab
                    "peak_memory_gb": mx.get_peak_memory() / 1e9, "elapsed_s": elapsed}
             if group is not None:  # what ran: a resumed run's log can mix rank counts
                 rec["ranks"] = dist.size(group)
-            if hinge is not None:  # the contrastive term per own token (not in "loss")
-                rec["contrast"] = hinge / step_tokens
+            if hinge is not None:  # the contrastive term per own token (not in "loss"), rows held
+                rec["contrast"] = hinge[0] / step_tokens
+                rec["contrast_active"] = hinge[1] / max(1, hinge[2])
             if cfg.eval_every and valid and prog.step % cfg.eval_every == 0 and prog.step < total_steps:
                 rec["valid_loss"], _ = evaluate(model, valid, cfg, cfg.eval_batches, eval_fn, group)
             if log is not None:

@@ -61,8 +61,9 @@ def _texts(path):
 
 def _windows(tok, texts, length):
     """bench_routing.py's samples, written out again: BOS + consecutive ``length``-token
-    windows of the joined texts; here also the shorter rest (the loss table keeps it)."""
-    ids = [i for t in texts for i in tok.encode(t, add_bos=False)]
+    windows of the texts joined as training packs them (BOS, text, EOS each; the first BOS
+    is the window's); here also the shorter rest (the loss table keeps it)."""
+    ids = [i for t in texts for i in [tok.bos_token_id, *tok.encode(t, add_bos=False), tok.eos_token_id]][1:]
     return [np.array([tok.bos_token_id, *ids[s: s + length]], np.int32) for s in range(0, len(ids), length)]
 
 
@@ -77,7 +78,9 @@ def _reference(run_dir, length):
         logits = np.array(model(mx.array(ids[None, :-1]))[0], np.float64)
         mx_ = logits.max(1, keepdims=True)
         logp = logits - mx_ - np.log(np.exp(logits - mx_).sum(1, keepdims=True))
-        return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum()), float(len(ids) - 1), len(ids) == length + 1
+        target = ids[1:] != tok.bos_token_id
+        nll = -logp[np.arange(len(ids) - 1), ids[1:]]
+        return float(nll[target].sum()), float(target.sum()), len(ids) == length + 1
 
     models = {"base": base}
     for d in doms:
@@ -102,7 +105,7 @@ def test_evaluate_run_table_matches_independent_reference(run_dir):
             s = np.array([x[:2] for x in ref[(key, d.id)]])
             return s[:, 0].sum() / s[:, 1].sum()
 
-        n_tokens = sum(len(t.encode()) for t in _texts(d.valid))
+        n_tokens = sum(len(t.encode()) + 1 for t in _texts(d.valid))  # + each text's EOS
         assert row.domain == d.name and row.samples == len(ref[("base", d.id)]) and row.tokens == n_tokens
         assert row.base_loss == pytest.approx(mean("base"), abs=1e-4)
         assert row.own_loss == pytest.approx(mean(d.id), abs=1e-4)
@@ -176,9 +179,11 @@ def test_defaults_route_every_full_256_token_sample_of_the_held_out_text(run_dir
     rep = evaluate_run(run_dir, signature_samples=0, probe_samples=0, write=False)
     _, tok = mz.load("tiny")
     for row, d in zip(rep.rows, data.discover_domains(run_dir / "data"), strict=True):
-        n_bytes = sum(len(t.encode()) for t in _texts(d.valid))  # the byte tokenizer: one token per byte
-        assert row.route_n == n_bytes // 256 >= 2  # every full sample (the fixture has no test split)
-        assert row.samples == row.route_n + (n_bytes % 256 > 0) and row.tokens == n_bytes
+        texts = _texts(d.valid)
+        n_bytes = sum(len(t.encode()) for t in texts)  # the byte tokenizer: one token per byte
+        n = n_bytes + 2 * len(texts) - 1  # + each text's EOS, + the BOS of every text after the first
+        assert row.route_n == n // 256 >= 2  # every full sample (the fixture has no test split)
+        assert row.samples == row.route_n + (n % 256 > 0) and row.tokens == n_bytes + len(texts)  # EOS: targets
     assert len(rep.routes) == sum(r.route_n for r in rep.rows)
     assert "of 256 tokens" in rep.table()
     # at most MAX_SAMPLES per domain
@@ -208,21 +213,25 @@ def test_held_out_samples_are_bench_routings_windows_on_the_shipped_corpus():
     assert total == 15 + 19 + 19 + 12  # argparse, datetime, decimal, http_client (RESULTS.md: 196 in all)
 
 
-def test_held_out_samples_keep_the_target_mask_and_drop_document_markers():
+def test_held_out_samples_keep_the_target_mask_and_the_document_separators():
     _, tok = mz.load("tiny")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
     recs = [{"prompt": "ab", "completion": "cd"}, {"text": "efg"}]
     docs = [data.encode_record(r, tok) for r in recs]
     samples, n_full = held_out_samples(docs, tok, 3)
-    # joined: a b c d <eos of the completion dropped> e f g
-    assert n_full == 2
-    np.testing.assert_array_equal(samples[0][0], [tok.bos_token_id, *b"abc"])
+    # joined as packed for training: a b c d <eos> <bos> e f g <eos> (the first BOS is the samples')
+    assert n_full == 3 and len(samples) == 4
+    np.testing.assert_array_equal(samples[0][0], [bos, *b"abc"])
     np.testing.assert_array_equal(samples[0][1], [False, False, False, True])  # the prompt is not a target
-    np.testing.assert_array_equal(samples[1][0], [tok.bos_token_id, *b"def"])
-    np.testing.assert_array_equal(samples[2][0], [tok.bos_token_id, *b"g"])
+    np.testing.assert_array_equal(samples[1][0], [bos, ord("d"), eos, bos])
+    np.testing.assert_array_equal(samples[1][1], [False, True, True, False])  # EOS ends the completion; BOS: context
+    np.testing.assert_array_equal(samples[2][0], [bos, *b"efg"])
+    np.testing.assert_array_equal(samples[3][0], [bos, eos])  # the rest: the text's EOS, a target
+    np.testing.assert_array_equal(samples[3][1], [False, True])
     # a window with no target is not a sample
     samples, n_full = held_out_samples([data.encode_record({"prompt": "abcdef", "completion": "g"}, tok)], tok, 3)
     assert n_full == 0 and len(samples) == 1
-    np.testing.assert_array_equal(samples[0][0], [tok.bos_token_id, *b"g"])
+    np.testing.assert_array_equal(samples[0][0], [bos, *b"g", eos])
 
 
 def test_max_batches_sets_the_loss_samples(run_dir):
