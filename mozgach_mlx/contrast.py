@@ -33,19 +33,18 @@ subgradient 0 there the first step would be the plain one, whose direction (the 
 genre) AdamW's momentum then carries on for ~10 steps -- longer than a short fleet's
 schedule (measured on the tiny model: with 0 at the kink an adapter trained against its
 own domain's text as negatives still fell from 6.91 to 5.08 nats/token; with 1, 6.55).
-Which rows are at or below the base is decided on two forward passes in evaluation mode
-(the adapter's and, with the fresh adapter's weights swapped in, the base's; no
-gradient, so with LoRA dropout the decision sees the adapter without it), and only those
-rows then run through the step's own gradient function (every memory strategy and the
-compiled step serve it unchanged), added to the step's gradient with weight ``-w``.
-Cost per micro-batch: the own forward-backward, ``batch_size`` rows' two forwards, and
-one forward-backward per active row (rows one at a time). Early on every row is active;
-over SmolLM2 on wiki11, fewer than one in ten other-topic held-out windows were below the
-base after 16 contrastive steps, so most rows cost a forward only (before, every row ran
-its backward: about 3x a plain step, 24-26 s vs 8.1-8.9 s per SmolLM2 step of 4 x 256
-tokens). The logged ``loss`` stays the own domain's; ``contrast`` is the hinge's term
-per own token, ``contrast_active`` the fraction of other-domain rows at or below the
-base (held) in the step.
+Each other-domain row runs through the step's own gradient function (every memory
+strategy and the compiled step serve it unchanged) and is added to the step's gradient
+with weight ``-w`` when it is at or below the base. The base's losses are
+computed per micro-batch with the fresh adapter's weights swapped in (no gradient). Cost
+per micro-batch: the own forward-backward, plus ``batch_size`` rows' forward-backward and
+forward (measured about 3x a plain step: 24-26 s vs 8.1-8.9 s per SmolLM2 step of 4 x 256
+tokens; the rows run one at a time). The logged ``loss`` stays the own
+domain's; ``contrast`` is the hinge's term per own token, ``contrast_active`` the share of
+the step's other-domain rows held (at or below the base: all in the first steps, about
+half later). Deciding on a forward alone and running the backward only for held rows was
+measured and not kept: a step 1.03-1.14x faster with 0-1 of 4 rows held, 0.82x with all
+held (``benchmarks/RESULTS.md``, "Contrastive adapters").
 """
 
 from __future__ import annotations
@@ -117,14 +116,14 @@ class Negatives:
             out.append(b if docs else (*b, None))
         return out
 
-    def _sums(self, batches: list[tuple], eval_fn: Callable, seg_kwargs: Callable, weights: list | None) -> list[float]:
-        """The summed loss of each batch in evaluation mode (no gradient), under ``weights``
-        swapped in for the trainable ones (None: the model's own)."""
+    def base_sums(self, batches: list[tuple], eval_fn: Callable, seg_kwargs: Callable) -> list[float]:
+        """The base's summed loss of each batch: the fresh adapter's weights swapped in."""
+        if self.base_weights is None:
+            raise RuntimeError("Negatives.capture_base() was not called on the fresh adapter")
         model = self.model
-        now = tree_flatten(model.trainable_parameters()) if weights is not None else None
+        now = tree_flatten(model.trainable_parameters())
         was_training = model.training
-        if weights is not None:
-            model.load_weights(weights, strict=False)
+        model.load_weights(self.base_weights, strict=False)
         model.eval()
         try:
             sums = []
@@ -133,40 +132,32 @@ class Negatives:
                 mx.eval(s)
                 sums.append(s.item())
         finally:
-            if now is not None:
-                model.load_weights(now, strict=False)
+            model.load_weights(now, strict=False)
             if was_training:
                 model.train()
         return sums
-
-    def base_sums(self, batches: list[tuple], eval_fn: Callable, seg_kwargs: Callable) -> list[float]:
-        """The base's summed loss of each batch: the fresh adapter's weights swapped in."""
-        if self.base_weights is None:
-            raise RuntimeError("Negatives.capture_base() was not called on the fresh adapter")
-        return self._sums(batches, eval_fn, seg_kwargs, self.base_weights)
 
     def penalty(self, grad_fn: Callable, eval_fn: Callable, seg_kwargs: Callable, step: int,
                 micro: int) -> tuple[float, object | None, int]:
         """``(hinge, gradient or None, rows at or below the base)`` of micro-batch ``micro``
         of step ``step``: the hinge is ``w * sum max(0, S_0 - S_a)`` in summed-token-loss
         units, the gradient ``-w * sum grad S_a`` over the rows at or below the base (the
-        subgradient 1 at the kink: see the module's docstring). Which rows those are is
-        decided on forward passes alone (both sums in evaluation mode), and only they run
-        the backward pass: once an adapter has learnt its topic most other-domain rows are
-        above the base and cost one forward each."""
+        subgradient 1 at the kink: see the module's docstring)."""
         w = float(self.cfg.contrast)
         batches = self._batches(self.rows(step, micro))
         base = self.base_sums(batches, eval_fn, seg_kwargs)
-        mine = self._sums(batches, eval_fn, seg_kwargs, None)
         hinge, acc, active = 0.0, None, 0
-        for (x, y, m, seg), s0, sa in zip(batches, base, mine, strict=True):
+        for (x, y, m, seg), s0 in zip(batches, base, strict=True):
+            (s, _), g = grad_fn(x, y, m, **seg_kwargs(seg))
+            mx.eval(s, g)
+            sa = s.item()
             if sa > s0 + AT_BASE * abs(s0):
                 continue
             active += 1
             hinge += w * max(0.0, s0 - sa)  # (a row within AT_BASE above the base adds 0)
-            _, g = grad_fn(x, y, m, **seg_kwargs(seg))
             g = tree_map(lambda t: -w * t, g)
             acc = g if acc is None else tree_map(mx.add, acc, g)
+        if acc is not None:
             mx.eval(acc)
         return hinge, acc, active
 

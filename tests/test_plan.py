@@ -95,11 +95,9 @@ def test_attention_flops_count_only_the_blocks_a_mask_computes():
         mz.plan(LLAMA_8B, L, attention={"document_length": 0})
 
 
-def test_a_contrastive_step_adds_two_forwards_and_at_most_a_forward_backward_per_other_domain_row():
-    """TrainConfig.contrast: B more rows through the adapter's and the base's forward (2 N,
-    4 D per pair each) and, while held at the base (every row in the first steps: the
-    plan's bound), the plain step (6 N per token for the block linears, 8 N for the head,
-    14 D per pair)."""
+def test_a_contrastive_step_adds_a_forward_backward_and_a_base_forward_per_other_domain_row():
+    """TrainConfig.contrast: B more rows through the plain step (6 N per token for the block
+    linears, 8 N for the head, 14 D per pair) and the base's forward (2 N, 4 D per pair)."""
     L, d, n, H, D = 4096, 4096, 32, 32, 128
     blocks, head = n * (d * d * 2 + d * 1024 * 2 + 3 * d * 14336), 128256 * d
     pairs = mz.attention.computed_pairs(L, heads=H)
@@ -108,11 +106,9 @@ def test_a_contrastive_step_adds_two_forwards_and_at_most_a_forward_backward_per
     one = mz.plan(LLAMA_8B, L, backend="metal", batch_size=1, strategy="plain")
     both = mz.plan(LLAMA_8B, L, backend="metal", batch_size=1, strategy="plain", contrast=True)
     assert one.flops_per_step == pytest.approx(plain)
-    assert both.flops_per_step == pytest.approx(2 * plain + 2 * forward)
+    assert both.flops_per_step == pytest.approx(2 * plain + forward)
     assert both.total_bytes == one.total_bytes  # the rows run one at a time
-    most, least = (2 * plain + 2 * forward) / plain, (plain + 2 * forward) / plain
-    assert any(n.startswith("contrast: 1 other-domain rows") and f"{most:.2f}x" in n and f"{least:.2f}x" in n
-               for n in both.notes), both.notes
+    assert any(n.startswith("contrast: 1 other-domain rows") and "2.3" in n for n in both.notes)
     cfg = mz.TrainConfig(max_seq_length=L, batch_size=1, contrast=1.0, memory_strategy="plain")
     assert trainer.memory_plan(LLAMA_8B, cfg).flops_per_step == pytest.approx(both.flops_per_step)
     with pytest.raises(ConfigError, match="contrast and context_parallel"):
