@@ -19,8 +19,8 @@ at lr 1e-3 the pilot's adapters were worse than the base after 8 steps, so the f
 runs 8 steps at 5e-4 (cosine). Run directories
 go to ``$WIKI11_RUNS`` (default /tmp/wiki11_runs); a finished fleet is skipped by
 ``mozgach train`` itself. Times on the loaded 2-core machine: fleet 26 min over SmolLM2
-(3.5 min over tiny-stdlib), eval 20 min, mixing 8 min, pilot ~15 min. Held-out samples: ``mozgach eval``'s
-(each topic's valid + test articles joined and cut into 256-token windows), the first
+(3.5 min over tiny-stdlib), eval 20 min, mixing 8 min, pilot ~15 min. Held-out samples: ``mozgach eval``'s (each
+topic's valid + test articles joined, each with its EOS since 2026-12-05, cut into 256-token windows), the first
 ``ROUTE_SAMPLES`` per topic: the loss router costs (adapters + 1) forward passes per
 sample, which on 2 CPU cores is what bounds the sample count.
 """
