@@ -44,7 +44,7 @@ domain's; ``contrast`` is the hinge's term per own token, ``contrast_active`` th
 the step's other-domain rows held (at or below the base: all in the first steps, about
 half later). Deciding on a forward alone and running the backward only for held rows was
 measured and not kept: a step 1.03-1.14x faster with 0-1 of 4 rows held, 0.82x with all
-held (``benchmarks/RESULTS.md``, "Contrastive adapters").
+held (``benchmarks/RESULTS.md``, "Skipping the backward of rows above the base").
 """
 
 from __future__ import annotations
