@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import mozgach_mlx as mz  # noqa: E402
 from mozgach_mlx import data  # noqa: E402
 from mozgach_mlx.bank import AdapterBank  # noqa: E402
 from mozgach_mlx.evaluate import wilson_interval  # noqa: E402
+from mozgach_mlx.io import atomic_write_json  # noqa: E402
 
 CACHE = w.RUNS / "smollm2_windows_eos.json"  # samples with the documents' EOS (since 2026-12-05)
 RESULTS = w.HERE / "results_wiki11_windows.json"
@@ -43,21 +43,19 @@ def load_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    os.replace(tmp, path)
-
-
-def score(run: str, per_topic: int) -> dict:
+def fleet(run: str) -> tuple[Path, list, list[str], list[str]]:
+    """A fleet run's directory, its domains (by id), adapter names and topic names."""
     rdir = w.RUNS / run
-    manifest = json.loads((rdir / "manifest.json").read_text())["adapters"]
     doms = sorted(data.discover_domains(w.corpus_dir(rdir)), key=lambda d: d.id)
-    names = [mz.fleet.adapter_dir_name(d.id) for d in doms]
-    topics = [d.name for d in doms]
+    return rdir, doms, [mz.fleet.adapter_dir_name(d.id) for d in doms], [d.name for d in doms]
+
+
+def score(run: str, per_topic: int, cache: dict) -> dict:
+    """Scores the windows missing from ``cache`` (updated in place, saved after every topic)."""
+    rdir, doms, names, topics = fleet(run)
+    manifest = json.loads((rdir / "manifest.json").read_text())["adapters"]
     if any(manifest.get(n, {}).get("status") != "done" for n in names):
         raise SystemExit(f"{rdir}: not every adapter is finished (manifest.json); finish the fleet first")
-    cache = load_json(CACHE)
     rows = cache.setdefault("rows", {})
     model, tok = mz.load(w.BASES["smollm2"])
     t_all = time.perf_counter()
@@ -74,7 +72,7 @@ def score(run: str, per_topic: int) -> dict:
             for (i, a), s, c in zip(pairs, sums, counts, strict=True):
                 rows.setdefault(keys[i], {})["base" if a is None else f"{run}/{a}"] = float(s / c)
             cache["seconds"] = cache.get("seconds", 0.0) + time.perf_counter() - t0
-            save_json(CACHE, cache)
+            atomic_write_json(CACHE, cache)
             print(f"{topics[j]}: {len(samples)} windows, {len(pairs)} passes in {time.perf_counter() - t0:.0f} s",
                   flush=True)
     print(f"scored in {time.perf_counter() - t_all:.0f} s", flush=True)
@@ -119,18 +117,15 @@ def main() -> None:
     ap.add_argument("--per-topic", type=int, default=16, help="first N full held-out windows per topic")
     ap.add_argument("--table-only", action="store_true", help="print the table from the cache, score nothing")
     args = ap.parse_args()
+    cache = load_json(CACHE)
     if args.table_only:
-        rdir = w.RUNS / args.run
-        doms = sorted(data.discover_domains(w.corpus_dir(rdir)), key=lambda d: d.id)
-        res = table(args.run, [mz.fleet.adapter_dir_name(d.id) for d in doms], [d.name for d in doms],
-                    load_json(CACHE).get("rows", {}), args.per_topic)
+        _, _, names, topics = fleet(args.run)
+        res = table(args.run, names, topics, cache.get("rows", {}), args.per_topic)
     else:
-        res = score(args.run, args.per_topic)
+        res = score(args.run, args.per_topic, cache)
     out = load_json(RESULTS)
-    out[f"{args.run}/{args.per_topic}"] = {**res, "machine": w.machine(), "cache_seconds": load_json(CACHE).get(
-        "seconds")}
-    save_json(RESULTS, out)
-
+    out[f"{args.run}/{args.per_topic}"] = {**res, "machine": w.machine(), "cache_seconds": cache.get("seconds")}
+    atomic_write_json(RESULTS, out)
 
 if __name__ == "__main__":
     main()
